@@ -1,0 +1,138 @@
+"""The ``evalkit`` command: argument parsing and display only; the work is done by library functions."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from evalkit.errors import EvalkitError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.version_option(package_name="evalkit")
+def cli(verbose: int) -> None:
+    """evalkit: train, sample and evaluate summarizers with human feedback (Stiennon et al., 2020)."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.group()
+def data() -> None:
+    """Bundled datasets, query formatting and OpenAI's released human comparisons."""
+
+
+@data.command("show")
+@click.argument("dataset")
+@click.option("--split", default=None, help="train, valid1 or valid2 (all splits when unset).")
+@click.option("-n", "n", default=3, show_default=True, type=click.IntRange(min=1), help="How many items to print.")
+@click.option("--path", type=click.Path(dir_okay=False), default=None, help="A data file of your own instead of the bundled one.")
+@click.option("--max-tokens", default=512, show_default=True, type=click.IntRange(min=16), help="Query length limit (GPT-2 tokens).")
+def data_show(dataset: str, split: str | None, n: int, path: str | None, max_tokens: int) -> None:
+    """Print formatted model queries (truncated to --max-tokens) with their references."""
+    from evalkit.data import format_query, load_gpt2_tokenizer, load_items
+
+    items = load_items(dataset, split, path)
+    tok = load_gpt2_tokenizer()
+    click.echo(f"# {dataset} {split or 'all splits'}: {len(items)} items; showing {min(n, len(items))}")
+    for row in items.head(n).to_dict("records"):
+        query = format_query(row, tok, max_tokens=max_tokens)
+        click.echo(f"\n=== {row['item_id']} ({row['split']}, {len(tok.encode(query))} query tokens)")
+        click.echo(query)
+        click.echo(f"--- reference:\n{row['reference']}")
+
+
+@data.command("list")
+def data_list() -> None:
+    """List the bundled data with item counts per split."""
+    from evalkit.data import COMPARISON_BATCHES, comparison_batch, load_items, read_openai_comparisons
+
+    for name in ("tldr", "cnndm"):
+        items = load_items(name)
+        counts = items["split"].value_counts().reindex(["train", "valid1", "valid2"], fill_value=0)
+        click.echo(f"{name:14s} {len(items):5d} items  " + "  ".join(f"{k} {v}" for k, v in counts.items()))
+    for name in COMPARISON_BATCHES:
+        t = read_openai_comparisons(comparison_batch(name))
+        click.echo(f"{name:14s} {len(t['judgments']):5d} human comparisons, {t['judgments']['labeler_id'].nunique()} labelers, "
+                   f"{len(t['items'])} items, policies: {', '.join(sorted(t['generations']['policy_id'].unique()))}")
+
+
+def _print_preferred(tables, split: str | None) -> None:
+    from evalkit.data import preferred_to_reference
+
+    rates = preferred_to_reference(tables, split=split)
+    if rates.empty:
+        click.echo(f"  (no comparisons with the reference in {split or 'any split'})")
+        return
+    click.echo(f"  preferred to the human reference ({split or 'all splits'}; real human labels):")
+    for r in rates.itertuples():
+        click.echo(f"    {r.dataset:6s} {r.policy_id:28s} {r.wins:4d}/{r.n:<4d} {100 * r.rate:5.1f}%")
+
+
+@data.command("import-openai")
+@click.argument("files", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the tables.")
+@click.option("--force", is_flag=True, help="Re-import even when the folder is up to date.")
+def data_import_openai(files: tuple[str, ...], out_dir: str, force: bool) -> None:
+    """Import OpenAI comparison JSON Lines FILES (or bundled names: batch18, batch13, batch0_cnndm) into tables."""
+    from evalkit.pipeline import import_openai
+
+    res = import_openai(files, out_dir, force=force)
+    state = "up to date" if res.skipped else "written"
+    click.echo(f"{out_dir}: {state}: " + ", ".join(f"{n} {len(t)}" for n, t in res.tables.items()))
+    _print_preferred(res.tables, "valid2")
+
+
+@cli.command("run")
+@click.argument("study", type=click.Path(), default="studies/default")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a study.toml value, e.g. data.split=valid1.")
+@click.option("--force", is_flag=True, help="Redo stages even when their outputs are up to date.")
+def run(study: str, overrides: tuple[str, ...], force: bool) -> None:
+    """Run a study end to end (today: its data, the released human labels and external summaries)."""
+    from evalkit.config import load_study
+    from evalkit.data import load_gpt2_tokenizer, format_query
+    from evalkit.pipeline import prepare_study_data
+
+    cfg = load_study(study, list(overrides))
+    res = prepare_study_data(cfg, force=force)
+    t = res.tables
+    click.echo(f"study {cfg.id}: {cfg.study.title}")
+    click.echo(f"  tables in {res.out_dir} ({'up to date' if res.skipped else 'written'}): "
+               + ", ".join(f"{n} {len(df)}" for n, df in t.items()))
+    study_items = t["items"][(t["items"]["dataset"] == cfg.data.dataset) & (t["items"]["split"] == cfg.data.split)]
+    click.echo(f"  {cfg.data.dataset} {cfg.data.split} items: {len(study_items)}; labelers in released data: "
+               f"{t['judgments']['labeler_id'].nunique()}; human judgments: {len(t['judgments'])}")
+    by_policy = t["generations"].groupby(["policy_id", "policy_kind"]).size()
+    click.echo("  summaries per policy: " + ", ".join(f"{p} ({k}) {n}" for (p, k), n in by_policy.items()))
+    _print_preferred(t, cfg.data.split)
+    if len(study_items):
+        first = study_items.iloc[0].to_dict()
+        tok = load_gpt2_tokenizer()
+        query = format_query(first, tok)
+        click.echo(f"  example query ({len(tok.encode(query))} GPT-2 tokens):\n" + "\n".join("    " + line for line in query.splitlines()))
+        click.echo(f"    reference: {first['reference']}")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except EvalkitError as exc:
+        click.echo(f"evalkit: error: {exc}".splitlines()[0], err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

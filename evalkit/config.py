@@ -1,0 +1,164 @@
+"""Study configuration: frozen dataclasses loaded from ``studies/<id>/study.toml``, with type-checked dotted overrides
+(``--set data.split=valid1``). An unknown key or a value of the wrong type is an error naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from evalkit.errors import EvalkitError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which items the study is about."""
+
+    dataset: str = "tldr"
+    split: str = "valid2"
+    path: str | None = None  # a user's own file; the bundled data when unset
+    n_items: int = 0  # 0 = every item of the split
+
+
+@dataclass(frozen=True)
+class ReleasedConfig:
+    """OpenAI's released human comparisons to bring in (bundled short names or file paths)."""
+
+    comparisons: tuple[str, ...] = ("batch18", "batch13", "batch0_cnndm")
+    external_summaries: bool = True  # OpenAI's 1.3B RLHF summaries of the bundled TL;DR posts
+
+
+@dataclass(frozen=True)
+class StudyMeta:
+    id: str = ""
+    title: str = ""
+    seed: int = 0
+    out_dir: str = ""  # default: runs/<id>
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    study: StudyMeta = field(default_factory=StudyMeta)
+    data: DataConfig = field(default_factory=DataConfig)
+    released: ReleasedConfig = field(default_factory=ReleasedConfig)
+    path: str = ""  # the study.toml it came from
+
+    @property
+    def id(self) -> str:
+        return self.study.id
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.study.out_dir or f"runs/{self.study.id}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("path")
+        return d
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise EvalkitError(f"{where}: expected a table, got {value!r}")
+        return from_mapping(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise EvalkitError(f"{where}: expected a list, got {value!r}")
+        inner = typing.get_args(tp)[0]
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise EvalkitError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_mapping(cls: type, mapping: Mapping[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and mistyped values."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "path"]
+    unknown = [k for k in mapping if k not in names]
+    if unknown:
+        raise EvalkitError(f"{where}: unknown key '{unknown[0]}'; known: {', '.join(names)}")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in mapping.items()})
+
+
+def _parse_override(text: str, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", ""):
+            return None
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if tp in (int, float):
+            return tp(text)
+        if origin is tuple:
+            return tuple(s.strip() for s in text.split(",") if s.strip())
+        return text
+    except ValueError:
+        raise EvalkitError(f"--set {key}={text}: expected {_type_name(tp)}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], cls: type) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a raw TOML dict, parsing each value as its field's type."""
+    raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise EvalkitError(f"--set {item!r}: expected section.key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        target_cls, hints = cls, typing.get_type_hints(cls)
+        for part in parts[:-1]:
+            if part not in hints or not dataclasses.is_dataclass(hints[part]):
+                raise EvalkitError(f"--set {key}: unknown section '{part}'; known: {', '.join(n for n, t in hints.items() if dataclasses.is_dataclass(t))}")
+            target_cls = hints[part]
+            hints = typing.get_type_hints(target_cls)
+        leaf = parts[-1]
+        if leaf not in hints:
+            raise EvalkitError(f"--set {key}: unknown key '{leaf}'; known: {', '.join(hints)}")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[leaf] = _parse_override(value.strip(), hints[leaf], key)
+    return raw
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
+    """Load ``study.toml`` (or the folder holding it), apply overrides and check names and types."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "study.toml"
+    if not path.is_file():
+        raise EvalkitError(f"no study spec at {path}; expected a folder with study.toml or the file itself")
+    try:
+        raw = tomllib.loads(path.read_text("utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise EvalkitError(f"{path}: invalid TOML ({exc})") from None
+    raw = apply_overrides(raw, list(overrides or []), StudyConfig)
+    cfg = from_mapping(StudyConfig, raw, str(path))
+    if not cfg.study.id:
+        cfg = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, id=path.parent.name))
+    if cfg.data.n_items < 0:
+        raise EvalkitError(f"{path}: data.n_items is {cfg.data.n_items}; expected 0 (all) or a positive count")
+    return dataclasses.replace(cfg, path=str(path))

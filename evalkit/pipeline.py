@@ -1,0 +1,93 @@
+"""Stages that write artifact folders, shared by the CLI and notebooks.
+
+Each stage resolves its config and inputs, skips itself when ``manifest.json`` in its output folder has the same
+fingerprint (same config, same input bytes) and every output exists, and otherwise writes every table atomically and
+the manifest last, so an interrupted run is simply re-run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+from evalkit import artifacts
+from evalkit.config import StudyConfig
+from evalkit.data import bundled_path, comparison_batch, load_items, load_openai_comparisons, load_openai_ppo_summaries
+from evalkit.data.bundled import CNNDM_CSV, TLDR_CSV
+from evalkit.data.openai import merge_tables
+
+log = logging.getLogger(__name__)
+
+TABLES = ("items", "generations", "tasks", "judgments")
+
+
+@dataclass
+class StageResult:
+    out_dir: Path
+    tables: dict[str, pd.DataFrame]
+    skipped: bool
+
+
+def _write_tables(out_dir: Path, tables: dict[str, pd.DataFrame], manifest: dict) -> None:
+    for name in TABLES:
+        artifacts.write_table(tables[name], out_dir / f"{name}.parquet", name)
+    artifacts.write_manifest(out_dir, manifest)
+
+
+def _read_tables(out_dir: Path) -> dict[str, pd.DataFrame]:
+    return {name: artifacts.read_table(out_dir / f"{name}.parquet", name) for name in TABLES}
+
+
+def import_openai(files: Iterable[str], out_dir: str | Path, force: bool = False) -> StageResult:
+    """Released comparison files (paths or bundled short names) → items, generations, tasks, judgments in ``out_dir``."""
+    out_dir = Path(out_dir)
+    paths = [comparison_batch(f) for f in files]
+    config = {"stage": "import-openai", "files": [p.name for p in paths]}
+    outputs = [f"{n}.parquet" for n in TABLES]
+    if not force and artifacts.up_to_date(out_dir, config, paths, outputs):
+        log.info("%s is up to date; skipping", out_dir)
+        return StageResult(out_dir, _read_tables(out_dir), skipped=True)
+    tables = load_openai_comparisons(paths)
+    manifest = artifacts.build_manifest("openai-comparisons", config, inputs=paths,
+                                        outputs={n: len(t) for n, t in tables.items()})
+    _write_tables(out_dir, tables, manifest)
+    return StageResult(out_dir, tables, skipped=False)
+
+
+def prepare_study_data(cfg: StudyConfig, force: bool = False) -> StageResult:
+    """The study's items, the released human comparisons and external summaries, as one folder of tables.
+
+    This is the part of ``evalkit run`` that exists before models are trained: it loads the study's items, imports the
+    released human labels named in the spec and adds OpenAI's released 1.3B RLHF summaries as an external policy.
+    """
+    out_dir = cfg.out_dir / "data"
+    comparison_paths = [comparison_batch(f) for f in cfg.released.comparisons]
+    data_path = Path(cfg.data.path) if cfg.data.path else bundled_path(TLDR_CSV if cfg.data.dataset == "tldr" else CNNDM_CSV)
+    inputs = [data_path, *comparison_paths]
+    config = {"stage": "study-data", **cfg.to_dict()}
+    outputs = [f"{n}.parquet" for n in TABLES]
+    if not force and artifacts.up_to_date(out_dir, config, inputs, outputs):
+        log.info("%s is up to date; skipping", out_dir)
+        return StageResult(out_dir, _read_tables(out_dir), skipped=True)
+
+    items = load_items(cfg.data.dataset, cfg.data.split, cfg.data.path)
+    if cfg.data.n_items:
+        items = items.sort_values("item_id").head(cfg.data.n_items).reset_index(drop=True)
+    parts = []
+    if comparison_paths:
+        parts.append(load_openai_comparisons(comparison_paths))
+    empty = {name: artifacts.empty_table(name) for name in TABLES}
+    gens = empty["generations"]
+    if cfg.released.external_summaries and cfg.data.dataset == "tldr" and not cfg.data.path:
+        gens = load_openai_ppo_summaries(cfg.data.split)
+        gens = gens[gens["item_id"].isin(items["item_id"])]
+    study_items = {**empty, "items": items.drop(columns=[c for c in items.columns if c == "source_id"]), "generations": gens}
+    tables = merge_tables([study_items, *parts])
+    manifest = artifacts.build_manifest("study-data", config, inputs=inputs, seeds={"study": cfg.study.seed},
+                                        outputs={n: len(t) for n, t in tables.items()})
+    _write_tables(out_dir, tables, manifest)
+    return StageResult(out_dir, tables, skipped=False)
