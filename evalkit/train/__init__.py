@@ -1,0 +1,1 @@
+"""Bundled minimal trainers; each stage module reads top to bottom (DESIGN.md)."""

@@ -1,0 +1,126 @@
+"""Pretraining: a causal LM of one ladder size on the bundled training text only (no valid1/valid2 text; checked).
+
+Reads top to bottom: 1. corpus → token stream, 2. model, 3. loop (batch, loss, step, log, save), 4. held-out loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from evalkit.models import build_model, count_params, load_causal_lm, load_tokenizer
+from evalkit.seeds import derive_seed
+from evalkit.train import common
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    tokenizer: str
+    depth: int = 2
+    seq_len: int = 256
+    batch_size: int = 16
+    steps: int = 300
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    max_documents: int = 0  # 0 = the whole training corpus
+    save_every: int = 100
+    seed: int = 0
+    threads: int = 0
+
+
+def token_stream(tok, texts: list[str]) -> torch.Tensor:
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tok.encode(text, add_special_tokens=False))
+        ids.append(tok.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def held_out_texts(n: int = 64) -> list[str]:
+    from evalkit.data import load_items
+
+    items = load_items("tldr", "valid1").head(n)
+    return [f"{t}\n\n{b}" for t, b in zip(items["title"], items["body"])]
+
+
+@torch.no_grad()
+def stream_loss(model, stream: torch.Tensor, seq_len: int, device) -> float:
+    n = (len(stream) - 1) // seq_len
+    blocks = stream[: n * seq_len].view(n, seq_len).to(device)
+    losses = [model(input_ids=b, labels=b).loss.item() for b in blocks.split(16)]
+    return float(np.mean(losses))
+
+
+def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True) -> Path:
+    out_dir = Path(out_dir)
+    d = common.init_distributed(cfg.threads)
+    state = common.prepare_out_dir(out_dir, cfg, resume) if d.main else None
+    if d.enabled:
+        state = common.broadcast_object(state, d)
+    tok = load_tokenizer(cfg.tokenizer)
+
+    # 1. corpus → one token stream, cut into blocks of seq_len + 1 (inputs and shifted labels)
+    stream = token_stream(tok, common.pretraining_texts(cfg.max_documents or None))
+    n_blocks = (len(stream) - 1) // cfg.seq_len
+    blocks = stream[: n_blocks * cfg.seq_len].view(n_blocks, cfg.seq_len)
+
+    # 2. model (resumed from the folder when a run was interrupted)
+    model = load_causal_lm(out_dir) if state else build_model(cfg.depth, tok, seed=derive_seed("init", cfg.seed, cfg.depth))
+    model.to(d.device).train()
+    ddp = DDP(model) if d.enabled else model
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    step = 0
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        common.truncate_metrics(out_dir, step)
+    sizes = count_params(model)
+    log.info("pretraining depth %d (%d params) on %d blocks of %d tokens", cfg.depth, sizes["n_params"], n_blocks, cfg.seq_len)
+
+    # 3. loop
+    per_epoch = max(1, n_blocks // (cfg.batch_size * d.world))
+    t0, tokens = time.perf_counter(), 0
+    while step < cfg.steps:
+        epoch, index = divmod(step, per_epoch)
+        batch_idx = common.batch_order(n_blocks, cfg.batch_size, cfg.seed, epoch, d)[index]
+        x = blocks[torch.as_tensor(batch_idx)].to(d.device)
+        lr = common.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = ddp(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        tokens += x.numel() * d.world
+        loss_value = common.all_reduce_mean(loss.item(), d)
+        if d.main:
+            common.append_metrics(out_dir, {"step": step, "loss": loss_value, "lr": lr, "epoch": epoch,
+                                            "tokens_per_s": tokens / (time.perf_counter() - t0)})
+            if step % cfg.save_every == 0 and step < cfg.steps:
+                model.save_pretrained(out_dir)
+                common.save_state(out_dir, cfg, {"step": step, "optimizer": opt.state_dict()})
+
+    # 4. held-out loss and the finished checkpoint
+    model.eval()
+    digests = common.check_replicas_in_sync(model, d)
+    if d.main:
+        val_loss = stream_loss(model, token_stream(tok, held_out_texts()), cfg.seq_len, d.device)
+        model.save_pretrained(out_dir)
+        tok.save_pretrained(out_dir)
+        common.append_metrics(out_dir, {"step": step, "val_loss": val_loss})
+        common.finish_checkpoint(out_dir, cfg, "pretrain", common.input_files(cfg.tokenizer), {
+            "policy_kind": "pretrained", "depth": cfg.depth, **sizes, "val_loss": val_loss, "steps": step,
+            "world_size": d.world, "replica_digests": digests,
+        })
+    return out_dir
