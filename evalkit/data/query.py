@@ -92,7 +92,8 @@ def truncate_field(template: str, fields: Mapping[str, str], field: str, tokeniz
     values[field] = prefix(lo)
     query = template.format(**values)
     if count(query) > max_tokens:
-        raise EvalkitError(f"the query template alone needs more than {max_tokens} tokens; raise max_tokens")
+        rest = {k: v for k, v in values.items() if k != field}
+        raise EvalkitError(f"the query without its {field} ({rest}) needs more than {max_tokens} tokens; raise max_tokens")
     return query
 
 

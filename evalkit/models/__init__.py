@@ -105,6 +105,8 @@ def load_tokenizer(folder: str | Path):
     from transformers import AutoTokenizer
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise EvalkitError(f"no checkpoint folder at {folder}")
     if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
         raise EvalkitError(f"no tokenizer in {folder}: expected tokenizer.json or tokenizer_config.json")
     try:
@@ -141,7 +143,18 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
         return out_dir
     kw = {"gguf_file": gguf_file.name, "local_files_only": True}
     tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), **kw)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), dtype=torch.float32, **kw)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), dtype=torch.float32, **kw)
+    # the weights are dequantised on load, but the model stays flagged as GGUF-quantised and refuses to save:
+    # copy them into a plain model of the same config
+    config = loaded.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise EvalkitError(f"{gguf_file}: weights do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
@@ -186,8 +199,9 @@ class RewardModel(nn.Module):
         return model
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """One scalar per position, shape (batch, seq)."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        """One scalar per position, shape (batch, seq); positions count real tokens, so left padding is harmless."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids(attention_mask)).last_hidden_state
         return self.head(hidden).squeeze(-1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -218,6 +232,11 @@ class RewardModel(nn.Module):
         model = cls(backbone, backbone.config.hidden_size)
         model.head.load_state_dict(head)
         return model
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip padding (0 for the first real token), for left- or right-padded batches."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def gather_last(per_token: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

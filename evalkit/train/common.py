@@ -252,3 +252,28 @@ def broadcast_object(obj: Any, d: Dist) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# ------------------------------------------------------------------------------------------------------ sampling
+
+@torch.no_grad()
+def sample_responses(model, tok, queries: list[list[int]], temperature: float, max_new_tokens: int, seed: int,
+                     device=torch.device("cpu")) -> tuple[list[list[int]], list[bool]]:
+    """Sample one response per query (left-padded batch, KV cache); each is cut after its first EOS.
+
+    Returns the response token lists (EOS included where it was produced) and whether EOS was produced.
+    """
+    ids, mask = pad_batch(queries, tok.pad_token_id, side="left")
+    torch.manual_seed(seed)
+    kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kwargs)
+    responses, hit = [], []
+    for row in out[:, ids.shape[1]:].tolist():
+        if tok.eos_token_id in row:
+            row = row[: row.index(tok.eos_token_id) + 1]
+            hit.append(True)
+        else:
+            hit.append(False)
+        responses.append(row)
+    return responses, hit
