@@ -9,8 +9,10 @@ from evalkit.data import load_items
 from evalkit.data.openai import _frame, imported_gen_id
 
 
-def coverage_rule_tables(n_train: int = 200, n_held_out: int = 60) -> dict[str, pd.DataFrame]:
-    """For each post: its full reference vs the reference cut to its first third; the full one is always preferred."""
+def coverage_rule_tables(n_train: int = 200, n_held_out: int = 60, prefer: str = "full") -> dict[str, pd.DataFrame]:
+    """For each post: its full reference vs the reference cut to its first third; ``prefer`` ("full": coverage, or
+    "cut": concision) is always preferred."""
+    other = {"full": "cut", "cut": "full"}[prefer]
     items = pd.concat([load_items("tldr", "train").head(n_train), load_items("tldr", "valid2").head(n_held_out)], ignore_index=True)
     gens, tasks, judgments = [], [], []
     for i, item in enumerate(items.to_dict("records")):
@@ -24,14 +26,14 @@ def coverage_rule_tables(n_train: int = 200, n_held_out: int = 60) -> dict[str, 
                          "policy_kind": "ref" if name == "full" else "external", "n_params": None, "checkpoint": None,
                          "temperature": None, "top_p": None, "seed": None, "sample_idx": 0, "text": text, "n_tokens": None, "hit_eos": None})
         swap = i % 2 == 1
-        left, right = (ids["cut"], ids["full"]) if swap else (ids["full"], ids["cut"])
+        left, right = (ids[other], ids[prefer]) if swap else (ids[prefer], ids[other])
         tid = f"rule:{i:05d}"
         tasks.append({"task_id": tid, "study_id": "rule", "kind": "pairwise", "item_id": item["item_id"], "gen_id_left": left,
                       "gen_id_right": right, "is_swapped": swap, "batch": 0, "labeler_id": "rule", "role": "main", "expected": None})
         judgments.append({"judgment_id": f"j-{tid}", "task_id": tid, "labeler_id": "rule", "labeler_kind": "simulated",
-                          "preferred": "right" if swap else "left", "preferred_gen_id": ids["full"], "confidence": 9 if swap else 1,
+                          "preferred": "right" if swap else "left", "preferred_gen_id": ids[prefer], "confidence": 9 if swap else 1,
                           "overall": None, "accuracy": None, "coverage": None, "coherence": None, "note": None,
-                          "submitted_at": None, "duration_s": None, "source": "coverage-rule"})
+                          "submitted_at": None, "duration_s": None, "source": f"rule-prefer-{prefer}"})
     return {"items": items, "generations": _frame(gens, "generations"), "tasks": _frame(tasks, "tasks"), "judgments": _frame(judgments, "judgments")}
 
 

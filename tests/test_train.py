@@ -186,10 +186,21 @@ def test_reward_head_initialisation():
 
 
 @pytest.fixture(scope="session")
-def ppo_dir(workdir, sft_dir, rm_dir):
+def concise_rm_dir(workdir, sft_dir):
+    """An RM for the rule "the shorter summary is preferred": its optimum lies inside the 48-token limit.
+
+    (Under the coverage rule of ``rm_dir`` longer is better, so the optimum sits at the cap where the EOS penalty
+    starts; measured: a tiny policy's score then stays flat over 24 iterations while KL grows.)"""
+    tables = write_tables(coverage_rule_tables(prefer="cut"), workdir / "rule-concise")
+    cfg = RewardConfig(init=str(sft_dir), comparisons=str(tables), max_query_tokens=192, epochs=2, lr=1e-3)
+    return train_reward_model(cfg, workdir / "rm-concise")
+
+
+@pytest.fixture(scope="session")
+def ppo_dir(workdir, sft_dir, concise_rm_dir):
     from evalkit.train.ppo import PPOConfig, ppo
 
-    return ppo(PPOConfig(policy=str(sft_dir), reward_model=str(rm_dir), iterations=24, rollouts=16, minibatch_size=8,
+    return ppo(PPOConfig(policy=str(sft_dir), reward_model=str(concise_rm_dir), iterations=24, rollouts=16, minibatch_size=8,
                          max_query_tokens=192, lr=1e-4), workdir / "ppo")
 
 
@@ -206,11 +217,11 @@ def test_ppo_logs_every_step_with_bounded_kl(ppo_dir):
     assert (ppo_dir / "value" / "reward_head.safetensors").is_file()
 
 
-@pytest.mark.xfail(strict=False, reason="open (issue 3): on the tiny test ladder the RM scores most completed samples "
-                   "below the EOS penalty, so PPO's gains within 24 iterations are lost in rollout noise")
 def test_ppo_raises_reward(ppo_dir):
-    first, last = first_last(common.read_metrics(ppo_dir), "score", k=6)
-    assert last > first + 0.1, (first, last)
+    rows = common.read_metrics(ppo_dir)
+    first, last = first_last(rows, "score", k=6)
+    assert last > first + 0.5, (first, last)
+    assert first_last(rows, "mean_length", k=6)[1] < first_last(rows, "mean_length", k=6)[0]  # the rule rewards concision
 
 
 def test_ppo_gae_matches_hand_computation():
