@@ -209,6 +209,29 @@ def train_ppo_cmd(policy: str, reward_model: str, out_dir: str, overrides: tuple
     _report(out_dir, "ppo")
 
 
+@train.command("ladder")
+@_OUT
+@click.option("--preset", default="default", show_default=True, help="default, or tiny for a smoke run of minutes.")
+@click.option("--depths", default=None, help="Comma-separated depths (the size dial), e.g. 2,4,6.")
+def train_ladder_cmd(out_dir: str, preset: str, depths: str | None) -> None:
+    """Tokenizer, then pretrain → SFT → RM → PPO at every ladder size; re-running resumes."""
+    from evalkit.models import read_metadata
+    from evalkit.train.ladder import ladder_config, run_ladder
+
+    try:
+        sizes = tuple(int(x) for x in depths.split(",")) if depths else None
+    except ValueError:
+        raise EvalkitError(f"--depths {depths!r}: expected comma-separated integers, e.g. 2,4,6") from None
+    cfg = ladder_config(preset, sizes)
+    summary = run_ladder(cfg, out_dir)
+    for depth in cfg.depths:
+        meta = {stage: read_metadata(Path(out_dir) / f"d{depth}" / stage) for stage in ("pretrained", "sft", "rm", "ppo")}
+        click.echo(f"depth {depth}: n_params {meta['sft'].get('n_params')} (non-embedding {meta['sft'].get('n_params_nonembedding')}); "
+                   f"pretrain val_loss {meta['pretrained'].get('val_loss', float('nan')):.3f}; sft val_loss {meta['sft'].get('val_loss', float('nan')):.3f}; "
+                   f"rm held-out accuracy {meta['rm'].get('held_out_accuracy')}; ppo final score {meta['ppo'].get('final_score')}, KL {meta['ppo'].get('final_kl')}")
+    click.echo("timings (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items()))
+
+
 @train.command("import-gguf")
 @click.argument("gguf_file", required=False)
 @_OUT
