@@ -49,7 +49,7 @@ def gpt2_config(depth: int, vocab_size: int, eos_id: int, pad_id: int, n_positio
     return GPT2Config(
         vocab_size=vocab_size, n_positions=n_positions, n_embd=spec.d_model, n_layer=depth, n_head=spec.n_head,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id,
-        tie_word_embeddings=True, loss_type="ForCausalLM",
+        tie_word_embeddings=True,
     )
 
 

@@ -1,0 +1,106 @@
+"""One PPO iteration: evalkit's trainer vs TRL's PPOTrainer (trl 1.12, the last release with it), same tiny model,
+same queries and settings, side by side in one process. Prints episodes/s of both and the ratio.
+
+Settings shared by both: 16 rollouts per iteration, 2 minibatches of 8, 4 PPO epochs, 48-token responses at T 0.7,
+stop at EOS, β 0.05, the same GPT-2 policy (depth --depth of the ladder) and a reward/value model of the same size.
+The first iteration of each is a warm-up; the ratio uses the mean of the following ones.
+
+    .venv/bin/pip install trl==1.12.0    # benchmark-only dependency (pip install -e '.[bench]')
+    .venv/bin/python benchmarks/ppo_vs_trl.py [--depth 4] [--iterations 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+def build_models(root: Path, depth: int) -> tuple[Path, Path, list[list[int]]]:
+    from evalkit.models import RewardModel, build_model
+    from evalkit.train import common
+    from evalkit.train.sft import train_items
+    from evalkit.train.tokenizer import TokenizerConfig, train_tokenizer
+
+    tok = train_tokenizer(root / "tok", TokenizerConfig(vocab_size=8192, max_documents=400))
+    policy = build_model(depth, tok, seed=0)
+    policy.save_pretrained(root / "sft")
+    tok.save_pretrained(root / "sft")
+    RewardModel.from_causal_lm(policy, seed=1).save(root / "rm")
+    tok.save_pretrained(root / "rm")
+    queries = [common.encode_query(tok, it, 256) for it in train_items(64).to_dict("records")]
+    return root / "sft", root / "rm", queries
+
+
+def ours(sft: Path, rm: Path, out: Path, iterations: int, threads: int) -> list[float]:
+    from evalkit.train.common import read_metrics
+    from evalkit.train.ppo import PPOConfig, ppo
+
+    ppo(PPOConfig(policy=str(sft), reward_model=str(rm), iterations=iterations, rollouts=16, minibatch_size=8, ppo_epochs=4,
+                  temperature=0.7, max_query_tokens=256, max_items=64, threads=threads), out, resume=False)
+    elapsed = [r["elapsed_s"] for r in read_metrics(out)]
+    return [b - a for a, b in zip([0.0] + elapsed[:-1], elapsed)]
+
+
+def trl(sft: Path, queries: list[list[int]], out: Path, iterations: int) -> list[float]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(str(sft), padding_side="left")
+    policy = AutoModelForCausalLM.from_pretrained(str(sft))
+    ref = AutoModelForCausalLM.from_pretrained(str(sft))
+    reward = AutoModelForSequenceClassification.from_pretrained(str(sft), num_labels=1)
+    value = AutoModelForSequenceClassification.from_pretrained(str(sft), num_labels=1)
+    for m in (reward, value):
+        m.config.pad_token_id = tok.pad_token_id
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+    args = PPOConfig(output_dir=str(out), report_to="none", use_cpu=True, per_device_train_batch_size=8,
+                     gradient_accumulation_steps=2, num_mini_batches=2, num_ppo_epochs=4, total_episodes=16 * iterations,
+                     response_length=48, temperature=0.7, stop_token="eos", missing_eos_penalty=1.0, kl_coef=0.05,
+                     local_rollout_forward_batch_size=16, num_sample_generations=0, save_strategy="no", learning_rate=3e-5,
+                     logging_steps=1000, seed=0)
+    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
+                         train_dataset=Dataset.from_dict({"input_ids": queries}), value_model=value, callbacks=[Clock()])
+    t0 = time.perf_counter()
+    trainer.train()
+    return [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        sft, rm, queries = build_models(root, args.depth)
+        t_ours = ours(sft, rm, root / "ours", args.iterations, args.threads)
+        t_trl = trl(sft, queries, root / "trl", args.iterations)
+    mean = lambda xs: sum(xs[1:]) / max(1, len(xs) - 1)  # noqa: E731
+    eps_ours, eps_trl = 16 / mean(t_ours), 16 / mean(t_trl)
+    print(f"depth {args.depth}, 16 episodes/iteration, {args.iterations} iterations (first = warm-up)")
+    print(f"  evalkit: {', '.join(f'{t:.2f}s' for t in t_ours)} per iteration → {eps_ours:.2f} episodes/s")
+    print(f"  trl    : {', '.join(f'{t:.2f}s' for t in t_trl)} per iteration → {eps_trl:.2f} episodes/s")
+    print(f"  ratio evalkit / trl: {eps_ours / eps_trl:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
