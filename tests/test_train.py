@@ -146,6 +146,24 @@ def test_interrupted_sft_resumes_to_the_same_weights(workdir, pretrained, monkey
     assert steps == list(range(1, 11))
 
 
+def test_interrupted_reward_model_resumes_to_the_same_weights(workdir, sft_dir, rule_comparisons, monkeypatch):
+    cfg = RewardConfig(init=str(sft_dir), comparisons=str(rule_comparisons), max_query_tokens=192, epochs=1, save_every=4)
+    full = train_reward_model(cfg, workdir / "rm-full")
+    real_append = common.append_metrics
+
+    def crash_at_step_7(out_dir, row):
+        if row.get("step") == 7:
+            raise KeyboardInterrupt
+        real_append(out_dir, row)
+
+    monkeypatch.setattr(common, "append_metrics", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train_reward_model(cfg, workdir / "rm-cut")
+    monkeypatch.setattr(common, "append_metrics", real_append)
+    resumed = train_reward_model(cfg, workdir / "rm-cut")
+    assert common.weights_digest(RewardModel.load(resumed)) == common.weights_digest(RewardModel.load(full))
+
+
 def test_reward_read_at_last_real_token(rm_dir, tokenizer_dir):
     tok = load_tokenizer(tokenizer_dir)
     rm = RewardModel.load(rm_dir).eval()

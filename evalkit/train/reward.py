@@ -39,6 +39,7 @@ class RewardConfig:
     warmup_steps: int = 5
     max_query_tokens: int = MAX_QUERY_TOKENS
     max_summary_tokens: int = MAX_SUMMARY_TOKENS
+    save_every: int = 100
     seed: int = 0
     threads: int = 0
 
@@ -101,12 +102,13 @@ def score_texts(model, tok, items: list[dict], texts: list[str], max_query_token
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def train_reward_model(cfg: RewardConfig, out_dir: str | Path) -> Path:
+def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = True) -> Path:
     out_dir = Path(out_dir)
     tok = load_tokenizer(cfg.init)
     d = common.init_distributed(cfg.threads)
-    if d.main:
-        common.prepare_out_dir(out_dir, cfg, resume=False)
+    state = common.prepare_out_dir(out_dir, cfg, resume) if d.main else None
+    if d.enabled:
+        state = common.broadcast_object(state, d)
 
     # 1. pairs: training splits for the loss, the eval split for held-out accuracy
     tables = load_comparison_tables(cfg.comparisons)
@@ -120,15 +122,21 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path) -> Path:
 
     # 2. model: SFT backbone + head initialised N(0, 1/(d+1))
     lm = load_causal_lm(cfg.init)
-    model = RewardModel.from_causal_lm(lm, seed=cfg.seed).to(d.device).train()
+    model = RewardModel.load(out_dir) if state else RewardModel.from_causal_lm(lm, seed=cfg.seed)
+    model.to(d.device).train()
     ddp = DDP(model) if d.enabled else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     per_epoch = max(1, len(train_pairs) // (cfg.batch_size * d.world))
     total = per_epoch * cfg.epochs
+    start = 0
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        common.truncate_metrics(out_dir, start)
 
     # 3. loop: Bradley–Terry loss, one epoch by default
     t0 = time.perf_counter()
-    for step in range(total):
+    for step in range(start, total):
         epoch, index = divmod(step, per_epoch)
         batch = [train_pairs[i] for i in common.batch_order(len(train_pairs), cfg.batch_size, cfg.seed, epoch, d)[index]]
         lr = common.lr_at(step, cfg.lr, cfg.warmup_steps, total)
@@ -141,9 +149,13 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path) -> Path:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         acc = common.all_reduce_mean(float((rc > rr).float().mean()), d)
+        loss_value = common.all_reduce_mean(loss.item(), d)
         if d.main:
-            common.append_metrics(out_dir, {"step": step + 1, "loss": common.all_reduce_mean(loss.item(), d), "accuracy": acc,
+            common.append_metrics(out_dir, {"step": step + 1, "loss": loss_value, "accuracy": acc,
                                             "lr": lr, "elapsed_s": time.perf_counter() - t0})
+            if (step + 1) % cfg.save_every == 0 and step + 1 < total:
+                model.save(out_dir)
+                common.save_state(out_dir, cfg, {"step": step + 1, "optimizer": opt.state_dict()})
 
     # 4. normalise: references score 0 on average (over the training items that have one)
     model.eval()
