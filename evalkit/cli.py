@@ -116,6 +116,52 @@ def run(study: str, overrides: tuple[str, ...], force: bool) -> None:
         click.echo(f"    reference: {first['reference']}")
 
 
+@cli.command("generate")
+@click.option("--study", type=click.Path(), default=None, help="A study folder or study.toml: its data, [[policies]] and [generate].")
+@click.option("--dataset", default=None, help="tldr or cnndm (default: the study's, else tldr).")
+@click.option("--split", default=None, help="train, valid1 or valid2 (default: the study's, else valid2).")
+@click.option("--path", type=click.Path(dir_okay=False), default=None, help="Your own data file instead of the bundled one.")
+@click.option("--n-items", type=click.IntRange(min=0), default=None, help="Only the first N items by id (0 = all).")
+@click.option("--policy", "policies", multiple=True, metavar="[NAME=]FOLDER", help="A checkpoint folder (any HF causal LM); repeatable.")
+@click.option("--baseline", "baselines", multiple=True, help="ref, lead3 or openai-ppo-1.3b; repeatable.")
+@click.option("--temperature", type=float, default=None, help="0 = greedy (default).")
+@click.option("--top-p", type=float, default=None)
+@click.option("--samples", type=click.IntRange(min=1), default=None, help="Samples per item (needs a temperature).")
+@click.option("--seed", type=int, default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--max-query-tokens", type=click.IntRange(min=16), default=None)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for generations.parquet.")
+def generate_cmd(study, dataset, split, path, n_items, policies, baselines, temperature, top_p, samples, seed, batch_size,
+                 max_query_tokens, out_dir) -> None:
+    """Summaries from checkpoints (and baselines) for a dataset split → generations.parquet; re-running resumes."""
+    _quiet_hf()
+    from evalkit.config import StudyConfig, load_study
+    from evalkit.data import load_items
+    from evalkit.generate import Decoding, Policy, generate
+
+    cfg = load_study(study) if study else StudyConfig()
+    g = cfg.generate
+    dataset = dataset or cfg.data.dataset
+    split = split or cfg.data.split
+    items = load_items(dataset, split, path or cfg.data.path)
+    n = cfg.data.n_items if n_items is None else n_items
+    if n:
+        items = items.sort_values("item_id").head(n).reset_index(drop=True)
+    chosen = [Policy.parse(p) for p in policies] or [Policy(p.id or Path(p.checkpoint).name, p.checkpoint, p.kind, p.n_params or None) for p in cfg.policies]
+    base = tuple(baselines) or (g.baselines if study else ())
+    if not chosen and not base:
+        raise EvalkitError("nothing to generate: give --policy FOLDER or --baseline NAME (or a study with [[policies]])")
+    dec = Decoding(temperature=g.temperature if temperature is None else temperature, top_p=g.top_p if top_p is None else top_p,
+                   n_samples=g.n_samples if samples is None else samples, seed=g.seed if seed is None else seed,
+                   max_query_tokens=g.max_query_tokens if max_query_tokens is None else max_query_tokens)
+    table = generate(items, chosen, out_dir, dec, base, batch_size=batch_size or g.batch_size)
+    click.echo(f"{out_dir}/generations.parquet: {len(table)} rows")
+    for (pid, kind), grp in table.groupby(["policy_id", "policy_kind"]):
+        eos = grp["hit_eos"].dropna()
+        click.echo(f"  {pid:24s} {kind:10s} {len(grp):5d} summaries, mean {grp['text'].str.len().mean():6.1f} chars"
+                   + (f", EOS in {eos.mean():.0%}" if len(eos) else ""))
+
+
 def _config(cls, fixed: dict, overrides: tuple[str, ...]):
     """A trainer config from required options plus ``--set key=value`` overrides (type-checked)."""
     from evalkit.config import apply_overrides, from_mapping

@@ -34,6 +34,29 @@ class ReleasedConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """A checkpoint that enters the study (``[[policies]]`` in study.toml)."""
+
+    id: str = ""
+    checkpoint: str = ""
+    kind: str = ""  # read from the checkpoint's evalkit.json when empty
+    n_params: int = 0  # read or counted when 0
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Decoding for ``evalkit generate`` (the paper's evaluation default: greedy, 48 tokens)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    n_samples: int = 1
+    seed: int = 0
+    batch_size: int = 16
+    max_query_tokens: int = 512
+    baselines: tuple[str, ...] = ("ref",)
+
+
+@dataclass(frozen=True)
 class StudyMeta:
     id: str = ""
     title: str = ""
@@ -46,6 +69,8 @@ class StudyConfig:
     study: StudyMeta = field(default_factory=StudyMeta)
     data: DataConfig = field(default_factory=DataConfig)
     released: ReleasedConfig = field(default_factory=ReleasedConfig)
+    policies: tuple[PolicyConfig, ...] = ()
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     path: str = ""  # the study.toml it came from
 
     @property

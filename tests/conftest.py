@@ -5,6 +5,14 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from evalkit.train.pretrain import PretrainConfig, pretrain  # noqa: E402
+from evalkit.train.reward import RewardConfig, train_reward_model  # noqa: E402
+from evalkit.train.sft import SFTConfig, sft  # noqa: E402
+from evalkit.train.tokenizer import TokenizerConfig, train_tokenizer  # noqa: E402
+from rules import coverage_rule_tables, write_tables  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,3 +45,62 @@ def _quiet_hf():
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a tiny trained ladder (tokenizer → pretrain → SFT → RM → PPO), shared by the trainer and generation tests
+
+TINY_SFT = dict(steps=40, batch_size=8, max_query_tokens=192, max_items=320, lr=1e-3)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(workdir):
+    train_tokenizer(workdir / "tok", TokenizerConfig(vocab_size=2048, max_documents=400))
+    return workdir / "tok"
+
+
+@pytest.fixture(scope="session")
+def pretrained(workdir, tokenizer_dir):
+    return pretrain(PretrainConfig(tokenizer=str(tokenizer_dir), depth=2, seq_len=128, batch_size=16, steps=60, max_documents=600), workdir / "pt")
+
+
+@pytest.fixture(scope="session")
+def sft_dir(workdir, pretrained):
+    return sft(SFTConfig(init=str(pretrained), **TINY_SFT), workdir / "sft")
+
+
+@pytest.fixture(scope="session")
+def rule_comparisons(workdir):
+    return write_tables(coverage_rule_tables(), workdir / "rule")
+
+
+@pytest.fixture(scope="session")
+def rm_dir(workdir, sft_dir, rule_comparisons):
+    cfg = RewardConfig(init=str(sft_dir), comparisons=str(rule_comparisons), max_query_tokens=192, epochs=2, lr=1e-3)
+    return train_reward_model(cfg, workdir / "rm")
+
+
+@pytest.fixture(scope="session")
+def concise_rm_dir(workdir, sft_dir):
+    """An RM for the rule "the shorter summary is preferred": its optimum lies inside the 48-token limit.
+
+    (Under the coverage rule of ``rm_dir`` longer is better, so the optimum sits at the cap where the EOS penalty
+    starts; measured: a tiny policy's score then stays flat over 24 iterations while KL grows.)"""
+    tables = write_tables(coverage_rule_tables(prefer="cut"), workdir / "rule-concise")
+    cfg = RewardConfig(init=str(sft_dir), comparisons=str(tables), max_query_tokens=192, epochs=2, lr=1e-3)
+    return train_reward_model(cfg, workdir / "rm-concise")
+
+
+@pytest.fixture(scope="session")
+def ppo_dir(workdir, sft_dir, concise_rm_dir):
+    from evalkit.train.ppo import PPOConfig, ppo
+
+    return ppo(PPOConfig(policy=str(sft_dir), reward_model=str(concise_rm_dir), iterations=24, rollouts=16, minibatch_size=8,
+                         max_query_tokens=192, lr=1e-4), workdir / "ppo")
+
+

@@ -1,0 +1,285 @@
+"""Checkpoints × items → the ``generations`` table.
+
+Decoding as in the paper: greedy (T = 0) by default, or temperature / top-p sampling with a seed derived from
+(policy, item, sample index), so a sample does not depend on which other items share its batch; at most 48 new
+tokens; generation stops at EOS or at a token containing a newline. Post-processing (recorded in the manifest): the
+text is cut at its first newline and stripped.
+
+Baselines are policies too: ``ref`` (the human reference), ``lead3`` (the first three sentences; news), ``external``
+rows from a file (the bundled OpenAI 1.3B RLHF summaries are ``openai-ppo-1.3b``).
+
+Efficiency: items are sorted by query length and decoded in batches (left padding, KV cache, one LM-head row per
+step). Resumability: every finished batch is written atomically as a part file under ``<out>/generations.parts``;
+a re-run skips the ``gen_id``s already there, so a killed run loses at most the batch in flight; the final
+``generations.parquet`` is assembled (atomically) from the parts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from evalkit import artifacts
+from evalkit.data.query import DEFAULT_FORMAT, MAX_QUERY_TOKENS, MAX_SUMMARY_TOKENS, format_query
+from evalkit.errors import EvalkitError
+from evalkit.models import count_params, load_causal_lm, load_tokenizer, position_ids, read_metadata
+from evalkit.seeds import derive_seed, stable_hash
+
+log = logging.getLogger(__name__)
+
+POSTPROCESS = "cut at the first newline, then strip whitespace"
+PARTS_DIR = "generations.parts"
+BASELINES = ("ref", "lead3", "openai-ppo-1.3b")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = MAX_SUMMARY_TOKENS
+    n_samples: int = 1
+    seed: int = 0
+    max_query_tokens: int = MAX_QUERY_TOKENS
+
+    def check(self) -> "Decoding":
+        if self.temperature < 0:
+            raise EvalkitError(f"temperature {self.temperature} is negative; expected 0 (greedy) or more")
+        if not 0 < self.top_p <= 1:
+            raise EvalkitError(f"top_p {self.top_p} is outside (0, 1]")
+        if self.n_samples < 1 or self.max_new_tokens < 1:
+            raise EvalkitError("n_samples and max_new_tokens must be at least 1")
+        if self.temperature == 0 and self.n_samples > 1:
+            raise EvalkitError(f"{self.n_samples} samples at temperature 0 would all be identical; set a temperature")
+        return self
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A checkpoint folder with how it enters the tables."""
+
+    policy_id: str
+    checkpoint: str
+    policy_kind: str = ""  # read from the checkpoint's evalkit.json when empty
+    n_params: int | None = None  # read or counted when None
+
+    @classmethod
+    def parse(cls, spec: str) -> "Policy":
+        """``name=path`` or just ``path`` (the folder name becomes the id)."""
+        name, _, path = spec.rpartition("=")
+        path = path.strip()
+        return cls(policy_id=name.strip() or Path(path).name, checkpoint=path)
+
+
+def gen_id(policy_id: str, item_id: str, dec: Decoding, query_format: str, sample_idx: int) -> str:
+    return "gen-" + stable_hash(policy_id, item_id, dec.temperature, dec.top_p, dec.max_new_tokens, dec.max_query_tokens,
+                                query_format, dec.seed, sample_idx)
+
+
+def postprocess(text: str) -> str:
+    return text.split("\n", 1)[0].strip()
+
+
+# ------------------------------------------------------------------------------------------------------- decoding
+
+def newline_token_ids(tok) -> torch.Tensor:
+    """Ids of every token whose text contains a newline (generation stops after one)."""
+    texts = tok.batch_decode([[i] for i in range(len(tok))])
+    ids = [i for i, text in enumerate(texts) if "\n" in text]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _pick(logits: torch.Tensor, dec: Decoding, generators: list[torch.Generator] | None) -> torch.Tensor:
+    if dec.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / dec.temperature, dim=-1)
+    if dec.top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < dec.top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)])
+
+
+@torch.no_grad()
+def decode_batch(model, tok, queries: list[list[int]], dec: Decoding, seeds: list[int] | None = None,
+                 stop_ids: torch.Tensor | None = None) -> list[tuple[list[int], bool]]:
+    """Decode one batch with a KV cache: (new token ids, hit EOS) per query; rows stop at EOS or a newline token."""
+    width = max(len(q) for q in queries)
+    pad = tok.pad_token_id
+    ids = torch.full((len(queries), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, q in enumerate(queries):
+        ids[i, width - len(q):] = torch.tensor(q)
+        mask[i, width - len(q):] = 1
+    generators = [torch.Generator().manual_seed(s) for s in seeds] if dec.temperature > 0 else None
+    pos = position_ids(mask)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    past, logits = out.cache, out.logits[:, -1]
+    next_pos = pos[:, -1:] + 1
+    done = torch.zeros(len(queries), dtype=torch.bool)
+    hit_eos = torch.zeros(len(queries), dtype=torch.bool)
+    produced: list[list[int]] = [[] for _ in queries]
+    stop_ids = stop_ids if stop_ids is not None else torch.tensor([], dtype=torch.long)
+    for _ in range(dec.max_new_tokens):
+        token = _pick(logits.float(), dec, generators)
+        for i in torch.nonzero(~done).flatten().tolist():
+            produced[i].append(int(token[i]))
+        is_eos = token == tok.eos_token_id
+        hit_eos |= is_eos & ~done
+        done |= is_eos | torch.isin(token, stop_ids)
+        if bool(done.all()):
+            break
+        token = token.masked_fill(done, pad)
+        mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, cache=past, use_cache=True)
+        past, logits = out.cache, out.logits[:, -1]
+        next_pos = next_pos + 1
+    return [(p, bool(h)) for p, h in zip(produced, hit_eos)]
+
+
+# ------------------------------------------------------------------------------------------------------ baselines
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "gen", "gov", "sen", "rep", "lt", "col", "sgt", "capt",
+                  "mt", "no", "vs", "inc", "co", "corp", "ltd", "u.s", "u.k", "u.n", "jan", "feb", "aug", "sept", "oct", "nov", "dec"}
+
+
+def sentences(text: str) -> list[str]:
+    """Split at end punctuation followed by a capitalised word, except after common abbreviations (Mr., U.S., ...)."""
+    out, start = [], 0
+    for m in _SENTENCE_END.finditer(text):
+        last_word = text[start: m.start()].rsplit(None, 1)[-1].rstrip(".").lower() if text[start: m.start()].strip() else ""
+        if last_word in _ABBREVIATIONS or (len(last_word) == 1 and last_word.isalpha()):
+            continue
+        out.append(text[start: m.start()].strip())
+        start = m.end()
+    out.append(text[start:].strip())
+    return [s for s in out if s]
+
+
+def lead3(article: str) -> str:
+    """The first three sentences of an article (the CNN/DM lead-3 baseline), after the dateline/byline."""
+    body = re.sub(r"^\s*(?:\(CNN\)\s*--?|\(CNN\)|By \. [^.]+ \. (?:PUBLISHED: \. [^.]+ \. )?(?:\| \. )?(?:UPDATED: \. [^.]+ \. )?)", "", article.strip())
+    return " ".join(sentences(body)[:3])
+
+
+def baseline_rows(items: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Generations rows for a non-model policy: ``ref``, ``lead3`` or ``openai-ppo-1.3b``."""
+    from evalkit.data import load_openai_ppo_summaries
+    from evalkit.data.openai import _frame, imported_gen_id
+
+    if name == "openai-ppo-1.3b":
+        gens = load_openai_ppo_summaries()
+        out = gens[gens["item_id"].isin(items["item_id"])]
+        if out.empty:
+            raise EvalkitError("openai-ppo-1.3b summaries exist only for the bundled TL;DR posts; none of these items has one")
+        return out.reset_index(drop=True)
+    if name not in ("ref", "lead3"):
+        raise EvalkitError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
+    rows = []
+    for item in items.to_dict("records"):
+        text = item["reference"] if name == "ref" else lead3(item["body"])
+        if not isinstance(text, str) or not text:
+            continue
+        rows.append({"gen_id": imported_gen_id(name, item["item_id"], text), "item_id": item["item_id"], "dataset": item["dataset"],
+                     "split": item["split"], "policy_id": name, "policy_kind": name, "n_params": None, "checkpoint": None,
+                     "temperature": None, "top_p": None, "seed": None, "sample_idx": 0, "text": text, "n_tokens": None, "hit_eos": None})
+    return _frame(rows, "generations")
+
+
+# --------------------------------------------------------------------------------------------------------- driver
+
+def _policy_info(policy: Policy, model) -> tuple[str, int]:
+    meta = read_metadata(policy.checkpoint)
+    kind = policy.policy_kind or meta.get("policy_kind") or "external"
+    if kind not in artifacts.POLICY_KINDS:
+        raise EvalkitError(f"policy {policy.policy_id}: unknown policy_kind {kind!r}; expected one of: {', '.join(artifacts.POLICY_KINDS)}")
+    n_params = policy.n_params or meta.get("n_params") or count_params(model)["n_params"]
+    return kind, int(n_params)
+
+
+def _read_parts(out_dir: Path) -> pd.DataFrame:
+    parts = sorted((out_dir / PARTS_DIR).glob("part-*.parquet"))
+    frames = [artifacts.read_table(p, "generations") for p in parts]
+    final = out_dir / "generations.parquet"
+    if final.is_file():
+        frames.append(artifacts.read_table(final, "generations"))
+    if not frames:
+        return artifacts.empty_table("generations")
+    return pd.concat(frames, ignore_index=True).drop_duplicates("gen_id").reset_index(drop=True)
+
+
+def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, dec: Decoding = Decoding(),
+             baselines: tuple[str, ...] = (), batch_size: int = 16, query_format: str | None = None,
+             progress: bool = True) -> pd.DataFrame:
+    """Generate summaries of ``items`` with every policy (and add baselines); write ``generations.parquet``."""
+    from tqdm import tqdm
+
+    dec = dec.check()
+    if items.empty:
+        raise EvalkitError("no items to summarise")
+    if batch_size < 1:
+        raise EvalkitError(f"batch size {batch_size} is not positive")
+    out_dir = Path(out_dir)
+    (out_dir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    existing = _read_parts(out_dir)
+    done_ids = set(existing["gen_id"])
+    formats = {}
+    inputs = []
+    for policy in policies:
+        model = load_causal_lm(policy.checkpoint).eval()
+        tok = load_tokenizer(policy.checkpoint)
+        kind, n_params = _policy_info(policy, model)
+        stop_ids = newline_token_ids(tok)
+        inputs += [p for p in sorted(Path(policy.checkpoint).glob("*.safetensors"))]
+        todo = []
+        for item in items.to_dict("records"):
+            fmt = query_format or DEFAULT_FORMAT[item["dataset"]]
+            formats[item["dataset"]] = fmt
+            for k in range(dec.n_samples):
+                gid = gen_id(policy.policy_id, item["item_id"], dec, fmt, k)
+                if gid not in done_ids:
+                    todo.append((item, k, gid, fmt))
+        if not todo:
+            log.info("%s: every generation already written", policy.policy_id)
+            continue
+        encoded = [tok.encode(format_query(it, tok, dec.max_query_tokens, fmt), add_special_tokens=False) for it, _, _, fmt in todo]
+        order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))
+        bar = tqdm(total=len(order), desc=policy.policy_id, unit="item", disable=not progress)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start: start + batch_size]
+            seeds = [derive_seed("generate", policy.policy_id, todo[i][0]["item_id"], dec.seed, todo[i][1]) for i in chunk]
+            t0 = time.perf_counter()
+            results = decode_batch(model, tok, [encoded[i] for i in chunk], dec, seeds, stop_ids)
+            rows = []
+            for i, seed, (new_ids, hit) in zip(chunk, seeds, results):
+                item, k, gid, fmt = todo[i]
+                text = postprocess(tok.decode([t for t in new_ids if t != tok.eos_token_id], skip_special_tokens=True))
+                rows.append({"gen_id": gid, "item_id": item["item_id"], "dataset": item["dataset"], "split": item["split"],
+                             "policy_id": policy.policy_id, "policy_kind": kind, "n_params": n_params,
+                             "checkpoint": str(policy.checkpoint), "temperature": dec.temperature,
+                             "top_p": dec.top_p if dec.temperature > 0 else None, "seed": seed if dec.temperature > 0 else None,
+                             "sample_idx": k, "text": text, "n_tokens": len(new_ids), "hit_eos": hit})
+            from evalkit.data.openai import _frame
+
+            artifacts.write_table(_frame(rows, "generations"), out_dir / PARTS_DIR / f"part-{stable_hash(*[r['gen_id'] for r in rows])}.parquet", "generations")
+            bar.update(len(chunk))
+            bar.set_postfix(items_per_s=f"{len(chunk) / (time.perf_counter() - t0):.1f}")
+        bar.close()
+    table = _read_parts(out_dir)
+    for name in baselines:
+        table = pd.concat([table, baseline_rows(items, name)], ignore_index=True).drop_duplicates("gen_id")
+    table = table.sort_values(["policy_id", "item_id", "sample_idx"]).reset_index(drop=True)
+    artifacts.write_table(table, out_dir / "generations.parquet", "generations")
+    config = {"stage": "generate", "policies": [p.__dict__ for p in policies], "decoding": dec.__dict__, "baselines": list(baselines),
+              "batch_size": batch_size, "query_formats": formats, "postprocess": POSTPROCESS,
+              "stop": "EOS or a token containing a newline"}
+    artifacts.write_manifest(out_dir, artifacts.build_manifest("generations", config, inputs=inputs,
+                                                               seeds={"decoding": dec.seed}, outputs={"generations": len(table)}))
+    return table
