@@ -51,7 +51,7 @@ class GenerateConfig:
     top_p: float = 1.0
     n_samples: int = 1
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int = 64
     max_query_tokens: int = 512
     baselines: tuple[str, ...] = ("ref",)
 

@@ -106,22 +106,56 @@ def _pick(logits: torch.Tensor, dec: Decoding, generators: list[torch.Generator]
     return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)])
 
 
+def _left_pad(t: torch.Tensor, width: int, dim: int, value=0) -> torch.Tensor:
+    extra = width - t.shape[dim]
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([torch.full(shape, value, dtype=t.dtype), t], dim=dim)
+
+
+@torch.no_grad()
+def _prefill(model, queries: list[list[int]], pad: int, chunk: int, max_new_tokens: int):
+    """Run the prompts in chunks of similar length (little padding), then merge their KV caches, left-padded to
+    one width, into a preallocated (static) cache for a single decode batch: decoding then writes one position per
+    step instead of copying the whole cache. Returns (cache, attention mask, next positions, last logits)."""
+    from transformers import StaticCache
+
+    caches, masks, logits = [], [], []
+    for start in range(0, len(queries), chunk):
+        part = queries[start: start + chunk]
+        width = max(len(q) for q in part)
+        ids = torch.full((len(part), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, q in enumerate(part):
+            ids[i, width - len(q):] = torch.tensor(q)
+            mask[i, width - len(q):] = 1
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
+        caches.append(out.cache)
+        masks.append(mask)
+        logits.append(out.logits[:, -1])
+    next_pos = torch.tensor([[len(q)] for q in queries])
+    width = max(m.shape[1] for m in masks)
+    cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
+    for layer, layer_parts in zip(cache.layers, zip(*(c.layers for c in caches))):
+        layer.update(torch.cat([_left_pad(part.keys, width, 2) for part in layer_parts]),
+                     torch.cat([_left_pad(part.values, width, 2) for part in layer_parts]))
+    mask = torch.cat([_left_pad(m, width, 1) for m in masks])
+    return cache, mask, next_pos, torch.cat(logits)
+
+
 @torch.no_grad()
 def decode_batch(model, tok, queries: list[list[int]], dec: Decoding, seeds: list[int] | None = None,
-                 stop_ids: torch.Tensor | None = None) -> list[tuple[list[int], bool]]:
-    """Decode one batch with a KV cache: (new token ids, hit EOS) per query; rows stop at EOS or a newline token."""
-    width = max(len(q) for q in queries)
+                 stop_ids: torch.Tensor | None = None, prefill_chunk: int = 16) -> list[tuple[list[int], bool]]:
+    """Decode one batch with a KV cache: (new token ids, hit EOS) per query; rows stop at EOS or a newline token.
+
+    Prompts are prefilled in chunks of ``prefill_chunk`` (pass them sorted by length to keep padding small) and
+    decoded together, so a large decode batch does not pay for padding every prompt to the longest one.
+    """
     pad = tok.pad_token_id
-    ids = torch.full((len(queries), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, q in enumerate(queries):
-        ids[i, width - len(q):] = torch.tensor(q)
-        mask[i, width - len(q):] = 1
     generators = [torch.Generator().manual_seed(s) for s in seeds] if dec.temperature > 0 else None
-    pos = position_ids(mask)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    past, logits = out.cache, out.logits[:, -1]
-    next_pos = pos[:, -1:] + 1
+    past, mask, next_pos, logits = _prefill(model, queries, pad, prefill_chunk, dec.max_new_tokens)
     done = torch.zeros(len(queries), dtype=torch.bool)
     hit_eos = torch.zeros(len(queries), dtype=torch.bool)
     produced: list[list[int]] = [[] for _ in queries]
@@ -216,8 +250,8 @@ def _read_parts(out_dir: Path) -> pd.DataFrame:
 
 
 def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, dec: Decoding = Decoding(),
-             baselines: tuple[str, ...] = (), batch_size: int = 16, query_format: str | None = None,
-             progress: bool = True) -> pd.DataFrame:
+             baselines: tuple[str, ...] = (), batch_size: int = 64, query_format: str | None = None,
+             progress: bool = True, prefill_chunk: int = 16) -> pd.DataFrame:
     """Generate summaries of ``items`` with every policy (and add baselines); write ``generations.parquet``."""
     from tqdm import tqdm
 
@@ -256,7 +290,7 @@ def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, d
             chunk = order[start: start + batch_size]
             seeds = [derive_seed("generate", policy.policy_id, todo[i][0]["item_id"], dec.seed, todo[i][1]) for i in chunk]
             t0 = time.perf_counter()
-            results = decode_batch(model, tok, [encoded[i] for i in chunk], dec, seeds, stop_ids)
+            results = decode_batch(model, tok, [encoded[i] for i in chunk], dec, seeds, stop_ids, prefill_chunk)
             rows = []
             for i, seed, (new_ids, hit) in zip(chunk, seeds, results):
                 item, k, gid, fmt = todo[i]

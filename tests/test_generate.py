@@ -29,8 +29,10 @@ def texts(table):
 
 def test_greedy_is_deterministic_and_batch_independent(tmp_path, items, sft_dir):
     policy = [Policy("sft", str(sft_dir))]
-    runs = [generate(items, policy, tmp_path / f"b{bs}", Decoding(max_query_tokens=Q), batch_size=bs, progress=False) for bs in (1, 3, 10)]
-    assert texts(runs[0]).equals(texts(runs[1])) and texts(runs[0]).equals(texts(runs[2]))
+    runs = [generate(items, policy, tmp_path / f"b{bs}-{pc}", Decoding(max_query_tokens=Q), batch_size=bs, prefill_chunk=pc, progress=False)
+            for bs, pc in ((1, 16), (3, 16), (10, 16), (10, 3))]  # the last merges the caches of 4 prefill chunks
+    for run in runs[1:]:
+        assert texts(runs[0]).equals(texts(run))
     again = generate(items, policy, tmp_path / "again", Decoding(max_query_tokens=Q), batch_size=4, progress=False)
     pd.testing.assert_frame_equal(runs[1], again)
 
@@ -39,7 +41,7 @@ def test_sampling_is_reproducible_per_item_seed(tmp_path, items, sft_dir):
     policy = [Policy("sft", str(sft_dir))]
     dec = Decoding(temperature=1.0, n_samples=2, max_query_tokens=Q)
     a = generate(items, policy, tmp_path / "a", dec, batch_size=1, progress=False)
-    b = generate(items, policy, tmp_path / "b", dec, batch_size=7, progress=False)
+    b = generate(items, policy, tmp_path / "b", dec, batch_size=7, prefill_chunk=3, progress=False)
     assert texts(a).equals(texts(b))  # a sample does not depend on its batch-mates
     assert len(a) == 20 and set(a["sample_idx"]) == {0, 1} and a["seed"].notna().all()
     c = generate(items, policy, tmp_path / "c", Decoding(temperature=1.0, n_samples=2, seed=1, max_query_tokens=Q), progress=False)
