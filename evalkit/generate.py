@@ -28,7 +28,8 @@ import torch
 from evalkit import artifacts
 from evalkit.data.query import DEFAULT_FORMAT, MAX_QUERY_TOKENS, MAX_SUMMARY_TOKENS, format_query
 from evalkit.errors import EvalkitError
-from evalkit.models import count_params, load_causal_lm, load_tokenizer, position_ids, read_metadata
+from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer, position_ids, read_metadata
+from evalkit.train.best_of_n import read_best_of_n
 from evalkit.seeds import derive_seed, stable_hash
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,26 @@ def _policy_info(policy: Policy, model) -> tuple[str, int]:
     return kind, int(n_params)
 
 
+def _best_of_n(model, tok, reward_model, queries, seeds, spec: dict, dec: Decoding, stop_ids, prefill_chunk: int):
+    """N samples per query at the spec's temperature; the reward model's best is kept (its seed recorded)."""
+    n, temperature = int(spec["n"]), float(spec.get("temperature", 0.7))
+    cand_dec = Decoding(temperature=temperature, max_new_tokens=dec.max_new_tokens, max_query_tokens=dec.max_query_tokens)
+    cand_queries = [q for q in queries for _ in range(n)]
+    cand_seeds = [derive_seed("best-of-n", s, j) for s in seeds for j in range(n)]
+    cands = decode_batch(model, tok, cand_queries, cand_dec, cand_seeds, stop_ids, prefill_chunk)
+    seqs = [q + (ids if ids else [tok.pad_token_id]) for q, (ids, _) in zip(cand_queries, cands)]
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, x in enumerate(seqs):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    with torch.no_grad():
+        scores = torch.cat([reward_model(ids[i: i + 32], mask[i: i + 32]) for i in range(0, len(seqs), 32)]).view(len(queries), n)
+    best = scores.argmax(1).tolist()
+    return ([cands[q * n + b] for q, b in enumerate(best)], [cand_seeds[q * n + b] for q, b in enumerate(best)], temperature)
+
+
 def _read_parts(out_dir: Path) -> pd.DataFrame:
     parts = sorted((out_dir / PARTS_DIR).glob("part-*.parquet"))
     frames = [artifacts.read_table(p, "generations") for p in parts]
@@ -267,11 +288,14 @@ def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, d
     formats = {}
     inputs = []
     for policy in policies:
-        model = load_causal_lm(policy.checkpoint).eval()
-        tok = load_tokenizer(policy.checkpoint)
-        kind, n_params = _policy_info(policy, model)
+        best_of = read_best_of_n(policy.checkpoint) if Path(policy.checkpoint).is_dir() else None
+        source = best_of["policy"] if best_of else policy.checkpoint
+        model = load_causal_lm(source).eval()
+        tok = load_tokenizer(source)
+        kind, n_params = ("best_of_n", int(best_of.get("n_params") or count_params(model)["n_params"])) if best_of else _policy_info(policy, model)
+        reward_model = RewardModel.load(best_of["reward_model"]).eval() if best_of else None
         stop_ids = newline_token_ids(tok)
-        inputs += [p for p in sorted(Path(policy.checkpoint).glob("*.safetensors"))]
+        inputs += [p for p in sorted(Path(source).glob("*.safetensors"))]
         todo = []
         for item in items.to_dict("records"):
             fmt = query_format or DEFAULT_FORMAT[item["dataset"]]
@@ -290,15 +314,20 @@ def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, d
             chunk = order[start: start + batch_size]
             seeds = [derive_seed("generate", policy.policy_id, todo[i][0]["item_id"], dec.seed, todo[i][1]) for i in chunk]
             t0 = time.perf_counter()
-            results = decode_batch(model, tok, [encoded[i] for i in chunk], dec, seeds, stop_ids, prefill_chunk)
+            queries = [encoded[i] for i in chunk]
+            if best_of:
+                results, seeds, temperature = _best_of_n(model, tok, reward_model, queries, seeds, best_of, dec, stop_ids, prefill_chunk)
+            else:
+                results = decode_batch(model, tok, queries, dec, seeds, stop_ids, prefill_chunk)
+                temperature = dec.temperature
             rows = []
             for i, seed, (new_ids, hit) in zip(chunk, seeds, results):
                 item, k, gid, fmt = todo[i]
                 text = postprocess(tok.decode([t for t in new_ids if t != tok.eos_token_id], skip_special_tokens=True))
                 rows.append({"gen_id": gid, "item_id": item["item_id"], "dataset": item["dataset"], "split": item["split"],
                              "policy_id": policy.policy_id, "policy_kind": kind, "n_params": n_params,
-                             "checkpoint": str(policy.checkpoint), "temperature": dec.temperature,
-                             "top_p": dec.top_p if dec.temperature > 0 else None, "seed": seed if dec.temperature > 0 else None,
+                             "checkpoint": str(policy.checkpoint), "temperature": temperature,
+                             "top_p": dec.top_p if temperature > 0 and not best_of else None, "seed": seed if temperature > 0 else None,
                              "sample_idx": k, "text": text, "n_tokens": len(new_ids), "hit_eos": hit})
             from evalkit.data.openai import _frame
 

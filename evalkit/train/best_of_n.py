@@ -64,3 +64,33 @@ def best_of_n_metadata(cfg: BestOfNConfig) -> dict:
     parent = read_metadata(cfg.policy)
     return {"policy_kind": "best_of_n", "n": cfg.n, "kl_from_sft": best_of_n_kl(cfg.n), "policy": str(Path(cfg.policy)),
             "reward_model": str(Path(cfg.reward_model)), "n_params": parent.get("n_params"), "depth": parent.get("depth")}
+
+
+SPEC_FILE = "best_of_n.json"
+
+
+def write_best_of_n(folder: str | Path, policy: str | Path, reward_model: str | Path, n: int, temperature: float = 0.7) -> Path:
+    """A best-of-N policy folder: ``best_of_n.json`` naming the SFT policy, the RM, N, the sampling temperature and
+    the analytic KL. ``evalkit generate --policy FOLDER`` samples from it."""
+    from evalkit.artifacts import write_json
+
+    folder = Path(folder)
+    meta = read_metadata(policy)
+    write_json(folder / SPEC_FILE, {"policy_kind": "best_of_n", "policy": str(Path(policy).resolve()),
+                                    "reward_model": str(Path(reward_model).resolve()), "n": n, "temperature": temperature,
+                                    "kl_from_sft": best_of_n_kl(n), "n_params": meta.get("n_params"), "depth": meta.get("depth")})
+    return folder
+
+
+def read_best_of_n(folder: str | Path) -> dict | None:
+    import json
+
+    path = Path(folder) / SPEC_FILE
+    if not path.is_file():
+        return None
+    spec = json.loads(path.read_text())
+    for key in ("policy", "reward_model", "n"):
+        if key not in spec:
+            raise EvalkitError(f"{path}: missing field '{key}'")
+    best_of_n_kl(int(spec["n"]))
+    return spec

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from evalkit import artifacts
 from evalkit.models import DEFAULT_LADDER
-from evalkit.train.best_of_n import best_of_n_kl
+from evalkit.train.best_of_n import write_best_of_n
 from evalkit.train.pretrain import PretrainConfig, pretrain
 from evalkit.train.ppo import PPOConfig, ppo
 from evalkit.train.reward import RewardConfig, train_reward_model
@@ -90,8 +90,7 @@ def run_ladder(cfg: LadderConfig, out_dir: str | Path) -> dict:
         stage(f"d{depth}/ppo", d / "ppo", lambda: ppo(PPOConfig(
             policy=str(sup), reward_model=str(rm), iterations=cfg.ppo_iterations, rollouts=cfg.ppo_rollouts,
             max_query_tokens=cfg.max_query_tokens, seed=cfg.seed), d / "ppo"))
-        artifacts.write_json(d / "best_of_n.json", {"policy_kind": "best_of_n", "policy": str(sup), "reward_model": str(rm),
-                                                     "n": cfg.best_of_n, "kl_from_sft": best_of_n_kl(cfg.best_of_n)})
+        write_best_of_n(d / "best_of_n", sup, rm, cfg.best_of_n)
     summary = {"config": json.loads(json.dumps(cfg, default=lambda o: o.__dict__)), "timings_s": timings}
     artifacts.write_json(path, summary)
     return summary
