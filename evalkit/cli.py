@@ -91,10 +91,10 @@ def data_import_openai(files: tuple[str, ...], out_dir: str, force: bool) -> Non
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a study.toml value, e.g. data.split=valid1.")
 @click.option("--force", is_flag=True, help="Redo stages even when their outputs are up to date.")
 def run(study: str, overrides: tuple[str, ...], force: bool) -> None:
-    """Run a study end to end (today: its data, the released human labels and external summaries)."""
+    """Run a study end to end (today: its data, the released human labels, and generations of its policies)."""
     from evalkit.config import load_study
     from evalkit.data import load_gpt2_tokenizer, format_query
-    from evalkit.pipeline import prepare_study_data
+    from evalkit.pipeline import prepare_study_data, study_items_of
 
     cfg = load_study(study, list(overrides))
     res = prepare_study_data(cfg, force=force)
@@ -102,12 +102,19 @@ def run(study: str, overrides: tuple[str, ...], force: bool) -> None:
     click.echo(f"study {cfg.id}: {cfg.study.title}")
     click.echo(f"  tables in {res.out_dir} ({'up to date' if res.skipped else 'written'}): "
                + ", ".join(f"{n} {len(df)}" for n, df in t.items()))
-    study_items = t["items"][(t["items"]["dataset"] == cfg.data.dataset) & (t["items"]["split"] == cfg.data.split)]
-    click.echo(f"  {cfg.data.dataset} {cfg.data.split} items: {len(study_items)}; labelers in released data: "
+    study_items = study_items_of(cfg)
+    click.echo(f"  study items ({cfg.data.dataset} {cfg.data.split}): {len(study_items)}; labelers in released data: "
                f"{t['judgments']['labeler_id'].nunique()}; human judgments: {len(t['judgments'])}")
     by_policy = t["generations"].groupby(["policy_id", "policy_kind"]).size()
     click.echo("  summaries per policy: " + ", ".join(f"{p} ({k}) {n}" for (p, k), n in by_policy.items()))
     _print_preferred(t, cfg.data.split)
+    if cfg.policies or cfg.generate.baselines:
+        from evalkit.pipeline import generate_for_study
+
+        _quiet_hf()
+        gens = generate_for_study(cfg, study_items)
+        click.echo(f"  generations in {cfg.out_dir / 'generations'}: " + ", ".join(
+            f"{p} {len(g)} (mean {g['text'].str.len().mean():.0f} chars)" for p, g in gens.groupby("policy_id")))
     if len(study_items):
         first = study_items.iloc[0].to_dict()
         tok = load_gpt2_tokenizer()

@@ -58,6 +58,14 @@ def import_openai(files: Iterable[str], out_dir: str | Path, force: bool = False
     return StageResult(out_dir, tables, skipped=False)
 
 
+def study_items_of(cfg: StudyConfig) -> pd.DataFrame:
+    """The items a study is about: its dataset split (the first ``n_items`` by id when set)."""
+    items = load_items(cfg.data.dataset, cfg.data.split, cfg.data.path)
+    if cfg.data.n_items:
+        items = items.sort_values("item_id").head(cfg.data.n_items)
+    return items.reset_index(drop=True)
+
+
 def prepare_study_data(cfg: StudyConfig, force: bool = False) -> StageResult:
     """The study's items, the released human comparisons and external summaries, as one folder of tables.
 
@@ -74,9 +82,7 @@ def prepare_study_data(cfg: StudyConfig, force: bool = False) -> StageResult:
         log.info("%s is up to date; skipping", out_dir)
         return StageResult(out_dir, _read_tables(out_dir), skipped=True)
 
-    items = load_items(cfg.data.dataset, cfg.data.split, cfg.data.path)
-    if cfg.data.n_items:
-        items = items.sort_values("item_id").head(cfg.data.n_items).reset_index(drop=True)
+    items = study_items_of(cfg)
     parts = []
     if comparison_paths:
         parts.append(load_openai_comparisons(comparison_paths))
@@ -91,3 +97,13 @@ def prepare_study_data(cfg: StudyConfig, force: bool = False) -> StageResult:
                                         outputs={n: len(t) for n, t in tables.items()})
     _write_tables(out_dir, tables, manifest)
     return StageResult(out_dir, tables, skipped=False)
+
+
+def generate_for_study(cfg: StudyConfig, items: pd.DataFrame, progress: bool = False) -> pd.DataFrame:
+    """The study's policies ([[policies]]) and baselines ([generate].baselines) on its items → ``<out>/generations``."""
+    from evalkit.generate import Decoding, Policy, generate
+
+    g = cfg.generate
+    policies = [Policy(p.id or Path(p.checkpoint).name, p.checkpoint, p.kind, p.n_params or None) for p in cfg.policies]
+    dec = Decoding(temperature=g.temperature, top_p=g.top_p, n_samples=g.n_samples, seed=g.seed, max_query_tokens=g.max_query_tokens)
+    return generate(items, policies, cfg.out_dir / "generations", dec, g.baselines, batch_size=g.batch_size, progress=progress)
