@@ -90,22 +90,27 @@ def test_same_seed_same_weights(workdir, pretrained):
     assert digest(a) == digest(b) != digest(c)
 
 
+def interrupt_then_resume(train, out_dir, monkeypatch, step: int = 7):
+    """Run ``train(out_dir)``, interrupted (KeyboardInterrupt) as it logs ``step``; then run it again to the end."""
+    real_append = common.append_metrics
+
+    def crash(folder, row):
+        if row.get("step") == step:
+            raise KeyboardInterrupt
+        real_append(folder, row)
+
+    monkeypatch.setattr(common, "append_metrics", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(out_dir)
+    monkeypatch.setattr(common, "append_metrics", real_append)
+    assert (out_dir / common.STATE_FILE).is_file()
+    return train(out_dir)
+
+
 def test_interrupted_sft_resumes_to_the_same_weights(workdir, pretrained, monkeypatch):
     cfg = SFTConfig(init=str(pretrained), **{**TINY_SFT, "steps": 10, "save_every": 4})
     full = sft(cfg, workdir / "resume-full")
-    real_append = common.append_metrics
-
-    def crash_at_step_7(out_dir, row):
-        if row.get("step") == 7:
-            raise KeyboardInterrupt
-        real_append(out_dir, row)
-
-    monkeypatch.setattr(common, "append_metrics", crash_at_step_7)
-    with pytest.raises(KeyboardInterrupt):
-        sft(cfg, workdir / "resume-cut")
-    monkeypatch.setattr(common, "append_metrics", real_append)
-    assert (workdir / "resume-cut" / common.STATE_FILE).is_file()
-    resumed = sft(cfg, workdir / "resume-cut")
+    resumed = interrupt_then_resume(lambda out: sft(cfg, out), workdir / "resume-cut", monkeypatch)
     assert common.weights_digest(load_causal_lm(resumed)) == common.weights_digest(load_causal_lm(full))
     steps = [r["step"] for r in common.read_metrics(resumed) if "loss" in r]
     assert steps == list(range(1, 11))
@@ -114,19 +119,20 @@ def test_interrupted_sft_resumes_to_the_same_weights(workdir, pretrained, monkey
 def test_interrupted_reward_model_resumes_to_the_same_weights(workdir, sft_dir, rule_comparisons, monkeypatch):
     cfg = RewardConfig(init=str(sft_dir), comparisons=str(rule_comparisons), max_query_tokens=192, epochs=1, save_every=4)
     full = train_reward_model(cfg, workdir / "rm-full")
-    real_append = common.append_metrics
-
-    def crash_at_step_7(out_dir, row):
-        if row.get("step") == 7:
-            raise KeyboardInterrupt
-        real_append(out_dir, row)
-
-    monkeypatch.setattr(common, "append_metrics", crash_at_step_7)
-    with pytest.raises(KeyboardInterrupt):
-        train_reward_model(cfg, workdir / "rm-cut")
-    monkeypatch.setattr(common, "append_metrics", real_append)
-    resumed = train_reward_model(cfg, workdir / "rm-cut")
+    resumed = interrupt_then_resume(lambda out: train_reward_model(cfg, out), workdir / "rm-cut", monkeypatch)
     assert common.weights_digest(RewardModel.load(resumed)) == common.weights_digest(RewardModel.load(full))
+
+
+def test_interrupted_ppo_resumes_to_the_same_weights(workdir, sft_dir, concise_rm_dir, monkeypatch):
+    from evalkit.train.ppo import PPOConfig, ppo
+
+    cfg = PPOConfig(policy=str(sft_dir), reward_model=str(concise_rm_dir), iterations=6, rollouts=8, minibatch_size=4,
+                    max_query_tokens=192, lr=1e-4, save_every=2)
+    full = ppo(cfg, workdir / "ppo-full")
+    resumed = interrupt_then_resume(lambda out: ppo(cfg, out), workdir / "ppo-cut", monkeypatch, step=5)
+    assert common.weights_digest(load_causal_lm(resumed)) == common.weights_digest(load_causal_lm(full))
+    assert common.weights_digest(RewardModel.load(resumed / "value")) == common.weights_digest(RewardModel.load(full / "value"))
+    assert [r["step"] for r in common.read_metrics(resumed)] == list(range(1, 7))
 
 
 def test_reward_read_at_last_real_token(rm_dir, tokenizer_dir):
