@@ -95,6 +95,13 @@ def init_distributed(threads: int = 0) -> Dist:
     return Dist(0, 1, torch.device("cuda") if use_cuda else torch.device("cpu"))
 
 
+def shutdown_distributed(d: Dist) -> None:
+    """Wait for every rank, then leave the process group (a rank exiting while gloo threads run aborts)."""
+    if d.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_mean(value: float, d: Dist) -> float:
     if not d.enabled:
         return value

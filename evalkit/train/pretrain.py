@@ -123,4 +123,5 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True) -> P
             "policy_kind": "pretrained", "depth": cfg.depth, **sizes, "val_loss": val_loss, "steps": step,
             "world_size": d.world, "replica_digests": digests,
         })
+    common.shutdown_distributed(d)
     return out_dir

@@ -161,6 +161,7 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
     model.eval()
     digests = common.check_replicas_in_sync(model, d)
     if not d.main:
+        common.shutdown_distributed(d)
         return out_dir
     ref_items = tables["items"][tables["items"]["item_id"].isin(train["item_id"]) & tables["items"]["reference"].notna()]
     records = ref_items.to_dict("records")
@@ -182,4 +183,5 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
         "model_kind": "reward", "depth": parent.get("depth"), **count_params(lm), **{k: v for k, v in summary.items() if k != "step"},
         "labeler_kinds": sorted(train["labeler_kind"].unique()), "world_size": d.world, "replica_digests": digests,
     })
+    common.shutdown_distributed(d)
     return out_dir

@@ -138,4 +138,5 @@ def sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = True) -> Path:
             "policy_kind": "sft", "depth": parent.get("depth"), **count_params(model), "val_loss": val_loss,
             "steps": step, "init": str(cfg.init), "world_size": d.world, "replica_digests": digests,
         })
+    common.shutdown_distributed(d)
     return out_dir
