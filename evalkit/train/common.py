@@ -158,6 +158,15 @@ def prepare_out_dir(out_dir: Path, cfg: Any, resume: bool) -> dict | None:
     return None
 
 
+def start_run(out_dir: Path, cfg: Any, resume: bool) -> tuple[Dist, dict | None]:
+    """Join the process group (under torchrun) and prepare ``out_dir`` on rank 0; every rank gets the resume state."""
+    d = init_distributed(cfg.threads)
+    state = prepare_out_dir(out_dir, cfg, resume) if d.main else None
+    if d.enabled:
+        state = broadcast_object(state, d)
+    return d, state
+
+
 def append_metrics(out_dir: Path, row: dict) -> None:
     with open(out_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(row, default=float) + "\n")

@@ -63,10 +63,7 @@ def stream_loss(model, stream: torch.Tensor, seq_len: int, device) -> float:
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True) -> Path:
     out_dir = Path(out_dir)
     tok = load_tokenizer(cfg.tokenizer)
-    d = common.init_distributed(cfg.threads)
-    state = common.prepare_out_dir(out_dir, cfg, resume) if d.main else None
-    if d.enabled:
-        state = common.broadcast_object(state, d)
+    d, state = common.start_run(out_dir, cfg, resume)
 
     # 1. corpus → one token stream, cut into blocks of seq_len + 1 (inputs and shifted labels)
     stream = token_stream(tok, common.pretraining_texts(cfg.max_documents or None))

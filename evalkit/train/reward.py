@@ -105,10 +105,7 @@ def score_texts(model, tok, items: list[dict], texts: list[str], max_query_token
 def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = True) -> Path:
     out_dir = Path(out_dir)
     tok = load_tokenizer(cfg.init)
-    d = common.init_distributed(cfg.threads)
-    state = common.prepare_out_dir(out_dir, cfg, resume) if d.main else None
-    if d.enabled:
-        state = common.broadcast_object(state, d)
+    d, state = common.start_run(out_dir, cfg, resume)
 
     # 1. pairs: training splits for the loss, the eval split for held-out accuracy
     tables = load_comparison_tables(cfg.comparisons)

@@ -80,10 +80,7 @@ def train_items(max_items: int = 0) -> pd.DataFrame:
 def sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = True) -> Path:
     out_dir = Path(out_dir)
     tok = load_tokenizer(cfg.init)
-    d = common.init_distributed(cfg.threads)
-    state = common.prepare_out_dir(out_dir, cfg, resume) if d.main else None
-    if d.enabled:
-        state = common.broadcast_object(state, d)
+    d, state = common.start_run(out_dir, cfg, resume)
 
     # 1. examples: TL;DR train posts with their references; a held-out slice of valid1 for the loss
     examples = sft_examples(tok, train_items(cfg.max_items), cfg.max_query_tokens, cfg.max_summary_tokens)
