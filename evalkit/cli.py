@@ -169,6 +169,27 @@ def generate_cmd(study, dataset, split, path, n_items, policies, baselines, temp
                    + (f", EOS in {eos.mean():.0%}" if len(eos) else ""))
 
 
+@cli.group()
+def study() -> None:
+    """Human studies: build labeling tasks from generations (serving, crowd exchange and simulation come next)."""
+
+
+@study.command("build")
+@click.argument("study_path", metavar="STUDY", type=click.Path(), default="studies/default")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a study.toml value, e.g. design.items_per_policy=50.")
+def study_build(study_path: str, overrides: tuple[str, ...]) -> None:
+    """Generations → tasks.parquet: balanced items, seeded left/right swaps, overlap, gold, attention and sentinels."""
+    from evalkit.config import load_study
+    from evalkit.study.build import build_study
+
+    cfg = load_study(study_path, list(overrides))
+    res = build_study(cfg)
+    tasks = res["tasks"]
+    click.echo(f"{res['out_dir']}/tasks.parquet: {len(tasks)} tasks for {tasks['labeler_id'].nunique()} labelers "
+               f"({', '.join(f'{k} {v}' for k, v in sorted(res['roles'].items()))}); "
+               f"{tasks['item_id'].nunique()} items; swapped {tasks['is_swapped'].mean():.0%}")
+
+
 def _config(cls, fixed: dict, overrides: tuple[str, ...]):
     """A trainer config from required options plus ``--set key=value`` overrides (type-checked)."""
     from evalkit.config import apply_overrides, from_mapping

@@ -57,6 +57,30 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class DesignConfig:
+    """How ``evalkit study build`` turns generations into labeling tasks."""
+
+    kind: str = ""  # pairwise | likert; default: pairwise for TL;DR, likert for CNN/DM
+    baseline: str = "ref"  # pairwise: every policy is compared with this one
+    policies: tuple[str, ...] = ()  # policy ids to evaluate; default: every policy but the baseline
+    generations: str = ""  # a generations.parquet; default: <out_dir>/generations/generations.parquet
+    items_per_policy: int = 100
+    overlap_fraction: float = 0.15  # of main tasks, each given to overlap_labelers labelers
+    overlap_labelers: int = 3
+    gold_fraction: float = 0.05  # a summary of another post vs the right one: the answer is known
+    attention_fraction: float = 0.05  # the reference with its words shuffled vs the reference
+    sentinel_policy: str = ""  # e.g. an SFT policy: its pairs with the baseline recur in every batch
+    sentinels_per_batch: int = 2
+    batch_size: int = 40  # tasks per labeler batch
+
+
+@dataclass(frozen=True)
+class LabelersConfig:
+    count: int = 6
+    ids: tuple[str, ...] = ()  # default: labeler-01 ... labeler-NN
+
+
+@dataclass(frozen=True)
 class StudyMeta:
     id: str = ""
     title: str = ""
@@ -71,6 +95,8 @@ class StudyConfig:
     released: ReleasedConfig = field(default_factory=ReleasedConfig)
     policies: tuple[PolicyConfig, ...] = ()
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    design: DesignConfig = field(default_factory=DesignConfig)
+    labelers: LabelersConfig = field(default_factory=LabelersConfig)
     path: str = ""  # the study.toml it came from
 
     @property

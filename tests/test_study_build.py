@@ -1,0 +1,98 @@
+"""evalkit study build: balanced, seeded, blind tasks with overlap, gold, attention and sentinels."""
+
+import dataclasses
+
+import pytest
+
+from conftest import ROOT, run_cli
+from evalkit import artifacts
+from evalkit.config import load_study
+from evalkit.generate import generate
+from evalkit.pipeline import study_items_of
+from evalkit.study.build import build_study
+
+SETTINGS = ["design.sentinel_policy=lead3", "design.items_per_policy=80", "labelers.count=8", "design.batch_size=30"]
+
+
+@pytest.fixture(scope="module")
+def study_cfg(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    cfg = load_study(ROOT / "studies/default", [f"study.out_dir={out}", *SETTINGS])
+    generate(study_items_of(cfg), [], out / "generations", baselines=("ref", "openai-ppo-1.3b", "lead3"), progress=False)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def built(study_cfg):
+    return build_study(study_cfg)
+
+
+def test_same_spec_and_seed_give_identical_tables(study_cfg, built):
+    first = (built["out_dir"] / "tasks.parquet").read_bytes()
+    again = build_study(study_cfg)
+    assert (again["out_dir"] / "tasks.parquet").read_bytes() == first
+    other = build_study(dataclasses.replace(study_cfg, study=dataclasses.replace(study_cfg.study, seed=1)))
+    assert (other["out_dir"] / "tasks.parquet").read_bytes() != first
+    build_study(study_cfg)  # leave the module's folder as built
+
+
+def test_policies_are_balanced_and_swaps_recorded(built):
+    tasks, gens = built["tasks"], built["generations"]
+    artifacts.validate(tasks, "tasks")
+    policy_of = gens.set_index("gen_id")["policy_id"]
+    main = tasks[tasks["role"].isin(["main", "overlap"])].drop_duplicates("unit_id")
+    pairs = main.assign(left=main["gen_id_left"].map(policy_of), right=main["gen_id_right"].map(policy_of))
+    pairs["policy"] = pairs["left"].where(pairs["right"] == "ref", pairs["right"])
+    items = pairs.groupby("policy")["item_id"].apply(set)
+    assert set(items.index) == {"openai-ppo-1.3b", "lead3"} and items["openai-ppo-1.3b"] == items["lead3"]
+    assert len(items["lead3"]) == 80
+    # not swapped: the policy on the left and the baseline on the right; swapped: the reverse
+    assert ((pairs["left"] == "ref") == pairs["is_swapped"]).all()
+    assert 0.35 < pairs["is_swapped"].mean() < 0.65
+
+
+def test_overlap_units_go_to_three_labelers(built):
+    tasks = built["tasks"]
+    overlap = tasks[tasks["role"] == "overlap"]
+    per_unit = overlap.groupby("unit_id")["labeler_id"].nunique()
+    assert (per_unit == 3).all()
+    n_main_units = tasks[tasks["role"].isin(["main", "overlap"])]["unit_id"].nunique()
+    assert per_unit.size == round(0.15 * n_main_units)
+
+
+def test_gold_and_attention_answers_are_known(built):
+    tasks, gens = built["tasks"], built["generations"].set_index("gen_id")
+    qc = tasks[tasks["role"].isin(["gold", "attention"])]
+    assert set(qc["role"]) == {"gold", "attention"}
+    for t in qc.itertuples():
+        right = t.gen_id_left if t.expected == "left" else t.gen_id_right
+        wrong = t.gen_id_right if t.expected == "left" else t.gen_id_left
+        assert gens.loc[right, "policy_id"] == "ref" and gens.loc[right, "item_id"] == t.item_id
+        assert gens.loc[wrong, "policy_id"] == ("qc-other-post" if t.role == "gold" else "qc-shuffled-words")
+        if t.role == "attention":
+            assert sorted(gens.loc[wrong, "text"].split()) == sorted(gens.loc[right, "text"].split())
+    assert set(qc["expected"]) == {"left", "right"}
+
+
+def test_sentinels_in_every_batch(built):
+    tasks = built["tasks"]
+    batches = tasks.groupby(["labeler_id", "batch"])["role"].apply(lambda r: (r == "sentinel").sum())
+    assert (batches == 2).all() and len(batches) >= 8
+
+
+def test_nothing_labeler_facing_names_a_policy(built):
+    tasks = built["tasks"]
+    for policy in ("openai", "lead3", "ref", "ppo"):
+        for col in ("task_id", "gen_id_left", "gen_id_right", "item_id", "unit_id"):
+            assert not tasks[col].dropna().str.contains(policy).any(), (policy, col)
+
+
+def test_bad_specs_exit_2(study_cfg, tmp_path):
+    out = study_cfg.out_dir
+    for settings, message in ((["design.policies=sup4_9b"], "unknown policy 'sup4_9b'; known: lead3, openai-ppo-1.3b, ref"),
+                              (["design.overlap_fraction=1.5"], "expected a fraction"),
+                              (["labelers.count=2"], "overlap needs 3 labelers")):
+        proc = run_cli("study", "build", "studies/default", "--set", f"study.out_dir={out}", *[x for s in settings for x in ("--set", s)])
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+    proc = run_cli("study", "build", "studies/default", "--set", f"study.out_dir={tmp_path}")
+    assert proc.returncode == 2 and "no generations at" in proc.stderr
