@@ -171,7 +171,7 @@ def generate_cmd(study, dataset, split, path, n_items, policies, baselines, temp
 
 @cli.group()
 def study() -> None:
-    """Human studies: build labeling tasks from generations (serving, crowd exchange and simulation come next)."""
+    """Human studies: build labeling tasks from generations, export them to crowd platforms and import the answers."""
 
 
 @study.command("build")
@@ -188,6 +188,35 @@ def study_build(study_path: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"{res['out_dir']}/tasks.parquet: {len(tasks)} tasks for {tasks['labeler_id'].nunique()} labelers "
                f"({', '.join(f'{k} {v}' for k, v in sorted(res['roles'].items()))}); "
                f"{tasks['item_id'].nunique()} items; swapped {tasks['is_swapped'].mean():.0%}")
+
+
+@study.command("export")
+@click.argument("study_path", metavar="STUDY", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "labelstudio"]), default="csv", show_default=True)
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="File to write.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def study_export(study_path: str, fmt: str, out_file: str, overrides: tuple[str, ...]) -> None:
+    """Blind tasks for a crowd platform (texts as shown; no policy names or generation ids)."""
+    from evalkit.config import load_study
+    from evalkit.study.exchange import export_tasks
+
+    cfg = load_study(study_path, list(overrides))
+    path = export_tasks(cfg.out_dir / "study", fmt, out_file)
+    click.echo(f"{path}: tasks exported as {fmt}")
+
+
+@study.command("import")
+@click.argument("study_path", metavar="STUDY", type=click.Path())
+@click.argument("answers", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def study_import(study_path: str, answers: str, overrides: tuple[str, ...]) -> None:
+    """Answers (CSV, JSON Lines or Label Studio JSON) → judgments.parquet, all rows or none; re-importing is a no-op."""
+    from evalkit.config import load_study
+    from evalkit.study.exchange import import_answers
+
+    cfg = load_study(study_path, list(overrides))
+    merged = import_answers(cfg.out_dir / "study", answers)
+    click.echo(f"{cfg.out_dir / 'study' / 'judgments.parquet'}: {len(merged)} judgments")
 
 
 def _config(cls, fixed: dict, overrides: tuple[str, ...]):

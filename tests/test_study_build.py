@@ -96,3 +96,100 @@ def test_bad_specs_exit_2(study_cfg, tmp_path):
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
     proc = run_cli("study", "build", "studies/default", "--set", f"study.out_dir={tmp_path}")
     assert proc.returncode == 2 and "no generations at" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------- crowd exchange
+
+def answers_for(tasks, rng_seed=0):
+    """A made-up crowd's answers: pairwise confidence and Likert ratings per task."""
+    import numpy as np
+
+    rng = np.random.default_rng(rng_seed)
+    out = []
+    for t in tasks.itertuples():
+        conf = int(rng.choice([1, 2, 3, 4, 6, 7, 8, 9]))
+        out.append({"task_id": t.task_id, "labeler_id": t.labeler_id, "confidence": conf, "note": f"n{conf}"})
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "labelstudio"])
+def test_export_is_blind_and_import_round_trips(built, study_cfg, tmp_path, fmt):
+    import csv as csvmod
+    import json
+
+    from evalkit.study.exchange import CONFIDENCE_LABELS, export_tasks, import_answers
+
+    folder = built["out_dir"]
+    (folder / "judgments.parquet").unlink(missing_ok=True)
+    path = export_tasks(folder, fmt, tmp_path / f"tasks.{ 'json' if fmt == 'labelstudio' else fmt}")
+    text = path.read_text()
+    for secret in ("openai", "lead3", "qc-", "gen-"):
+        assert secret not in text, secret
+    tasks = built["tasks"]
+    answers = answers_for(tasks)
+    if fmt == "csv":
+        rows = list(csvmod.DictReader(path.open()))
+        assert {r["task_id"] for r in rows} == set(tasks["task_id"])
+        out = tmp_path / "answers.csv"
+        with out.open("w", newline="") as fh:
+            w = csvmod.DictWriter(fh, fieldnames=["task_id", "labeler_id", "confidence", "note"])
+            w.writeheader()
+            w.writerows(answers)
+    elif fmt == "jsonl":
+        out = tmp_path / "answers.jsonl"
+        out.write_text("".join(json.dumps(a) + "\n" for a in answers))
+    else:
+        exported = json.loads(text)
+        assert (tmp_path / "tasks.config.json").is_file()
+        by_task = {a["task_id"]: a for a in answers}
+        for task in exported:
+            a = by_task[task["data"]["task_id"]]
+            task["annotations"] = [{"completed_by": a["labeler_id"], "lead_time": 12.5, "created_at": "2026-11-30T10:00:00Z",
+                                    "result": [{"from_name": "preference", "value": {"choices": [CONFIDENCE_LABELS[a["confidence"]]]}},
+                                               {"from_name": "note", "value": {"text": [a["note"]]}}]}]
+        out = tmp_path / "answers.json"
+        out.write_text(json.dumps(exported))
+    judgments = import_answers(folder, out)
+    assert len(judgments) == len(tasks) and set(judgments["labeler_kind"]) == {"human"}
+    j = judgments.merge(tasks, on=["task_id", "labeler_id"])
+    expected_side = j["confidence"].map(lambda c: "left" if c < 5 else "right")
+    assert (j["preferred"] == expected_side).all()
+    chosen = j["gen_id_left"].where(j["preferred"] == "left", j["gen_id_right"])
+    assert (j["preferred_gen_id"] == chosen).all()  # the swap is undone through the shown sides
+    assert (j["note"] == "n" + j["confidence"].astype(str)).all()
+    again = import_answers(folder, out)
+    assert len(again) == len(judgments)  # re-importing the same file adds nothing
+
+
+def test_bad_answer_files_exit_2_and_import_nothing(built, study_cfg, tmp_path):
+    from evalkit.study.exchange import import_answers
+
+    folder = built["out_dir"]
+    (folder / "judgments.parquet").unlink(missing_ok=True)
+    good = answers_for(built["tasks"].head(3))
+    import_answers(folder, _write(tmp_path / "ok.jsonl", good))
+    before = (folder / "judgments.parquet").read_bytes()
+    cases = [
+        ("missing.csv", "task_id,confidence\nx,3\n", "missing column 'task_id' or 'labeler_id'"),
+        ("unknown.jsonl", _lines(good[:1] + [{**good[1], "task_id": "t-nope"}]), ":2: unknown task id 't-nope'"),
+        ("study.jsonl", _lines([{**good[0], "study_id": "another"}]), ":1: study 'another' is not this study"),
+        ("range.jsonl", _lines([{**good[0], "confidence": 5}]), ":1: confidence is 5"),
+        ("empty.csv", "", "empty file"),
+    ]
+    for name, content, message in cases:
+        path = tmp_path / name
+        path.write_text(content)
+        proc = run_cli("study", "import", "studies/default", path, "--set", f"study.out_dir={study_cfg.out_dir}", *[x for s in SETTINGS for x in ("--set", s)])
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, (name, proc.stderr)
+        assert (folder / "judgments.parquet").read_bytes() == before
+
+
+def _lines(rows):
+    import json
+
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def _write(path, rows):
+    path.write_text(_lines(rows))
+    return path
