@@ -219,6 +219,40 @@ def study_import(study_path: str, answers: str, overrides: tuple[str, ...]) -> N
     click.echo(f"{cfg.out_dir / 'study' / 'judgments.parquet'}: {len(merged)} judgments")
 
 
+@study.command("serve")
+@click.argument("study_path", metavar="STUDY", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 64))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def study_serve(study_path: str, host: str, port: int, threads: int, overrides: tuple[str, ...]) -> None:
+    """Serve the labeling web app (waitress; judgments in SQLite); prints each labeler's link and the admin link."""
+    from evalkit.config import load_study
+    from evalkit.study.serve import init_db, links, serve
+
+    cfg = load_study(study_path, list(overrides))
+    folder = cfg.out_dir / "study"
+    db = init_db(folder)
+    instructions = Path(cfg.path).parent / "instructions.md"
+    for name, url in links(db, f"http://{host}:{port}").items():
+        click.echo(f"{name}: {url}")
+    sys.stdout.flush()
+    serve(folder, host, port, threads, instructions.read_text("utf-8") if instructions.is_file() else None)
+
+
+@study.command("collect")
+@click.argument("study_path", metavar="STUDY", type=click.Path())
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def study_collect(study_path: str, overrides: tuple[str, ...]) -> None:
+    """The web app's judgments → judgments.parquet (swap undone)."""
+    from evalkit.config import load_study
+    from evalkit.study.serve import collect_judgments
+
+    cfg = load_study(study_path, list(overrides))
+    out = collect_judgments(cfg.out_dir / "study")
+    click.echo(f"{cfg.out_dir / 'study' / 'judgments.parquet'}: {len(out)} judgments")
+
+
 def _config(cls, fixed: dict, overrides: tuple[str, ...]):
     """A trainer config from required options plus ``--set key=value`` overrides (type-checked)."""
     from evalkit.config import apply_overrides, from_mapping

@@ -1,0 +1,329 @@
+"""``evalkit study serve``: the labeling web app (WSGI, served by waitress) with judgments in SQLite.
+
+- Each labeler has a personal link with a secret token and sees only their own tasks (another token, or a task that
+  is not theirs, is a 404). Instructions come first; then pairwise pages (the post and two summaries, a 9-point scale
+  from "definitely left" to "definitely right", optional note) or Likert pages (four 1–7 scales). Keys 1–9 pick a
+  pairwise answer, Enter submits; progress is shown.
+- A submission is one SQLite transaction in WAL mode with ``synchronous=FULL``: the page is acknowledged (303 to the
+  next task) only after the commit is on disk. ``(task_id)`` is unique, so a double submit is idempotent. The server
+  can be killed and restarted: each labeler continues at their first unanswered task.
+- Texts are escaped (Reddit posts contain markup); every form carries a CSRF token (an HMAC of the labeler's token and
+  the task id under a per-study secret); pages name no policy and no generation id.
+- An admin page (its own token) shows progress per labeler; ``collect_judgments`` writes ``judgments.parquet`` with
+  the swap undone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import html
+import logging
+import secrets
+import sqlite3
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import pandas as pd
+
+from evalkit import artifacts
+from evalkit.errors import EvalkitError
+from evalkit.study.exchange import CONFIDENCE_LABELS, LIKERT_AXES, load_study_tables
+
+log = logging.getLogger(__name__)
+
+DB_FILE = "labels.sqlite"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS labelers (labeler_id TEXT PRIMARY KEY, token TEXT UNIQUE NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY, labeler_id TEXT NOT NULL, position INTEGER NOT NULL, kind TEXT NOT NULL,
+    subreddit TEXT, title TEXT, body TEXT NOT NULL, left_text TEXT NOT NULL, right_text TEXT,
+    gen_id_left TEXT NOT NULL, gen_id_right TEXT);
+CREATE INDEX IF NOT EXISTS tasks_by_labeler ON tasks (labeler_id, position);
+CREATE TABLE IF NOT EXISTS judgments (
+    task_id TEXT PRIMARY KEY REFERENCES tasks(task_id), labeler_id TEXT NOT NULL, confidence INTEGER,
+    overall INTEGER, accuracy INTEGER, coverage INTEGER, coherence INTEGER, note TEXT,
+    submitted_at TEXT NOT NULL, duration_s REAL);
+"""
+
+INSTRUCTIONS_FALLBACK = ("You will read Reddit posts (or news articles) and summaries of them. For each pair, say which "
+                         "summary is better and how sure you are. Judge how well the summary tells someone what the "
+                         "post is about: accuracy first, then coverage, then clarity.")
+
+
+def connect(db: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(db, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def init_db(study_dir: str | Path) -> Path:
+    """Create (or reuse) the study's SQLite database with its tasks and one secret token per labeler."""
+    study_dir = Path(study_dir)
+    tables = load_study_tables(study_dir)
+    db = study_dir / DB_FILE
+    conn = connect(db)
+    try:
+        conn.executescript(SCHEMA)
+        conn.execute("BEGIN IMMEDIATE")
+        for key in ("secret", "admin_token"):
+            conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, secrets.token_urlsafe(24)))
+        text = tables["generations"].set_index("gen_id")["text"]
+        items = tables["items"].set_index("item_id")
+        tasks = tables["tasks"]
+        for labeler in sorted(tasks["labeler_id"].unique()):
+            conn.execute("INSERT OR IGNORE INTO labelers VALUES (?, ?)", (labeler, secrets.token_urlsafe(18)))
+        for position, t in enumerate(tasks.itertuples()):
+            item = items.loc[t.item_id]
+            right = t.gen_id_right if isinstance(t.gen_id_right, str) else None
+            conn.execute(
+                "INSERT OR IGNORE INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (t.task_id, t.labeler_id, position, t.kind, item["subreddit"] if isinstance(item["subreddit"], str) else None,
+                 item["title"] if isinstance(item["title"], str) else None, item["body"], text[t.gen_id_left],
+                 text[right] if right else None, t.gen_id_left, right))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return db
+
+
+def links(db: Path, base_url: str) -> dict[str, str]:
+    conn = connect(db)
+    try:
+        out = {lab: f"{base_url}/l/{tok}" for lab, tok in conn.execute("SELECT labeler_id, token FROM labelers ORDER BY labeler_id")}
+        out["admin"] = f"{base_url}/admin/{conn.execute('SELECT value FROM meta WHERE key=?', ('admin_token',)).fetchone()[0]}"
+        return out
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------------------------------------------------ pages
+
+PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font-family:sans-serif;max-width:60rem;margin:1rem auto;padding:0 1rem;line-height:1.45}}
+.post{{white-space:pre-wrap;background:#f6f6f6;padding:1rem;border-radius:6px}}
+.pair{{display:grid;grid-template-columns:1fr 1fr;gap:1rem}} .summary{{border:1px solid #aaa;padding:.8rem;border-radius:6px;white-space:pre-wrap}}
+.scale label{{display:inline-block;margin:.2rem .4rem}} .progress{{color:#555}} button{{font-size:1.1rem;padding:.4rem 1.2rem}}</style>
+</head><body>{body}</body></html>"""
+
+PAIRWISE_FORM = """
+<div class="pair"><div><h3>Left</h3><div class="summary" id="summary-left">{left}</div></div>
+<div><h3>Right</h3><div class="summary" id="summary-right">{right}</div></div></div>
+<form method="post" id="answer"><input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="shown_at" value="{shown_at}">
+<p>Which summary is better?</p><div class="scale">{scale}</div>
+<p><label>Note (optional)<br><textarea name="note" rows="2" cols="60"></textarea></label></p>
+<button type="submit" id="submit">Submit (Enter)</button></form>
+<script>document.addEventListener('keydown',function(e){{if(e.target.tagName==='TEXTAREA')return;
+var r=document.getElementById('c'+e.key);if(r){{r.checked=true;}}
+if(e.key==='Enter'){{e.preventDefault();document.getElementById('answer').requestSubmit();}}}});</script>"""
+
+LIKERT_FORM = """
+<div class="summary" id="summary-left">{left}</div>
+<form method="post" id="answer"><input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="shown_at" value="{shown_at}">
+{scales}<p><label>Note (optional)<br><textarea name="note" rows="2" cols="60"></textarea></label></p>
+<button type="submit" id="submit">Submit (Enter)</button></form>
+<script>document.addEventListener('keydown',function(e){{if(e.target.tagName==='TEXTAREA')return;
+if(e.key==='Enter'){{e.preventDefault();document.getElementById('answer').requestSubmit();}}}});</script>"""
+
+
+def _esc(text) -> str:
+    return html.escape(text or "", quote=True)
+
+
+class LabelingApp:
+    """The WSGI application; one SQLite connection per request (WAL lets readers and a writer proceed together)."""
+
+    def __init__(self, study_dir: str | Path, instructions: str | None = None):
+        self.study_dir = Path(study_dir)
+        self.db = self.study_dir / DB_FILE
+        if not self.db.is_file():
+            init_db(self.study_dir)
+        conn = connect(self.db)
+        try:
+            self.secret = conn.execute("SELECT value FROM meta WHERE key='secret'").fetchone()[0].encode()
+            self.admin_token = conn.execute("SELECT value FROM meta WHERE key='admin_token'").fetchone()[0]
+        finally:
+            conn.close()
+        self.instructions = instructions or INSTRUCTIONS_FALLBACK
+
+    # -- plumbing
+    def __call__(self, environ, start_response):
+        try:
+            status, headers, body = self.route(environ)
+        except Exception:  # noqa: BLE001 - a server must answer
+            log.exception("request failed")
+            status, headers, body = "500 Internal Server Error", [], self.page("Error", "<p>Something went wrong.</p>")
+        data = body.encode("utf-8")
+        headers = [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(data))),
+                   ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
+                   ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; form-action 'self'"),
+                   *headers]
+        start_response(status, headers)
+        return [data]
+
+    def page(self, title: str, body: str) -> str:
+        return PAGE.format(title=_esc(title), body=body)
+
+    def not_found(self):
+        return "404 Not Found", [], self.page("Not found", "<p>Not found.</p>")
+
+    def csrf(self, token: str, task_id: str) -> str:
+        return hmac.new(self.secret, f"{token}:{task_id}".encode(), hashlib.sha256).hexdigest()
+
+    def route(self, environ):
+        path = environ.get("PATH_INFO", "/").rstrip("/")
+        method = environ.get("REQUEST_METHOD", "GET")
+        parts = [p for p in path.split("/") if p]
+        if len(parts) == 2 and parts[0] == "admin" and method == "GET":
+            return self.admin(parts[1]) if hmac.compare_digest(parts[1], self.admin_token) else self.not_found()
+        if len(parts) < 2 or parts[0] != "l":
+            return self.not_found()
+        conn = connect(self.db)
+        try:
+            row = conn.execute("SELECT labeler_id FROM labelers WHERE token=?", (parts[1],)).fetchone()
+            if row is None:
+                return self.not_found()
+            labeler, token = row[0], parts[1]
+            if len(parts) == 2 and method == "GET":
+                return self.instructions_page(conn, labeler, token)
+            if len(parts) == 3 and parts[2] == "next" and method == "GET":
+                return self.next_task(conn, labeler, token)
+            if len(parts) == 4 and parts[2] == "task":
+                task = conn.execute("SELECT * FROM tasks WHERE task_id=? AND labeler_id=?", (parts[3], labeler)).fetchone()
+                if task is None:
+                    return self.not_found()
+                if method == "GET":
+                    return self.task_page(conn, labeler, token, task)
+                if method == "POST":
+                    return self.submit(conn, environ, labeler, token, task)
+            return self.not_found()
+        finally:
+            conn.close()
+
+    # -- labeler pages
+    def progress(self, conn, labeler: str) -> tuple[int, int]:
+        total = conn.execute("SELECT COUNT(*) FROM tasks WHERE labeler_id=?", (labeler,)).fetchone()[0]
+        done = conn.execute("SELECT COUNT(*) FROM judgments WHERE labeler_id=?", (labeler,)).fetchone()[0]
+        return done, total
+
+    def instructions_page(self, conn, labeler, token):
+        done, total = self.progress(conn, labeler)
+        body = (f"<h1>Instructions</h1><div id='instructions' class='post'>{_esc(self.instructions)}</div>"
+                f"<p class='progress'>{done} of {total} done.</p><p><a id='start' href='/l/{token}/next'>Start</a></p>")
+        return "200 OK", [], self.page("Instructions", body)
+
+    def next_task(self, conn, labeler, token):
+        row = conn.execute("SELECT t.task_id FROM tasks t LEFT JOIN judgments j ON j.task_id=t.task_id "
+                           "WHERE t.labeler_id=? AND j.task_id IS NULL ORDER BY t.position LIMIT 1", (labeler,)).fetchone()
+        if row is None:
+            return "200 OK", [], self.page("Done", "<h1 id='done'>All done — thank you!</h1>")
+        return "303 See Other", [("Location", f"/l/{token}/task/{row[0]}")], ""
+
+    def task_page(self, conn, labeler, token, task):
+        (task_id, _, _, kind, subreddit, title, body, left, right, _, _) = task
+        done, total = self.progress(conn, labeler)
+        head = (f"<p class='progress' id='progress'>Task {done + 1} of {total}</p>"
+                + (f"<p>r/{_esc(subreddit)}</p>" if subreddit else "")
+                + (f"<h2 id='title'>{_esc(title)}</h2>" if title else "")
+                + f"<div class='post' id='post'>{_esc(body)}</div>")
+        shown_at = f"{time.time():.3f}"
+        if kind == "pairwise":
+            scale = "".join(f"<label><input type='radio' name='confidence' value='{v}' id='c{v}' required> {v}. {_esc(label)}</label>"
+                            for v, label in CONFIDENCE_LABELS.items())
+            form = PAIRWISE_FORM.format(left=_esc(left), right=_esc(right), csrf=self.csrf(token, task_id), shown_at=shown_at, scale=scale)
+        else:
+            scales = "".join(f"<p>{axis.capitalize()}: " + "".join(
+                f"<label><input type='radio' name='{axis}' value='{v}' id='{axis}{v}' required> {v}</label>" for v in range(1, 8)) + "</p>"
+                for axis in LIKERT_AXES)
+            form = LIKERT_FORM.format(left=_esc(left), csrf=self.csrf(token, task_id), shown_at=shown_at, scales=scales)
+        return "200 OK", [], self.page("Task", head + form)
+
+    def submit(self, conn, environ, labeler, token, task):
+        task_id, kind = task[0], task[3]
+        try:
+            size = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            size = 0
+        form = {k: v[0] for k, v in parse_qs(environ["wsgi.input"].read(min(size, 1 << 16)).decode("utf-8", "replace")).items()}
+        if not hmac.compare_digest(form.get("csrf", ""), self.csrf(token, task_id)):
+            return "403 Forbidden", [], self.page("Forbidden", "<p>Invalid form token.</p>")
+        values = {"confidence": None, **{a: None for a in LIKERT_AXES}}
+        try:
+            if kind == "pairwise":
+                values["confidence"] = int(form["confidence"])
+                if values["confidence"] not in CONFIDENCE_LABELS:
+                    raise ValueError
+            else:
+                for axis in LIKERT_AXES:
+                    values[axis] = int(form[axis])
+                    if not 1 <= values[axis] <= 7:
+                        raise ValueError
+        except (KeyError, ValueError):
+            return "400 Bad Request", [], self.page("Incomplete", "<p>Please answer every scale.</p>")
+        try:
+            duration = max(0.0, time.time() - float(form.get("shown_at", "")))
+        except ValueError:
+            duration = None
+        note = (form.get("note") or "").strip()[:4000] or None
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT OR IGNORE INTO judgments VALUES (?,?,?,?,?,?,?,?,?,?)",
+                     (task_id, labeler, values["confidence"], values["overall"], values["accuracy"], values["coverage"],
+                      values["coherence"], note, datetime.now(timezone.utc).isoformat(), duration))
+        conn.execute("COMMIT")
+        # acknowledged only now, after the commit: always a redirect (to the next task, or to the "done" page)
+        status, headers, body = self.next_task(conn, labeler, token)
+        return ("303 See Other", [("Location", f"/l/{token}/next")], "") if status.startswith("200") else (status, headers, body)
+
+    # -- admin
+    def admin(self, _token):
+        conn = connect(self.db)
+        try:
+            rows = conn.execute("SELECT t.labeler_id, COUNT(t.task_id), COUNT(j.task_id) FROM tasks t "
+                                "LEFT JOIN judgments j ON j.task_id=t.task_id GROUP BY t.labeler_id ORDER BY t.labeler_id").fetchall()
+        finally:
+            conn.close()
+        table = "".join(f"<tr><td>{_esc(lab)}</td><td>{done}</td><td>{total}</td></tr>" for lab, total, done in rows)
+        body = f"<h1>Progress</h1><table id='progress'><tr><th>labeler</th><th>done</th><th>tasks</th></tr>{table}</table>"
+        return "200 OK", [], self.page("Admin", body)
+
+
+def collect_judgments(study_dir: str | Path) -> pd.DataFrame:
+    """Judgments stored by the web app → ``judgments.parquet`` (``labeler_kind="human"``, swap undone)."""
+    study_dir = Path(study_dir)
+    db = study_dir / DB_FILE
+    if not db.is_file():
+        raise EvalkitError(f"no labels database at {db}; run `evalkit study serve` first")
+    conn = connect(db)
+    try:
+        df = pd.read_sql_query("SELECT j.*, t.gen_id_left, t.gen_id_right, t.kind FROM judgments j JOIN tasks t USING (task_id)", conn)
+    finally:
+        conn.close()
+    pairwise = df["kind"] == "pairwise"
+    df["preferred"] = None
+    df.loc[pairwise, "preferred"] = ["left" if c < 5 else "right" for c in df.loc[pairwise, "confidence"]]
+    df["preferred_gen_id"] = df["gen_id_left"].where(df["preferred"] == "left", df["gen_id_right"]).where(pairwise, None)
+    df["judgment_id"] = "j-web-" + df["task_id"]
+    df["labeler_kind"] = "human"
+    df["source"] = f"web:{db.name}"
+    df["submitted_at"] = pd.to_datetime(df["submitted_at"], utc=True)
+    web = artifacts.conform(df.drop(columns=["gen_id_left", "gen_id_right", "kind"]), "judgments")
+    target = study_dir / "judgments.parquet"
+    if target.is_file():  # keep judgments imported from elsewhere; replace the web app's own
+        old = artifacts.read_table(target, "judgments")
+        web = pd.concat([old[old["source"] != f"web:{db.name}"], web], ignore_index=True)
+    artifacts.write_table(web, target, "judgments")
+    return web
+
+
+def serve(study_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, threads: int = 8, instructions: str | None = None) -> None:
+    """Serve the study with waitress (a production WSGI server) until interrupted."""
+    from waitress import serve as waitress_serve
+
+    app = LabelingApp(study_dir, instructions)
+    waitress_serve(app, host=host, port=port, threads=threads, ident="evalkit", connection_limit=200, channel_timeout=30)

@@ -1,0 +1,195 @@
+"""The labeling web app on a real server (waitress) over HTTP: personal links, escaping, CSRF, idempotent submits,
+another labeler's token refused, judgments on disk before the acknowledgement — and after a SIGKILL."""
+
+import http.client
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from urllib.parse import urlencode, urlparse
+
+import pytest
+
+from conftest import ROOT
+from evalkit.config import load_study
+from evalkit.generate import generate
+from evalkit.pipeline import study_items_of
+from evalkit.study.build import build_study
+from evalkit.study.serve import DB_FILE, collect_judgments, init_db, links
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_study(out, *settings):
+    cfg = load_study(ROOT / "studies/default", [f"study.out_dir={out}", *settings])
+    generate(study_items_of(cfg), [], out / "generations", baselines=("ref", "openai-ppo-1.3b", "lead3"), progress=False)
+    build_study(cfg)
+    return cfg, init_db(out / "study")
+
+
+class Server:
+    def __init__(self, out, settings, port):
+        self.args = [sys.executable, "-m", "evalkit", "study", "serve", "studies/default", "--port", str(port),
+                     "--set", f"study.out_dir={out}", *[x for s in settings for x in ("--set", s)]]
+        self.port = port
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+def request(port, method, path, form=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    body = urlencode(form) if form is not None else None
+    headers = {"Content-Type": "application/x-www-form-urlencoded"} if form is not None else {}
+    conn.request(method, path, body=body, headers=headers)
+    resp = conn.getresponse()
+    out = resp.status, dict(resp.getheaders()), resp.read().decode()
+    conn.close()
+    return out
+
+
+SETTINGS = ["labelers.count=3", "design.items_per_policy=20", "design.sentinel_policy=lead3"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve")
+    cfg, db = make_study(out, *SETTINGS)
+    srv = Server(out, SETTINGS, free_port()).start()
+    yield cfg, db, srv
+    srv.kill()
+
+
+def path_of(url):
+    return urlparse(url).path
+
+
+def test_labeler_flow_over_http(server):
+    cfg, db, srv = server
+    urls = links(db, "http://x")
+    me, other = path_of(urls["labeler-01"]), path_of(urls["labeler-02"])
+    status, _, page = request(srv.port, "GET", me)
+    assert status == 200 and "Instructions" in page and "accuracy first" in page
+    status, headers, _ = request(srv.port, "GET", me + "/next")
+    assert status == 303
+    task_path = headers["Location"]
+    status, _, page = request(srv.port, "GET", task_path)
+    assert status == 200 and "definitely" in page.lower() and "Task 1 of" in page
+    for secret in ("openai", "lead3", "gen-", "qc-"):
+        assert secret not in page
+    csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page).group(1)
+    assert request(srv.port, "POST", task_path, {"csrf": "0" * 64, "confidence": "2"})[0] == 403
+    assert request(srv.port, "POST", task_path, {"csrf": csrf, "confidence": "5"})[0] == 400
+    status, headers, _ = request(srv.port, "POST", task_path, {"csrf": csrf, "confidence": "2", "note": "ok"})
+    assert status == 303 and headers["Location"] != task_path
+    assert request(srv.port, "POST", task_path, {"csrf": csrf, "confidence": "8"})[0] == 303  # double submit
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT confidence, note FROM judgments WHERE task_id=?", (task_path.rsplit("/", 1)[1],)).fetchall()
+    assert rows == [(2, "ok")]  # stored once, the first answer kept
+    # another labeler's token cannot read or write this task; unknown tokens and the admin page
+    other_task = other + "/task/" + task_path.rsplit("/", 1)[1]
+    assert request(srv.port, "GET", other_task)[0] == 404
+    assert request(srv.port, "POST", other_task, {"csrf": csrf, "confidence": "2"})[0] == 404
+    assert request(srv.port, "GET", "/l/not-a-token")[0] == 404
+    status, _, admin = request(srv.port, "GET", path_of(urls["admin"]))
+    assert status == 200 and "labeler-01" in admin
+    assert request(srv.port, "GET", "/admin/wrong")[0] == 404
+
+
+def test_markup_in_posts_is_shown_as_text(server):
+    cfg, db, srv = server
+    urls = links(db, "http://x")
+    me = path_of(urls["labeler-03"])
+    _, headers, _ = request(srv.port, "GET", me + "/next")
+    task_id = headers["Location"].rsplit("/", 1)[1]
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE tasks SET body=? WHERE task_id=?", ("<script>alert('x')</script> & <b>bold</b>", task_id))
+    _, _, page = request(srv.port, "GET", headers["Location"])
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in page
+    assert "<script>alert" not in page
+
+
+def test_collect_undoes_the_swap(server):
+    cfg, db, srv = server
+    urls = links(db, "http://x")
+    me = path_of(urls["labeler-02"])
+    for _ in range(6):
+        _, headers, _ = request(srv.port, "GET", me + "/next")
+        _, _, page = request(srv.port, "GET", headers["Location"])
+        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page).group(1)
+        request(srv.port, "POST", headers["Location"], {"csrf": csrf, "confidence": "9"})
+    judgments = collect_judgments(cfg.out_dir / "study")
+    import pandas as pd
+
+    tasks = pd.read_parquet(cfg.out_dir / "study" / "tasks.parquet")
+    j = judgments.merge(tasks, on="task_id")
+    mine = j[j["labeler_id_x"] == "labeler-02"]
+    assert len(mine) == 6 and (mine["preferred"] == "right").all()
+    assert (mine["preferred_gen_id"] == mine["gen_id_right"]).all()
+    assert set(judgments["labeler_kind"]) == {"human"}
+
+
+def test_sigkill_loses_no_acknowledged_judgment(tmp_path):
+    import hashlib
+    import hmac
+    import threading
+
+    settings = ["labelers.count=1", "design.items_per_policy=250", "design.overlap_fraction=0", "design.gold_fraction=0",
+                "design.attention_fraction=0", "design.batch_size=1000"]
+    cfg, db = make_study(tmp_path, *settings)
+    with sqlite3.connect(db) as conn:
+        token = conn.execute("SELECT token FROM labelers").fetchone()[0]
+        task_ids = [r[0] for r in conn.execute("SELECT task_id FROM tasks ORDER BY position")][:500]
+        secret = conn.execute("SELECT value FROM meta WHERE key='secret'").fetchone()[0]
+    assert len(task_ids) == 500
+    port = free_port()
+    srv = Server(tmp_path, settings, port).start()
+    acked, other = [], []
+
+    def client():  # submits 500 judgments one after another, retrying while the server is down
+        for task_id in task_ids:
+            csrf = hmac.new(secret.encode(), f"{token}:{task_id}".encode(), hashlib.sha256).hexdigest()
+            for _ in range(600):
+                try:
+                    status, _, _ = request(port, "POST", f"/l/{token}/task/{task_id}", {"csrf": csrf, "confidence": "3"})
+                except (ConnectionError, http.client.HTTPException, OSError):
+                    time.sleep(0.05)
+                    continue
+                (acked if status == 303 else other).append((task_id, status))
+                break
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    for threshold in (150, 350):  # SIGKILL the server while the client is submitting, then restart it
+        while len(acked) < threshold and thread.is_alive():
+            time.sleep(0.005)
+        srv.kill()
+        srv = Server(tmp_path, settings, port).start()
+    thread.join(timeout=300)
+    srv.kill()
+    with sqlite3.connect(db) as conn:
+        stored = [r[0] for r in conn.execute("SELECT task_id FROM judgments")]
+    assert other == [] and len(acked) == 500
+    assert len(stored) == len(set(stored)) == 500  # every acknowledged judgment present, exactly once
+    assert {t for t, _ in acked} == set(stored)
