@@ -171,7 +171,7 @@ def generate_cmd(study, dataset, split, path, n_items, policies, baselines, temp
 
 @cli.group()
 def study() -> None:
-    """Human studies: build labeling tasks from generations, export them to crowd platforms and import the answers."""
+    """Human studies: build tasks, serve them to labelers, exchange with crowd platforms, simulate a labeler panel."""
 
 
 @study.command("build")
@@ -251,6 +251,53 @@ def study_collect(study_path: str, overrides: tuple[str, ...]) -> None:
     cfg = load_study(study_path, list(overrides))
     out = collect_judgments(cfg.out_dir / "study")
     click.echo(f"{cfg.out_dir / 'study' / 'judgments.parquet'}: {len(out)} judgments")
+
+
+@study.command("simulate")
+@click.argument("study_path", metavar="STUDY", type=click.Path())
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def study_simulate(study_path: str, seed: int, overrides: tuple[str, ...]) -> None:
+    """Answer the study's pairwise tasks with the simulated panel (calibrated on real labels); marked simulated."""
+    from evalkit.config import load_study
+    from evalkit.study.exchange import load_study_tables
+    import pandas as pd
+
+    from evalkit import artifacts
+    from evalkit.study.simulate import calibrate, simulate_judgments
+
+    cfg = load_study(study_path, list(overrides))
+    folder = cfg.out_dir / "study"
+    tables = load_study_tables(folder)
+    model = calibrate()
+    model.save(folder / "panel_model.json")
+    sim = simulate_judgments(model, tables, seed)
+    target = folder / "judgments.parquet"
+    if target.is_file():
+        old = artifacts.read_table(target, "judgments")
+        sim = pd.concat([old[old["labeler_kind"] != "simulated"], sim], ignore_index=True)
+    artifacts.write_table(sim, target, "judgments")
+    c = model.calibration
+    click.echo(f"{target}: {int((sim['labeler_kind'] == 'simulated').sum())} simulated judgments (seed {seed})")
+    click.echo(f"  panel calibrated on {c['n_fit']} real comparisons; held-out agreement with real labelers "
+               f"{c['held_out_agreement_majority']:.1%} (n {c['n_held_out']}); real labeler-labeler agreement "
+               f"{c['human_human_agreement']:.1%} (n {c['n_human_pairs']}); position bias {model.position_bias:+.3f} log-odds")
+
+
+@study.command("power")
+@click.option("--p1", type=float, required=True, help="Preference rate of one policy (e.g. 0.50).")
+@click.option("--p2", type=float, required=True, help="Preference rate to tell apart from it (e.g. 0.60).")
+@click.option("--alpha", type=float, default=0.05, show_default=True)
+@click.option("--power", "power_", type=float, default=0.8, show_default=True)
+@click.option("--per-item", type=click.IntRange(min=1), default=1, show_default=True, help="Judgments per item.")
+@click.option("--icc", type=float, default=0.0, show_default=True, help="Within-item correlation of judgments.")
+def study_power(p1: float, p2: float, alpha: float, power_: float, per_item: int, icc: float) -> None:
+    """Judgments per policy needed to detect a difference in preference rates."""
+    from evalkit.study.simulate import required_judgments
+
+    n = required_judgments(p1, p2, alpha, power_, design_effect=1 + (per_item - 1) * icc)
+    click.echo(f"{n} judgments per policy to tell {p1:.0%} from {p2:.0%} (alpha {alpha}, power {power_}, "
+               f"{per_item} per item, ICC {icc})")
 
 
 def _config(cls, fixed: dict, overrides: tuple[str, ...]):
