@@ -1,0 +1,165 @@
+"""Preference rates and their models: tidy functions, a long DataFrame in and a tidy DataFrame out.
+
+- ``comparisons``: study tables → one row per pairwise judgment of a policy against a baseline (the analysis view).
+- ``preference_rates``: fraction preferred per policy with a Wilson interval and an item-clustered bootstrap interval.
+- ``size_fit``: the paper's Figure 1 model, a binomial GLM of "policy preferred" on ``policy_kind × log(n_params)``
+  with standard errors clustered by item (optionally by item and labeler); ``size_curve`` predicts along the size axis
+  with CIs.
+- ``length_controlled``: the same with ``log(len_policy / len_baseline)`` added, predicted at log ratio 0 (App. F).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.stats import norm
+
+from evalkit import artifacts
+from evalkit.errors import EvalkitError
+
+SIZE_FORMULA = "outcome ~ C(policy_kind) * log_n_params"
+SIZE_FORMULA_ONE_KIND = "outcome ~ log_n_params"
+LENGTH_TERM = "log_len_ratio"
+
+
+def comparisons(tables: dict[str, pd.DataFrame], baseline: str = "ref", judge_kinds: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """One row per pairwise judgment of some policy against ``baseline`` (DESIGN.md's comparisons view)."""
+    tasks, judg, gens, items = tables["tasks"], tables["judgments"], tables["generations"], tables["items"]
+    if judge_kinds is not None:
+        judg = judg[judg["labeler_kind"].isin(judge_kinds)]
+    g = gens.set_index("gen_id")
+    df = judg.dropna(subset=["preferred_gen_id"]).merge(tasks[["task_id", "item_id", "gen_id_left", "gen_id_right"]], on="task_id")
+    left_policy, right_policy = df["gen_id_left"].map(g["policy_id"]), df["gen_id_right"].map(g["policy_id"])
+    df = df[(left_policy == baseline) ^ (right_policy == baseline)].copy()
+    policy_gen = df["gen_id_left"].where(df["gen_id_right"].map(g["policy_id"]) == baseline, df["gen_id_right"])
+    base_gen = df["gen_id_right"].where(policy_gen == df["gen_id_left"], df["gen_id_left"])
+    split = items.set_index("item_id")["split"]
+    out = pd.DataFrame({
+        "item_id": df["item_id"].to_numpy(), "labeler_id": df["labeler_id"].to_numpy(),
+        "policy_id": policy_gen.map(g["policy_id"]).to_numpy(), "policy_kind": policy_gen.map(g["policy_kind"]).to_numpy(),
+        "n_params": policy_gen.map(g["n_params"]).to_numpy(), "baseline_id": baseline,
+        "outcome": (df["preferred_gen_id"] == policy_gen).astype(int).to_numpy(),
+        "len_policy": policy_gen.map(g["text"]).str.len().to_numpy(dtype=float),
+        "len_baseline": base_gen.map(g["text"]).str.len().to_numpy(dtype=float),
+        "dataset": policy_gen.map(g["dataset"]).to_numpy(), "split": df["item_id"].map(split).to_numpy(),
+    })
+    return artifacts.conform(out, "comparisons")
+
+
+def wilson(wins: np.ndarray, n: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    z = norm.ppf(0.5 + level / 2)
+    wins, n = np.asarray(wins, float), np.asarray(n, float)
+    p = np.divide(wins, n, out=np.full_like(wins, np.nan), where=n > 0)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)
+
+
+def cluster_bootstrap_rates(df: pd.DataFrame, group: str = "policy_id", cluster: str = "item_id", outcome: str = "outcome",
+                            n_boot: int = 1000, rng: np.random.Generator | None = None, level: float = 0.95) -> pd.DataFrame:
+    """Percentile intervals of each group's mean outcome, resampling clusters (items) with replacement.
+
+    Vectorised: per group, the cluster sums and counts form two vectors, and all replicates are one matrix product
+    of multinomial cluster weights with them.
+    """
+    rng = rng if rng is not None else np.random.default_rng(0)
+    rows = []
+    for name, g in df.groupby(group, sort=True):
+        sums = g.groupby(cluster)[outcome].agg(["sum", "count"])
+        k = len(sums)
+        weights = rng.multinomial(k, np.full(k, 1 / k), size=n_boot)
+        rates = (weights @ sums["sum"].to_numpy()) / np.maximum(weights @ sums["count"].to_numpy(), 1)
+        lo, hi = np.quantile(rates, [(1 - level) / 2, (1 + level) / 2])
+        rows.append({group: name, "boot_low": float(lo), "boot_high": float(hi), "n_clusters": k})
+    return pd.DataFrame(rows)
+
+
+def preference_rates(df: pd.DataFrame, n_boot: int = 1000, rng: np.random.Generator | None = None) -> pd.DataFrame:
+    """Per policy: wins, n, rate, Wilson 95% interval and item-clustered bootstrap 95% interval."""
+    if df.empty:
+        raise EvalkitError("no comparisons with the baseline to analyse")
+    agg = df.groupby("policy_id", sort=True).agg(policy_kind=("policy_kind", "first"), n_params=("n_params", "first"),
+                                                 wins=("outcome", "sum"), n=("outcome", "size")).reset_index()
+    agg["rate"] = agg["wins"] / agg["n"]
+    agg["wilson_low"], agg["wilson_high"] = wilson(agg["wins"].to_numpy(), agg["n"].to_numpy())
+    return agg.merge(cluster_bootstrap_rates(df, n_boot=n_boot, rng=rng), on="policy_id")
+
+
+def _prepare(df: pd.DataFrame, length: bool) -> pd.DataFrame:
+    d = df.dropna(subset=["n_params"]).copy()
+    if d.empty:
+        raise EvalkitError("no comparisons of policies with a known size (n_params)")
+    d["log_n_params"] = np.log(d["n_params"].astype(float))
+    if length:
+        ok = (d["len_policy"] > 0) & (d["len_baseline"] > 0)
+        if not ok.all():
+            d = d[ok]
+        d[LENGTH_TERM] = np.log(d["len_policy"] / d["len_baseline"])
+    return d
+
+
+def _glm(formula: str, d: pd.DataFrame, cluster: str | tuple[str, str]):
+    import statsmodels.formula.api as smf
+    import statsmodels.api as sm
+
+    groups = d[cluster].astype("category").cat.codes.to_numpy() if isinstance(cluster, str) else \
+        np.column_stack([d[c].astype("category").cat.codes.to_numpy() for c in cluster])
+    model = smf.glm(formula, data=d, family=sm.families.Binomial())
+    return model.fit(cov_type="cluster", cov_kwds={"groups": groups})
+
+
+def size_fit(df: pd.DataFrame, length: bool = False, cluster: str | tuple[str, str] = "item_id"):
+    """The binomial GLM of Figure 1 (plus the length term when ``length``); returns the statsmodels result."""
+    d = _prepare(df, length)
+    kinds = d["policy_kind"].nunique()
+    if d["n_params"].nunique() < 2:
+        raise EvalkitError("preference vs size needs policies of at least two sizes; this data has one")
+    formula = SIZE_FORMULA if kinds > 1 else SIZE_FORMULA_ONE_KIND
+    if length:
+        formula += f" + {LENGTH_TERM}"
+    return _glm(formula, d, cluster)
+
+
+def fit_table(result, analysis: str, n_clusters: int) -> pd.DataFrame:
+    """A statsmodels result as tidy ``fits`` rows."""
+    ci = result.conf_int()
+    out = pd.DataFrame({"analysis": analysis, "term": result.params.index, "estimate": result.params.to_numpy(),
+                        "std_err": result.bse.to_numpy(), "ci_low": ci[0].to_numpy(), "ci_high": ci[1].to_numpy(),
+                        "p_value": result.pvalues.to_numpy(), "n_obs": int(result.nobs), "n_clusters": n_clusters,
+                        "method": f"binomial GLM, {result.cov_type} SE"})
+    return artifacts.conform(out, "fits")
+
+
+def size_curve(df: pd.DataFrame, length: bool = False, points: int = 25, cluster: str | tuple[str, str] = "item_id") -> pd.DataFrame:
+    """Predicted preference vs model size per policy kind with 95% CIs (at log length ratio 0 when ``length``)."""
+    result = size_fit(df, length, cluster)
+    d = _prepare(df, length)
+    rows = []
+    for kind, g in d.groupby("policy_kind"):
+        grid = np.linspace(g["log_n_params"].min(), g["log_n_params"].max(), points)
+        new = pd.DataFrame({"policy_kind": kind, "log_n_params": grid})
+        if length:
+            new[LENGTH_TERM] = 0.0
+        pred = result.get_prediction(new).summary_frame(alpha=0.05)
+        rows.append(pd.DataFrame({"policy_kind": kind, "n_params": np.exp(grid), "predicted": pred["mean"].to_numpy(),
+                                  "ci_low": pred["mean_ci_lower"].to_numpy(), "ci_high": pred["mean_ci_upper"].to_numpy(),
+                                  "length_controlled": length}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def length_controlled(df: pd.DataFrame, cluster: str | tuple[str, str] = "item_id") -> pd.DataFrame:
+    """Per policy: raw rate and the rate predicted at equal length (log ratio 0), from a GLM with a policy term."""
+    d = _prepare(df.assign(n_params=df["n_params"].fillna(1)), length=True)
+    if d["policy_id"].nunique() > 1:
+        formula = f"outcome ~ C(policy_id) + {LENGTH_TERM}"
+    else:
+        formula = f"outcome ~ {LENGTH_TERM}"
+    result = _glm(formula, d, cluster)
+    rows = []
+    for policy, g in d.groupby("policy_id"):
+        new = pd.DataFrame({"policy_id": [policy], LENGTH_TERM: [0.0]})
+        pred = result.get_prediction(new).summary_frame(alpha=0.05).iloc[0]
+        rows.append({"policy_id": policy, "raw_rate": g["outcome"].mean(), "controlled_rate": pred["mean"],
+                     "ci_low": pred["mean_ci_lower"], "ci_high": pred["mean_ci_upper"],
+                     "mean_log_len_ratio": g[LENGTH_TERM].mean(), "n": len(g)})
+    return pd.DataFrame(rows), result
