@@ -300,6 +300,37 @@ def study_power(p1: float, p2: float, alpha: float, power_: float, per_item: int
                f"{per_item} per item, ICC {icc})")
 
 
+@cli.command("report")
+@click.argument("study_path", metavar="STUDY", type=click.Path(), default="studies/default")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Default: reports/<study id>.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def report_cmd(study_path: str, out_dir: str | None, overrides: tuple[str, ...]) -> None:
+    """Analyse a study's judgments → reports/<id>/ (report.html, report.md, figures, fits.parquet, manifest.json)."""
+    from evalkit.config import load_study
+    from evalkit.data import comparison_batch, load_openai_comparisons
+    from evalkit.report.build import build_report
+    from evalkit.study.exchange import load_study_tables
+
+    cfg = load_study(study_path, list(overrides))
+    r = cfg.report
+    if r.source == "released":
+        tables = load_openai_comparisons([comparison_batch(b) for b in cfg.released.comparisons])
+    elif r.source == "study":
+        tables = load_study_tables(cfg.out_dir / "study")
+        target = cfg.out_dir / "study" / "judgments.parquet"
+        if not target.is_file():
+            raise EvalkitError(f"no judgments at {target}; collect, import or simulate some first")
+        from evalkit import artifacts
+
+        tables["judgments"] = artifacts.read_table(target, "judgments")
+    else:
+        raise EvalkitError(f"{cfg.path}: report.source {r.source!r}; expected study or released")
+    out = Path(out_dir or f"reports/{cfg.id}")
+    paths = build_report(tables, out, cfg.study.title or cfg.id, r.baselines, r.split or None, r.n_boot, cfg.study.seed,
+                         config=cfg.to_dict())
+    click.echo(f"{paths['html']}\n{paths['md']}\n{paths['fits']}")
+
+
 def _config(cls, fixed: dict, overrides: tuple[str, ...]):
     """A trainer config from required options plus ``--set key=value`` overrides (type-checked)."""
     from evalkit.config import apply_overrides, from_mapping

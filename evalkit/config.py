@@ -81,6 +81,16 @@ class LabelersConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """What ``evalkit report`` analyses."""
+
+    source: str = "study"  # study: <out_dir>/study tables; released: the [released] comparisons alone
+    baselines: tuple[str, ...] = ("ref",)
+    split: str = "valid2"  # "" = every split
+    n_boot: int = 1000
+
+
+@dataclass(frozen=True)
 class StudyMeta:
     id: str = ""
     title: str = ""
@@ -97,6 +107,7 @@ class StudyConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     design: DesignConfig = field(default_factory=DesignConfig)
     labelers: LabelersConfig = field(default_factory=LabelersConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     path: str = ""  # the study.toml it came from
 
     @property

@@ -159,7 +159,9 @@ def length_controlled(df: pd.DataFrame, cluster: str | tuple[str, str] = "item_i
     for policy, g in d.groupby("policy_id"):
         new = pd.DataFrame({"policy_id": [policy], LENGTH_TERM: [0.0]})
         pred = result.get_prediction(new).summary_frame(alpha=0.05).iloc[0]
-        rows.append({"policy_id": policy, "raw_rate": g["outcome"].mean(), "controlled_rate": pred["mean"],
-                     "ci_low": pred["mean_ci_lower"], "ci_high": pred["mean_ci_upper"],
+        separated = g["outcome"].nunique() < 2  # won all or none: the GLM's estimate runs to the bound
+        rows.append({"policy_id": policy, "raw_rate": g["outcome"].mean(),
+                     "controlled_rate": np.nan if separated else pred["mean"],
+                     "ci_low": np.nan if separated else pred["mean_ci_lower"], "ci_high": np.nan if separated else pred["mean_ci_upper"],
                      "mean_log_len_ratio": g[LENGTH_TERM].mean(), "n": len(g)})
     return pd.DataFrame(rows), result

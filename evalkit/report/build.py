@@ -1,0 +1,214 @@
+"""``evalkit report``: a study's tables → ``reports/<id>/`` with report.md, a self-contained report.html (figures
+embedded), every figure as PNG and SVG, ``fits.parquet`` and ``manifest.json``.
+
+Every figure has labelled axes, 95% intervals and n, and says whose labels it shows (human, imported, simulated or
+LLM judge). Where an analysis cannot run (one model size only, no overlapping judgments, no reference), the report
+says so in words instead of failing or printing NaN.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from evalkit import artifacts  # noqa: E402
+from evalkit.analysis.agreement import bradley_terry, labeler_agreement, per_labeler  # noqa: E402
+from evalkit.analysis.preference import comparisons, fit_table, length_controlled, preference_rates, size_curve, size_fit  # noqa: E402
+from evalkit.errors import EvalkitError  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+KIND_WORDS = {"human": "human labels", "imported": "imported human labels (OpenAI release)", "simulated": "SIMULATED labels",
+              "llm": "LLM-judge labels"}
+
+
+class Report:
+    def __init__(self, out_dir: Path, title: str):
+        self.out_dir = out_dir
+        self.title = title
+        self.md: list[str] = [f"# {title}\n"]
+        self.html: list[str] = [f"<h1>{html.escape(title)}</h1>"]
+        self.fits: list[pd.DataFrame] = []
+        self.figures: list[str] = []
+
+    def text(self, md: str) -> None:
+        self.md.append(md + "\n")
+        self.html.append("<p>" + html.escape(md) + "</p>")
+
+    def heading(self, text: str) -> None:
+        self.md.append(f"## {text}\n")
+        self.html.append(f"<h2>{html.escape(text)}</h2>")
+
+    def table(self, df: pd.DataFrame, floatfmt: str = "{:.3f}") -> None:
+        shown = df.copy()
+        for c in shown.columns:
+            if pd.api.types.is_float_dtype(shown[c]):
+                shown[c] = shown[c].map(lambda v: "—" if pd.isna(v) else floatfmt.format(v))
+        header = "| " + " | ".join(map(str, shown.columns)) + " |"
+        lines = [header, "|" + "---|" * len(shown.columns)] + ["| " + " | ".join(map(str, r)) + " |" for r in shown.itertuples(index=False)]
+        self.md.append("\n".join(lines) + "\n")
+        self.html.append(shown.to_html(index=False, escape=True, border=0, classes="t"))
+
+    def figure(self, fig, name: str, caption: str) -> None:
+        png, svg = self.out_dir / f"{name}.png", self.out_dir / f"{name}.svg"
+        fig.savefig(png, dpi=120, bbox_inches="tight")
+        fig.savefig(svg, bbox_inches="tight")
+        plt.close(fig)
+        self.figures.append(name)
+        self.md.append(f"![{caption}]({name}.png)\n\n*{caption}*\n")
+        data = base64.b64encode(png.read_bytes()).decode()
+        self.html.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+    def write(self, manifest: dict) -> dict[str, Path]:
+        md = self.out_dir / "report.md"
+        page = ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(self.title) + "</title><style>"
+                "body{font-family:sans-serif;max-width:64rem;margin:1rem auto;padding:0 1rem}table.t{border-collapse:collapse}"
+                "table.t td,table.t th{padding:.2rem .6rem;border-bottom:1px solid #ddd}img{max-width:100%}</style></head><body>"
+                + "\n".join(self.html) + "</body></html>")
+        md.write_text("\n".join(self.md), encoding="utf-8")
+        (self.out_dir / "report.html").write_text(page, encoding="utf-8")
+        fits = pd.concat(self.fits, ignore_index=True) if self.fits else artifacts.empty_table("fits")
+        artifacts.write_table(fits, self.out_dir / "fits.parquet", "fits")
+        artifacts.write_manifest(self.out_dir, manifest)
+        return {"md": md, "html": self.out_dir / "report.html", "fits": self.out_dir / "fits.parquet"}
+
+
+def label_source(judgments: pd.DataFrame) -> str:
+    kinds = sorted(judgments["labeler_kind"].dropna().unique())
+    return ", ".join(KIND_WORDS.get(k, k) for k in kinds) or "no labels"
+
+
+def _rates_figure(rates: pd.DataFrame, dataset: str, baseline: str, source: str):
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rates) + 1.5))
+    y = np.arange(len(rates))
+    ax.errorbar(rates["rate"], y, xerr=[rates["rate"] - rates["wilson_low"], rates["wilson_high"] - rates["rate"]],
+                fmt="o", capsize=3)
+    ax.axvline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_yticks(y, [f"{p} (n={n})" for p, n in zip(rates["policy_id"], rates["n"])])
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"fraction preferred to {baseline} (95% Wilson interval)")
+    ax.set_title(f"{dataset}: preferred to {baseline} — {source}", fontsize=10)
+    return fig
+
+
+def _size_figure(raw: pd.DataFrame, controlled: pd.DataFrame | None, points: pd.DataFrame, dataset: str, source: str):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, g in raw.groupby("policy_kind"):
+        line, = ax.plot(g["n_params"], g["predicted"], label=f"{kind} (raw)")
+        ax.fill_between(g["n_params"], g["ci_low"], g["ci_high"], alpha=0.15, color=line.get_color())
+        if controlled is not None:
+            c = controlled[controlled["policy_kind"] == kind]
+            ax.plot(c["n_params"], c["predicted"], ls="--", color=line.get_color(), label=f"{kind} (length-controlled)")
+        p = points[points["policy_kind"] == kind]
+        ax.scatter(p["n_params"], p["rate"], color=line.get_color(), s=12 + p["n"] / 4)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("model size (parameters)")
+    ax.set_ylabel("fraction preferred to the reference")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{dataset}: preference vs size (95% CI, item-clustered SE) — {source}", fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: str, baselines: tuple[str, ...] = ("ref",),
+                 split: str | None = "valid2", n_boot: int = 1000, seed: int = 0, config: dict | None = None) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rep = Report(out_dir, title)
+    judg = tables["judgments"]
+    if judg.empty:
+        raise EvalkitError("no judgments to report on")
+    source = label_source(judg)
+    rep.text(f"Labels: {source}. {len(judg)} judgments by {judg['labeler_id'].nunique()} labelers"
+             + (f"; split {split} only." if split else "."))
+
+    for baseline in baselines:
+        comp = comparisons(tables, baseline=baseline)
+        if split:
+            comp = comp[comp["split"] == split]
+        rep.heading(f"Preferred to {baseline}")
+        if comp.empty:
+            rep.text(f"No comparisons with {baseline} in this data.")
+            continue
+        for dataset, d in comp.groupby("dataset"):
+            rates = preference_rates(d, n_boot=n_boot, rng=rng)
+            rep.text(f"{dataset}: fraction of comparisons in which the policy's summary was preferred to {baseline}, with a "
+                     f"Wilson interval and an item-clustered bootstrap interval ({n_boot} replicates).")
+            rep.table(rates[["policy_id", "policy_kind", "n_params", "wins", "n", "rate", "wilson_low", "wilson_high", "boot_low", "boot_high"]])
+            rep.figure(_rates_figure(rates, dataset, baseline, source), f"preferred_{baseline}_{dataset}".replace(".", "_"),
+                       f"{dataset}: fraction preferred to {baseline} per policy, 95% Wilson intervals, n per policy; {source}")
+            zero = rates[(rates["wins"] == 0) | (rates["wins"] == rates["n"])]
+            for r in zero.itertuples():
+                rep.text(f"Note: {r.policy_id} won {r.wins} of {r.n}; its rate sits at a bound and only the interval is informative.")
+            # preference vs size
+            sized = d.dropna(subset=["n_params"])
+            if sized["n_params"].nunique() < 2:
+                rep.text(f"Preference vs size: not fitted — the {dataset} comparisons cover "
+                         f"{sized['n_params'].nunique()} model size(s); the size model needs at least two.")
+            else:
+                raw = size_curve(d)
+                has_len = bool((d["len_policy"] > 0).any())
+                controlled = size_curve(d, length=True) if has_len else None
+                rep.figure(_size_figure(raw, controlled, rates, dataset, source), f"size_{baseline}_{dataset}",
+                           f"{dataset}: predicted preference vs size per policy kind, raw and at equal length; {source}")
+                clusters = d["item_id"].nunique()
+                rep.fits.append(fit_table(size_fit(d), f"size:{dataset}:{baseline}", clusters))
+                if has_len:
+                    rep.fits.append(fit_table(size_fit(d, length=True), f"size+length:{dataset}:{baseline}", clusters))
+            empty = int((d["len_policy"].fillna(0) <= 0).sum() + (d["len_baseline"].fillna(0) <= 0).sum())
+            if (d["len_policy"] > 0).any():
+                table, result = length_controlled(d)
+                rep.text("Length control (paper App. F): logistic regression on policy and log(length ratio), predicted at equal length"
+                         + (f"; {empty} comparison(s) with an empty summary left out." if empty else ".")
+                         + " Policies that won all or none of their comparisons get no controlled estimate.")
+                rep.table(table)
+                rep.fits.append(fit_table(result, f"length:{dataset}:{baseline}", d["item_id"].nunique()))
+
+    rep.heading("Agreement and position bias")
+    agree = labeler_agreement(tables)
+    if agree["n_pairs"] == 0:
+        rep.text("No pair of summaries was judged by two different labelers, so labeler–labeler agreement is not measured.")
+    else:
+        rep.text(f"Labeler–labeler agreement: {agree['agreement']:.1%} over {agree['n_pairs']} pairs of judgments of the same "
+                 f"two summaries by different labelers.")
+    per = per_labeler(tables)
+    left = (pairwise_left_rate(tables))
+    rep.text(f"Position bias: the left summary was chosen in {left:.1%} of pairwise judgments (50% = none).")
+    rep.table(per)
+    flagged = per[per["failed_checks"] > 0]
+    if len(flagged):
+        rep.text(f"Flagged (kept, not dropped): {', '.join(flagged['labeler_id'])} failed gold or attention checks.")
+
+    rep.heading("Bradley–Terry strengths")
+    items = tables["items"].set_index("item_id")["dataset"]
+    for dataset in sorted(tables["items"]["dataset"].unique()):
+        keep = tables["tasks"]["item_id"].map(items) == dataset
+        sub = {**tables, "tasks": tables["tasks"][keep]}
+        if sub["tasks"].empty:
+            continue
+        bt = bradley_terry(sub, n_boot=min(n_boot, 200), rng=rng)
+        rep.text(f"{dataset}: log-odds strengths with the reference at 0 (item bootstrap 95% intervals); "
+                 "policies never compared with the reference's component are left out.")
+        rep.table(bt)
+
+    manifest = artifacts.build_manifest("report", dict(config or {}, title=title, baselines=list(baselines), split=split,
+                                                       n_boot=n_boot), seeds={"bootstrap": seed},
+                                        outputs={"figures": len(rep.figures), "fits": sum(len(f) for f in rep.fits)})
+    return rep.write(manifest)
+
+
+def pairwise_left_rate(tables: dict[str, pd.DataFrame]) -> float:
+    j = tables["judgments"].dropna(subset=["preferred"])
+    return float((j["preferred"] == "left").mean()) if len(j) else float("nan")

@@ -1,0 +1,45 @@
+"""evalkit report on the released human labels: runs in seconds, self-contained HTML, figures in PNG and SVG,
+tidy fits, the exact counts, and plain words where an analysis cannot run."""
+
+import re
+
+
+from conftest import run_cli
+from evalkit import artifacts
+
+
+def test_openai_released_report(tmp_path):
+    out = tmp_path / "rep"
+    proc = run_cli("report", "studies/openai_released", "--out", out, check=True)
+    assert "report.html" in proc.stdout
+    md = (out / "report.md").read_text()
+    for row in ("| sup4_6b | sft | 6700000000 | 30 | 85 |", "| sup4_6b_t0.7 | sft | 6700000000 | 20 | 84 |",
+                "| sup4_6b_p.95 | sft | 6700000000 | 12 | 84 |", "| sup4_6b_ppo_rm4_6b_kl14 | ppo | 6700000000 | 38 | 74 |",
+                "| pretrain_6b_t.7 | pretrained | 6700000000 | 22 | 73 |", "| sup4_ppo_rm4_t.7 | ppo | 1300000000 | 598 | 832 |"):
+        assert row in md, row
+    assert "Labeler–labeler agreement: 73.1% over 1007 pairs" in md
+    assert "not fitted — the tldr comparisons cover 1 model size(s)" in md  # degenerate input, said in words
+    assert "imported human labels" in md and "nan" not in md.lower()
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and not re.search(r"src=['\"](?!data:)", html)
+    for name in ("preferred_ref_tldr", "preferred_ref_cnndm", "preferred_sup4_12b_t0_7_tldr"):
+        assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.svg").is_file()
+    fits = artifacts.read_table(out / "fits.parquet", "fits")
+    length = fits[fits["analysis"] == "length:tldr:sup4_12b_t0.7"].set_index("term")
+    assert length.loc["log_len_ratio", "estimate"] > 0 and length.loc["log_len_ratio", "n_clusters"] > 500
+    manifest = artifacts.read_manifest(out)
+    assert manifest["config"]["baselines"] == ["ref", "sup4_12b_t0.7"] and manifest["outputs"]["figures"] == 3
+
+
+def test_length_control_lowers_the_rlhf_head_to_head(tmp_path):
+    out = tmp_path / "rep"
+    run_cli("report", "studies/openai_released", "--out", out, "--set", "report.n_boot=100", check=True)
+    md = (out / "report.md").read_text()
+    row = re.search(r"\| sup4_ppo_rm4_t\.7 \| ([0-9.]+) \| ([0-9.]+) \|", md)
+    raw, controlled = float(row.group(1)), float(row.group(2))
+    assert raw == round(598 / 832, 3) and controlled < raw - 0.05  # the paper: length control lowers RLHF's numbers
+
+
+def test_report_without_judgments_is_a_clear_error(tmp_path):
+    proc = run_cli("report", "studies/default", "--set", f"study.out_dir={tmp_path}", "--out", tmp_path / "r")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
