@@ -43,3 +43,37 @@ def test_length_control_lowers_the_rlhf_head_to_head(tmp_path):
 def test_report_without_judgments_is_a_clear_error(tmp_path):
     proc = run_cli("report", "studies/default", "--set", f"study.out_dir={tmp_path}", "--out", tmp_path / "r")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_likert_study_report(tmp_path):
+    import csv
+
+    import numpy as np
+
+    from conftest import ROOT
+    from evalkit.config import load_study
+    from evalkit.generate import generate
+    from evalkit.pipeline import study_items_of
+    from evalkit.study.build import build_study
+    from evalkit.study.exchange import import_answers
+
+    settings = [f"study.out_dir={tmp_path}", "design.kind=likert", "design.items_per_policy=30", "labelers.count=3",
+                "report.split="]
+    cfg = load_study(ROOT / "studies/default", settings)
+    generate(study_items_of(cfg), [], tmp_path / "generations", baselines=("ref", "openai-ppo-1.3b", "lead3"), progress=False)
+    tasks = build_study(cfg)["tasks"]
+    rng = np.random.default_rng(0)
+    answers = tmp_path / "answers.csv"
+    with answers.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["task_id", "labeler_id", "overall", "accuracy", "coverage", "coherence"])
+        w.writeheader()
+        for t in tasks.itertuples():
+            w.writerow({"task_id": t.task_id, "labeler_id": t.labeler_id, **{a: int(rng.integers(3, 8)) for a in ("overall", "accuracy", "coverage", "coherence")}})
+    import_answers(tmp_path / "study", answers)
+    out = tmp_path / "rep"
+    run_cli("report", "studies/default", "--out", out, *[x for s in settings for x in ("--set", s)], "--set", "report.n_boot=100", check=True)
+    md = (out / "report.md").read_text()
+    assert "## Likert ratings (1–7)" in md and "Length-adjusted overall means" in md
+    assert "Krippendorff's alpha (ordinal, overall rating)" in md
+    assert (out / "likert_overall_vs_length.svg").is_file()
+    assert "No comparisons with ref in this data." in md  # a Likert-only study has no pairwise comparisons

@@ -21,7 +21,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from evalkit import artifacts  # noqa: E402
-from evalkit.analysis.agreement import bradley_terry, labeler_agreement, per_labeler  # noqa: E402
+from evalkit.analysis.agreement import bradley_terry, labeler_agreement, pairwise_view, per_labeler  # noqa: E402
+from evalkit.analysis.likert import krippendorff_alpha, length_adjusted_means, likert_means, likert_view  # noqa: E402
 from evalkit.analysis.preference import comparisons, fit_table, length_controlled, preference_rates, size_curve, size_fit  # noqa: E402
 from evalkit.errors import EvalkitError  # noqa: E402
 
@@ -121,6 +122,18 @@ def _size_figure(raw: pd.DataFrame, controlled: pd.DataFrame | None, points: pd.
     return fig
 
 
+def _likert_figure(likert: pd.DataFrame, means: pd.DataFrame, source: str):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in means.itertuples():
+        ax.errorbar(r.mean_length_chars, r.overall, yerr=[[r.overall - r.overall_low], [r.overall_high - r.overall]], fmt="o", capsize=3)
+        ax.annotate(f"{r.policy_id} (n={r.n})", (r.mean_length_chars, r.overall), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("mean summary length (characters)")
+    ax.set_ylabel("mean overall rating (1–7)")
+    ax.set_ylim(1, 7)
+    ax.set_title(f"Quality vs length — {source}", fontsize=10)
+    return fig
+
+
 def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: str, baselines: tuple[str, ...] = ("ref",),
                  split: str | None = "valid2", n_boot: int = 1000, seed: int = 0, config: dict | None = None) -> dict[str, Path]:
     out_dir = Path(out_dir)
@@ -177,6 +190,18 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
                 rep.fits.append(fit_table(result, f"length:{dataset}:{baseline}", d["item_id"].nunique()))
 
     rep.heading("Agreement and position bias")
+    if pairwise_view(tables).empty:
+        rep.text("No pairwise judgments: pairwise agreement and position bias are not measured.")
+    else:
+        _pairwise_agreement(rep, tables)
+    _likert_and_strengths(rep, tables, source, n_boot, rng)
+    manifest = artifacts.build_manifest("report", dict(config or {}, title=title, baselines=list(baselines), split=split,
+                                                       n_boot=n_boot), seeds={"bootstrap": seed},
+                                        outputs={"figures": len(rep.figures), "fits": sum(len(f) for f in rep.fits)})
+    return rep.write(manifest)
+
+
+def _pairwise_agreement(rep: Report, tables: dict[str, pd.DataFrame]) -> None:
     agree = labeler_agreement(tables)
     if agree["n_pairs"] == 0:
         rep.text("No pair of summaries was judged by two different labelers, so labeler–labeler agreement is not measured.")
@@ -191,22 +216,43 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
     if len(flagged):
         rep.text(f"Flagged (kept, not dropped): {', '.join(flagged['labeler_id'])} failed gold or attention checks.")
 
+    pv = pairwise_view(tables)
+    if pv.groupby("pair")["labeler_id"].nunique().max() >= 2:
+        first_won = (pv["preferred_gen_id"] == pv["pair"].str.split(" | ", regex=False).str[0]).astype(int)
+        alpha = krippendorff_alpha(pv.assign(first_won=first_won), "pair", "labeler_id", "first_won", "nominal")
+        rep.text(f"Krippendorff's alpha (nominal: which of the two summaries won, over pairs judged more than once): {alpha:.3f}.")
+
+
+def _likert_and_strengths(rep: Report, tables: dict[str, pd.DataFrame], source: str, n_boot: int, rng) -> None:
+    likert = likert_view(tables)
+    if len(likert):
+        rep.heading("Likert ratings (1–7)")
+        means = likert_means(likert, n_boot=n_boot, rng=rng)
+        rep.text(f"Mean rating per policy with item-clustered bootstrap 95% intervals; {source}.")
+        rep.table(means)
+        rep.figure(_likert_figure(likert, means, source), "likert_overall_vs_length",
+                   f"overall rating vs summary length, per policy (means with 95% intervals); {source}")
+        if likert["policy_id"].nunique() > 1:
+            adjusted, fit = length_adjusted_means(likert)
+            rep.text("Length-adjusted overall means (regression on policy and log length, at the pooled mean length).")
+            rep.table(adjusted)
+            rep.fits.append(fit_table(fit, "likert_length", likert["item_id"].nunique()))
+        if likert.groupby("item_id")["labeler_id"].nunique().max() >= 2:
+            unit = likert["item_id"] + "|" + likert["policy_id"]
+            a = krippendorff_alpha(likert.assign(unit=unit), "unit", "labeler_id", "overall", "ordinal")
+            rep.text(f"Krippendorff's alpha (ordinal, overall rating): {a:.3f}.")
+
     rep.heading("Bradley–Terry strengths")
     items = tables["items"].set_index("item_id")["dataset"]
     for dataset in sorted(tables["items"]["dataset"].unique()):
         keep = tables["tasks"]["item_id"].map(items) == dataset
         sub = {**tables, "tasks": tables["tasks"][keep]}
-        if sub["tasks"].empty:
+        if pairwise_view(sub).empty:
             continue
         bt = bradley_terry(sub, n_boot=min(n_boot, 200), rng=rng)
         rep.text(f"{dataset}: log-odds strengths with the reference at 0 (item bootstrap 95% intervals); "
                  "policies never compared with the reference's component are left out.")
         rep.table(bt)
-
-    manifest = artifacts.build_manifest("report", dict(config or {}, title=title, baselines=list(baselines), split=split,
-                                                       n_boot=n_boot), seeds={"bootstrap": seed},
-                                        outputs={"figures": len(rep.figures), "fits": sum(len(f) for f in rep.fits)})
-    return rep.write(manifest)
 
 
 def pairwise_left_rate(tables: dict[str, pd.DataFrame]) -> float:
