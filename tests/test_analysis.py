@@ -121,3 +121,26 @@ def test_vectorised_bootstrap_matches_refits():
     assert np.allclose(beta, ref.params[X.columns], atol=1e-6)
     # bootstrap and clustered-sandwich standard errors agree roughly
     assert boot.loc["log_n_params", "boot_se"] == pytest.approx(full.bse["log_n_params"], rel=0.3)
+
+
+def test_rm_accuracy_by_size_and_kl_table(tmp_path):
+    from evalkit.analysis.rm_eval import kl_vs_preference, rm_accuracy_by_size
+    from evalkit.models import write_metadata
+    from evalkit.train.best_of_n import best_of_n_kl
+
+    folders = []
+    for n_params, acc in ((1e6, 0.60), (2e6, 0.62), (4e6, 0.64)):
+        f = tmp_path / f"rm{int(n_params)}"
+        f.mkdir()
+        write_metadata(f, n_params=int(n_params), held_out_accuracy=acc, n_held_out=1000)
+        folders.append(f)
+    table, summary = rm_accuracy_by_size(folders)
+    assert summary["accuracy_per_doubling"] == pytest.approx(0.02)
+    assert (table["ci_low"] < table["accuracy"]).all()
+    comp = pd.DataFrame({"policy_id": ["bon4"] * 10 + ["ppo"] * 10, "outcome": [1] * 6 + [0] * 4 + [1] * 8 + [0] * 2})
+    kl = kl_vs_preference(comp, {"bon4": best_of_n_kl(4), "ppo": 3.8})
+    assert list(kl["policy_id"]) == ["bon4", "ppo"] and list(kl["rate"]) == [0.6, 0.8]
+    with pytest.raises(EvalkitError, match="no held-out accuracy"):
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        rm_accuracy_by_size([empty])
