@@ -326,8 +326,17 @@ def report_cmd(study_path: str, out_dir: str | None, overrides: tuple[str, ...])
     else:
         raise EvalkitError(f"{cfg.path}: report.source {r.source!r}; expected study or released")
     out = Path(out_dir or f"reports/{cfg.id}")
+    policy_kl = {}
+    for p in cfg.policies:  # PPO: the KL measured in training; best-of-N: log N - (N-1)/N
+        from evalkit.models import read_metadata
+        from evalkit.train.best_of_n import read_best_of_n
+
+        spec = read_best_of_n(p.checkpoint) if Path(p.checkpoint).is_dir() else None
+        kl = spec["kl_from_sft"] if spec else read_metadata(p.checkpoint).get("final_kl")
+        if kl is not None:
+            policy_kl[p.id or Path(p.checkpoint).name] = float(kl)
     paths = build_report(tables, out, cfg.study.title or cfg.id, r.baselines, r.split or None, r.n_boot, cfg.study.seed,
-                         config=cfg.to_dict())
+                         config=cfg.to_dict(), reward_models=r.reward_models, policy_kl=policy_kl)
     click.echo(f"{paths['html']}\n{paths['md']}\n{paths['fits']}")
 
 

@@ -88,6 +88,7 @@ class ReportConfig:
     baselines: tuple[str, ...] = ("ref",)
     split: str = "valid2"  # "" = every split
     n_boot: int = 1000
+    reward_models: tuple[str, ...] = ()  # reward-model folders for an accuracy-vs-size table
 
 
 @dataclass(frozen=True)

@@ -77,3 +77,19 @@ def test_likert_study_report(tmp_path):
     assert "Krippendorff's alpha (ordinal, overall rating)" in md
     assert (out / "likert_overall_vs_length.svg").is_file()
     assert "No comparisons with ref in this data." in md  # a Likert-only study has no pairwise comparisons
+
+
+def test_report_with_reward_models(tmp_path):
+    from evalkit.models import write_metadata
+
+    folders = []
+    for n_params, acc in ((1_000_000, 0.55), (4_000_000, 0.59)):
+        f = tmp_path / f"rm{n_params}"
+        f.mkdir()
+        write_metadata(f, n_params=n_params, held_out_accuracy=acc, n_held_out=500)
+        folders.append(str(f))
+    out = tmp_path / "rep"
+    run_cli("report", "studies/openai_released", "--out", out, "--set", "report.n_boot=50",
+            "--set", "report.reward_models=" + ",".join(folders), check=True)
+    md = (out / "report.md").read_text()
+    assert "## Reward-model accuracy vs size" in md and "Accuracy gained per doubling of size: 2.00 points" in md

@@ -135,7 +135,8 @@ def _likert_figure(likert: pd.DataFrame, means: pd.DataFrame, source: str):
 
 
 def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: str, baselines: tuple[str, ...] = ("ref",),
-                 split: str | None = "valid2", n_boot: int = 1000, seed: int = 0, config: dict | None = None) -> dict[str, Path]:
+                 split: str | None = "valid2", n_boot: int = 1000, seed: int = 0, config: dict | None = None,
+                 reward_models: tuple[str, ...] = (), policy_kl: dict[str, float] | None = None) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -195,6 +196,26 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
     else:
         _pairwise_agreement(rep, tables)
     _likert_and_strengths(rep, tables, source, n_boot, rng)
+    if reward_models:
+        from evalkit.analysis.rm_eval import rm_accuracy_by_size
+
+        rep.heading("Reward-model accuracy vs size")
+        table, summary = rm_accuracy_by_size(list(reward_models))
+        rep.table(table)
+        slope = summary["accuracy_per_doubling"]
+        rep.text("Accuracy gained per doubling of size: " + (f"{100 * slope:.2f} points" if slope is not None else "not measured (one size)")
+                 + " (the paper: ≈1.8 points).")
+    if policy_kl:
+        from evalkit.analysis.rm_eval import kl_vs_preference
+
+        comp = comparisons(tables, baseline=baselines[0])
+        comp = comp[comp["split"] == split] if split else comp
+        known = {p: k for p, k in policy_kl.items() if p in set(comp["policy_id"])}
+        rep.heading("Preference vs KL from SFT")
+        if known:
+            rep.table(kl_vs_preference(comp, known))
+        else:
+            rep.text("None of the policies with a known KL from SFT has comparisons with the baseline.")
     manifest = artifacts.build_manifest("report", dict(config or {}, title=title, baselines=list(baselines), split=split,
                                                        n_boot=n_boot), seeds={"bootstrap": seed},
                                         outputs={"figures": len(rep.figures), "fits": sum(len(f) for f in rep.fits)})
