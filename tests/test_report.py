@@ -93,3 +93,48 @@ def test_report_with_reward_models(tmp_path):
             "--set", "report.reward_models=" + ",".join(folders), check=True)
     md = (out / "report.md").read_text()
     assert "## Reward-model accuracy vs size" in md and "Accuracy gained per doubling of size: 2.00 points" in md
+
+
+def tables_from_comparisons(comp):
+    """Study tables whose pairwise judgments reproduce a comparisons frame (policy vs ref, one judgment per row)."""
+    import pandas as pd
+
+    from evalkit import artifacts
+
+    gens, tasks, judg, items = [], [], [], {}
+    for k, r in enumerate(comp.itertuples()):
+        items[r.item_id] = {"item_id": r.item_id, "dataset": "tldr", "split": "valid2", "subreddit": "s", "title": "t",
+                            "body": "post", "reference": "r" * int(r.len_baseline), "source": "sim"}
+        g_pol, g_ref = f"gp{k}", f"gr{k}"
+        for gid, policy, kind, n, text in ((g_pol, r.policy_id, r.policy_kind, r.n_params, "x" * int(r.len_policy)),
+                                           (g_ref, "ref", "ref", None, "r" * int(r.len_baseline))):
+            gens.append({"gen_id": gid, "item_id": r.item_id, "dataset": "tldr", "split": "valid2", "policy_id": policy,
+                         "policy_kind": kind, "n_params": n, "checkpoint": None, "temperature": None, "top_p": None,
+                         "seed": None, "sample_idx": 0, "text": text, "n_tokens": None, "hit_eos": None})
+        tasks.append({"task_id": f"t{k}", "study_id": "sim", "kind": "pairwise", "item_id": r.item_id, "gen_id_left": g_pol,
+                      "gen_id_right": g_ref, "is_swapped": False, "batch": 0, "labeler_id": "sim", "role": "main", "expected": None})
+        judg.append({"judgment_id": f"j{k}", "task_id": f"t{k}", "labeler_id": "sim", "labeler_kind": "simulated",
+                     "preferred": "left" if r.outcome else "right", "preferred_gen_id": g_pol if r.outcome else g_ref,
+                     "confidence": 2 if r.outcome else 8, "overall": None, "accuracy": None, "coverage": None, "coherence": None,
+                     "note": None, "submitted_at": None, "duration_s": None, "source": "sim"})
+    return {"items": artifacts.conform(pd.DataFrame(list(items.values())), "items"),
+            "generations": artifacts.conform(pd.DataFrame(gens), "generations"),
+            "tasks": artifacts.conform(pd.DataFrame(tasks), "tasks"), "judgments": artifacts.conform(pd.DataFrame(judg), "judgments")}
+
+
+def test_figure_1_from_a_study_with_sizes(tmp_path):
+    import numpy as np
+
+    from evalkit.report.build import build_report
+    from test_analysis import simulate_study
+
+    comp = simulate_study(np.random.default_rng(5), n_items=60)
+    comp["len_policy"] = comp["len_policy"].round().clip(lower=1)
+    paths = build_report(tables_from_comparisons(comp), tmp_path / "rep", "sizes", n_boot=100)
+    md = paths["md"].read_text()
+    assert "size_ref_tldr.png" in md and "SIMULATED labels" in md
+    fits = artifacts.read_table(paths["fits"], "fits")
+    raw = fits[fits["analysis"] == "size:tldr:ref"].set_index("term")
+    assert raw.loc["log_n_params", "n_clusters"] == 60 and raw.loc["log_n_params", "estimate"] > 0
+    assert "size+length:tldr:ref" in set(fits["analysis"])
+    assert (tmp_path / "rep" / "size_ref_tldr.svg").is_file()

@@ -117,8 +117,8 @@ def _size_figure(raw: pd.DataFrame, controlled: pd.DataFrame | None, points: pd.
     ax.set_xlabel("model size (parameters)")
     ax.set_ylabel("fraction preferred to the reference")
     ax.set_ylim(0, 1)
-    ax.set_title(f"{dataset}: preference vs size (95% CI, item-clustered SE) — {source}", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title(f"{dataset}: preference vs size (95% CI, item-clustered SE), n={int(points['n'].sum())} — {source}", fontsize=10)
+    ax.legend(fontsize=8, title="dots: observed rate per policy (area ∝ n)", title_fontsize=7)
     return fig
 
 
