@@ -30,6 +30,19 @@ def batch_tables():
     return {name: read_openai_comparisons(comparison_batch(name)) for name in ("batch18", "batch13", "batch0_cnndm")}
 
 
+def baseline_study(out, *settings):
+    """The default study under ``out`` with ``settings``, its baseline generations (ref, openai-ppo-1.3b, lead3) and
+    its tasks built; returns (config, build result)."""
+    from evalkit.config import load_study
+    from evalkit.generate import generate
+    from evalkit.pipeline import study_items_of
+    from evalkit.study.build import build_study
+
+    cfg = load_study(ROOT / "studies/default", [f"study.out_dir={out}", *settings])
+    generate(study_items_of(cfg), [], out / "generations", baselines=("ref", "openai-ppo-1.3b", "lead3"), progress=False)
+    return cfg, build_study(cfg)
+
+
 def run_cli(*args, cwd=None, check=False):
     """Run the installed CLI in a subprocess; returns CompletedProcess with text output."""
     proc = subprocess.run([sys.executable, "-m", "evalkit", *map(str, args)], capture_output=True, text=True,

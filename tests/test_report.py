@@ -50,18 +50,12 @@ def test_likert_study_report(tmp_path):
 
     import numpy as np
 
-    from conftest import ROOT
-    from evalkit.config import load_study
-    from evalkit.generate import generate
-    from evalkit.pipeline import study_items_of
-    from evalkit.study.build import build_study
+    from conftest import baseline_study
     from evalkit.study.exchange import import_answers
 
     settings = [f"study.out_dir={tmp_path}", "design.kind=likert", "design.items_per_policy=30", "labelers.count=3",
                 "report.split="]
-    cfg = load_study(ROOT / "studies/default", settings)
-    generate(study_items_of(cfg), [], tmp_path / "generations", baselines=("ref", "openai-ppo-1.3b", "lead3"), progress=False)
-    tasks = build_study(cfg)["tasks"]
+    tasks = baseline_study(tmp_path, *settings[1:])[1]["tasks"]
     rng = np.random.default_rng(0)
     answers = tmp_path / "answers.csv"
     with answers.open("w", newline="") as fh:

@@ -4,11 +4,8 @@ import dataclasses
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import baseline_study, run_cli
 from evalkit import artifacts
-from evalkit.config import load_study
-from evalkit.generate import generate
-from evalkit.pipeline import study_items_of
 from evalkit.study.build import build_study
 
 SETTINGS = ["design.sentinel_policy=lead3", "design.items_per_policy=80", "labelers.count=8", "design.batch_size=30"]
@@ -16,10 +13,7 @@ SETTINGS = ["design.sentinel_policy=lead3", "design.items_per_policy=80", "label
 
 @pytest.fixture(scope="module")
 def study_cfg(tmp_path_factory):
-    out = tmp_path_factory.mktemp("study")
-    cfg = load_study(ROOT / "studies/default", [f"study.out_dir={out}", *SETTINGS])
-    generate(study_items_of(cfg), [], out / "generations", baselines=("ref", "openai-ppo-1.3b", "lead3"), progress=False)
-    return cfg
+    return baseline_study(tmp_path_factory.mktemp("study"), *SETTINGS)[0]
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,7 @@ from urllib.parse import urlencode, urlparse
 
 import pytest
 
-from conftest import ROOT
-from evalkit.config import load_study
-from evalkit.generate import generate
-from evalkit.pipeline import study_items_of
-from evalkit.study.build import build_study
+from conftest import ROOT, baseline_study
 from evalkit.study.serve import DB_FILE, collect_judgments, init_db, links
 
 
@@ -29,9 +25,7 @@ def free_port() -> int:
 
 
 def make_study(out, *settings):
-    cfg = load_study(ROOT / "studies/default", [f"study.out_dir={out}", *settings])
-    generate(study_items_of(cfg), [], out / "generations", baselines=("ref", "openai-ppo-1.3b", "lead3"), progress=False)
-    build_study(cfg)
+    cfg, _ = baseline_study(out, *settings)
     return cfg, init_db(out / "study")
 
 

@@ -44,16 +44,10 @@ def test_features_see_invented_content_and_repetition():
 
 
 def test_simulate_marks_judgments_and_is_reproducible(tmp_path):
+    from conftest import baseline_study
     from test_study_build import SETTINGS
-    from conftest import ROOT
-    from evalkit.config import load_study
-    from evalkit.generate import generate
-    from evalkit.pipeline import study_items_of
-    from evalkit.study.build import build_study
 
-    cfg = load_study(ROOT / "studies/default", [f"study.out_dir={tmp_path}", *SETTINGS])
-    generate(study_items_of(cfg), [], tmp_path / "generations", baselines=("ref", "openai-ppo-1.3b", "lead3"), progress=False)
-    build_study(cfg)
+    baseline_study(tmp_path, *SETTINGS)
     args = ["study", "simulate", "studies/default", "--set", f"study.out_dir={tmp_path}", *[x for s in SETTINGS for x in ("--set", s)]]
     proc = run_cli(*args, check=True)
     assert "simulated judgments" in proc.stdout and "labeler-labeler agreement" in proc.stdout
