@@ -2,7 +2,6 @@
 another labeler's token refused, judgments on disk before the acknowledgement — and after a SIGKILL."""
 
 import http.client
-import os
 import re
 import signal
 import socket
@@ -15,7 +14,7 @@ from urllib.parse import urlencode, urlparse
 import pytest
 
 from conftest import ROOT, baseline_study
-from evalkit.study.serve import DB_FILE, collect_judgments, init_db, links
+from evalkit.study.serve import collect_judgments, init_db, links
 
 
 def free_port() -> int:

@@ -13,10 +13,8 @@ from conftest import run_cli
 from evalkit.errors import EvalkitError
 from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer, read_metadata
 from evalkit.train import common
-from evalkit.train.pretrain import PretrainConfig, pretrain
 from evalkit.train.reward import RewardConfig, train_reward_model
 from evalkit.train.sft import SFTConfig, sft
-from evalkit.train.tokenizer import TokenizerConfig, train_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TINY_SFT  # noqa: E402

@@ -9,7 +9,6 @@ divided by the sampling temperature wherever log-probabilities are taken.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass
