@@ -91,7 +91,8 @@ def data_import_openai(files: tuple[str, ...], out_dir: str, force: bool) -> Non
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a study.toml value, e.g. data.split=valid1.")
 @click.option("--force", is_flag=True, help="Redo stages even when their outputs are up to date.")
 def run(study: str, overrides: tuple[str, ...], force: bool) -> None:
-    """Run a study end to end (today: its data, the released human labels, and generations of its policies)."""
+    """Run a study end to end: data and released labels, generations, tasks, simulated judgments (when the study
+    asks for them) and the report."""
     from evalkit.config import load_study
     from evalkit.data import load_gpt2_tokenizer, format_query
     from evalkit.pipeline import prepare_study_data, study_items_of
@@ -115,6 +116,16 @@ def run(study: str, overrides: tuple[str, ...], force: bool) -> None:
         gens = generate_for_study(cfg, study_items)
         click.echo(f"  generations in {cfg.out_dir / 'generations'}: " + ", ".join(
             f"{p} {len(g)} (mean {g['text'].str.len().mean():.0f} chars)" for p, g in gens.groupby("policy_id")))
+    if cfg.study.simulate:
+        from evalkit.pipeline import report_study, simulate_study
+
+        built, sim, model = simulate_study(cfg)
+        c = model.calibration
+        click.echo(f"  study: {len(built['tasks'])} tasks ({', '.join(f'{k} {v}' for k, v in sorted(built['roles'].items()))}) "
+                   f"answered by the SIMULATED panel ({c['held_out_agreement_majority']:.1%} held-out agreement with real "
+                   f"labelers; theirs with each other {c['human_human_agreement']:.1%})")
+        paths = report_study(cfg)
+        click.echo(f"  report: {paths['html']}")
     if len(study_items):
         first = study_items.iloc[0].to_dict()
         tok = load_gpt2_tokenizer()
@@ -260,23 +271,11 @@ def study_collect(study_path: str, overrides: tuple[str, ...]) -> None:
 def study_simulate(study_path: str, seed: int, overrides: tuple[str, ...]) -> None:
     """Answer the study's pairwise tasks with the simulated panel (calibrated on real labels); marked simulated."""
     from evalkit.config import load_study
-    from evalkit.study.exchange import load_study_tables
-    import pandas as pd
-
-    from evalkit import artifacts
-    from evalkit.study.simulate import calibrate, simulate_judgments
+    from evalkit.pipeline import answer_with_panel
 
     cfg = load_study(study_path, list(overrides))
-    folder = cfg.out_dir / "study"
-    tables = load_study_tables(folder)
-    model = calibrate()
-    model.save(folder / "panel_model.json")
-    sim = simulate_judgments(model, tables, seed)
-    target = folder / "judgments.parquet"
-    if target.is_file():
-        old = artifacts.read_table(target, "judgments")
-        sim = pd.concat([old[old["labeler_kind"] != "simulated"], sim], ignore_index=True)
-    artifacts.write_table(sim, target, "judgments")
+    sim, model = answer_with_panel(cfg, seed)
+    target = cfg.out_dir / "study" / "judgments.parquet"
     c = model.calibration
     click.echo(f"{target}: {int((sim['labeler_kind'] == 'simulated').sum())} simulated judgments (seed {seed})")
     click.echo(f"  panel calibrated on {c['n_fit']} real comparisons; held-out agreement with real labelers "
@@ -307,36 +306,10 @@ def study_power(p1: float, p2: float, alpha: float, power_: float, per_item: int
 def report_cmd(study_path: str, out_dir: str | None, overrides: tuple[str, ...]) -> None:
     """Analyse a study's judgments → reports/<id>/ (report.html, report.md, figures, fits.parquet, manifest.json)."""
     from evalkit.config import load_study
-    from evalkit.data import comparison_batch, load_openai_comparisons
-    from evalkit.report.build import build_report
-    from evalkit.study.exchange import load_study_tables
+    from evalkit.pipeline import report_study
 
     cfg = load_study(study_path, list(overrides))
-    r = cfg.report
-    if r.source == "released":
-        tables = load_openai_comparisons([comparison_batch(b) for b in cfg.released.comparisons])
-    elif r.source == "study":
-        tables = load_study_tables(cfg.out_dir / "study")
-        target = cfg.out_dir / "study" / "judgments.parquet"
-        if not target.is_file():
-            raise EvalkitError(f"no judgments at {target}; collect, import or simulate some first")
-        from evalkit import artifacts
-
-        tables["judgments"] = artifacts.read_table(target, "judgments")
-    else:
-        raise EvalkitError(f"{cfg.path}: report.source {r.source!r}; expected study or released")
-    out = Path(out_dir or f"reports/{cfg.id}")
-    policy_kl = {}
-    for p in cfg.policies:  # PPO: the KL measured in training; best-of-N: log N - (N-1)/N
-        from evalkit.models import read_metadata
-        from evalkit.train.best_of_n import read_best_of_n
-
-        spec = read_best_of_n(p.checkpoint) if Path(p.checkpoint).is_dir() else None
-        kl = spec["kl_from_sft"] if spec else read_metadata(p.checkpoint).get("final_kl")
-        if kl is not None:
-            policy_kl[p.id or Path(p.checkpoint).name] = float(kl)
-    paths = build_report(tables, out, cfg.study.title or cfg.id, r.baselines, r.split or None, r.n_boot, cfg.study.seed,
-                         config=cfg.to_dict(), reward_models=r.reward_models, policy_kl=policy_kl)
+    paths = report_study(cfg, out_dir)
     click.echo(f"{paths['html']}\n{paths['md']}\n{paths['fits']}")
 
 

@@ -97,6 +97,7 @@ class StudyMeta:
     title: str = ""
     seed: int = 0
     out_dir: str = ""  # default: runs/<id>
+    simulate: bool = False  # evalkit run: answer the tasks with the simulated panel and write the report
 
 
 @dataclass(frozen=True)

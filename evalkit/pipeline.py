@@ -107,3 +107,62 @@ def generate_for_study(cfg: StudyConfig, items: pd.DataFrame, progress: bool = F
     policies = [Policy(p.id or Path(p.checkpoint).name, p.checkpoint, p.kind, p.n_params or None) for p in cfg.policies]
     dec = Decoding(temperature=g.temperature, top_p=g.top_p, n_samples=g.n_samples, seed=g.seed, max_query_tokens=g.max_query_tokens)
     return generate(items, policies, cfg.out_dir / "generations", dec, g.baselines, batch_size=g.batch_size, progress=progress)
+
+
+def answer_with_panel(cfg: StudyConfig, seed: int = 0):
+    """Answer the study's built tasks with the calibrated simulated panel; its judgments (marked simulated) replace
+    earlier simulated ones in ``judgments.parquet`` and keep every other judgment."""
+    from evalkit.study.exchange import load_study_tables
+    from evalkit.study.simulate import calibrate, simulate_judgments
+
+    folder = cfg.out_dir / "study"
+    tables = load_study_tables(folder)
+    model = calibrate()
+    model.save(folder / "panel_model.json")
+    sim = simulate_judgments(model, tables, seed)
+    target = folder / "judgments.parquet"
+    if target.is_file():
+        old = artifacts.read_table(target, "judgments")
+        sim = pd.concat([old[old["labeler_kind"] != "simulated"], sim], ignore_index=True)
+    artifacts.write_table(sim, target, "judgments")
+    return sim, model
+
+
+def simulate_study(cfg: StudyConfig, seed: int = 0):
+    """Build the study's tasks, then answer them with the simulated panel."""
+    from evalkit.study.build import build_study
+
+    built = build_study(cfg)
+    sim, model = answer_with_panel(cfg, seed)
+    return built, sim, model
+
+
+def report_study(cfg: StudyConfig, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """``evalkit report``: the study's judgments (or the released comparisons it names) → ``reports/<id>/``."""
+    from evalkit.data import comparison_batch, load_openai_comparisons
+    from evalkit.errors import EvalkitError
+    from evalkit.models import read_metadata
+    from evalkit.report.build import build_report
+    from evalkit.study.exchange import load_study_tables
+    from evalkit.train.best_of_n import read_best_of_n
+
+    r = cfg.report
+    if r.source == "released":
+        tables = load_openai_comparisons([comparison_batch(b) for b in cfg.released.comparisons])
+    elif r.source == "study":
+        tables = load_study_tables(cfg.out_dir / "study")
+        target = cfg.out_dir / "study" / "judgments.parquet"
+        if not target.is_file():
+            raise EvalkitError(f"no judgments at {target}; collect, import or simulate some first")
+        tables["judgments"] = artifacts.read_table(target, "judgments")
+    else:
+        raise EvalkitError(f"{cfg.path}: report.source {r.source!r}; expected study or released")
+    policy_kl = {}
+    for p in cfg.policies:  # PPO: the KL measured in training; best-of-N: log N - (N-1)/N
+        spec = read_best_of_n(p.checkpoint) if Path(p.checkpoint).is_dir() else None
+        kl = spec["kl_from_sft"] if spec else read_metadata(p.checkpoint).get("final_kl")
+        if kl is not None:
+            policy_kl[p.id or Path(p.checkpoint).name] = float(kl)
+    out = Path(out_dir or f"reports/{cfg.id}")
+    return build_report(tables, out, cfg.study.title or cfg.id, r.baselines, r.split or None, r.n_boot, cfg.study.seed,
+                        config=cfg.to_dict(), reward_models=r.reward_models, policy_kl=policy_kl)

@@ -73,6 +73,9 @@ def test_run_default_study(tmp_path):
     assert "SUBREDDIT: r/" in proc.stdout
     for name in ("items", "generations", "tasks", "judgments"):
         assert (out / "data" / f"{name}.parquet").is_file()
+    assert "answered by the SIMULATED panel" in proc.stdout and (ROOT / "reports" / "default" / "report.html").is_file()
+    report = (ROOT / "reports" / "default" / "report.md").read_text()
+    assert "Labels: SIMULATED labels." in report and "| openai-ppo-1.3b | external |" in report and "qc-" not in report
     gens = pd.read_parquet(out / "data" / "generations.parquet")
     assert (gens["policy_id"] == "openai-ppo-1.3b").sum() > 100
     again = run_cli("run", "studies/default", "--set", f"study.out_dir={out}", check=True)

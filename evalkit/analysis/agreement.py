@@ -69,6 +69,7 @@ def bradley_terry(tables: dict[str, pd.DataFrame], n_boot: int = 200, rng: np.ra
     rng = rng if rng is not None else np.random.default_rng(0)
     policy = tables["generations"].set_index("gen_id")["policy_id"]
     df = pairwise_view(tables)
+    df = df[~df["role"].isin(["gold", "attention"])].copy()  # planted answers measure labelers, not policies
     df["a"], df["b"] = df["gen_id_left"].map(policy), df["gen_id_right"].map(policy)
     df = df[df["a"] != df["b"]]
     df["a_won"] = (df["preferred_gen_id"] == df["gen_id_left"]).astype(float)

@@ -28,7 +28,9 @@ def comparisons(tables: dict[str, pd.DataFrame], baseline: str = "ref", judge_ki
     if judge_kinds is not None:
         judg = judg[judg["labeler_kind"].isin(judge_kinds)]
     g = gens.set_index("gen_id")
-    df = judg.dropna(subset=["preferred_gen_id"]).merge(tasks[["task_id", "item_id", "gen_id_left", "gen_id_right"]], on="task_id")
+    # gold and attention tasks have a planted answer: they measure labelers, not policies
+    measured = tasks[~tasks["role"].isin(["gold", "attention"])]
+    df = judg.dropna(subset=["preferred_gen_id"]).merge(measured[["task_id", "item_id", "gen_id_left", "gen_id_right"]], on="task_id")
     left_policy, right_policy = df["gen_id_left"].map(g["policy_id"]), df["gen_id_right"].map(g["policy_id"])
     df = df[(left_policy == baseline) ^ (right_policy == baseline)].copy()
     policy_gen = df["gen_id_left"].where(df["gen_id_right"].map(g["policy_id"]) == baseline, df["gen_id_right"])
