@@ -235,7 +235,12 @@ def test_sft_under_torchrun_keeps_replicas_identical(tmp_path, pretrained):
     import subprocess
 
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731", "-m", "evalkit",
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "evalkit",
            "train", "sft", "--init", str(pretrained), "--out", str(out), "--set", "steps=4", "--set", "batch_size=4",
            "--set", "max_query_tokens=192", "--set", "max_items=64", "--set", "threads=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
