@@ -165,7 +165,7 @@ def generate_cmd(study, dataset, split, path, n_items, policies, baselines, temp
     n = cfg.data.n_items if n_items is None else n_items
     if n:
         items = items.sort_values("item_id").head(n).reset_index(drop=True)
-    chosen = [Policy.parse(p) for p in policies] or [Policy(p.id or Path(p.checkpoint).name, p.checkpoint, p.kind, p.n_params or None) for p in cfg.policies]
+    chosen = [Policy.parse(p) for p in policies] or [Policy.from_config(p) for p in cfg.policies]
     base = tuple(baselines) or (g.baselines if study else ())
     if not chosen and not base:
         raise EvalkitError("nothing to generate: give --policy FOLDER or --baseline NAME (or a study with [[policies]])")

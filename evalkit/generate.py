@@ -30,6 +30,7 @@ from evalkit.data.query import DEFAULT_FORMAT, MAX_QUERY_TOKENS, MAX_SUMMARY_TOK
 from evalkit.errors import EvalkitError
 from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer, position_ids, read_metadata
 from evalkit.train.best_of_n import read_best_of_n
+from evalkit.train.common import pad_batch
 from evalkit.seeds import derive_seed, stable_hash
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,11 @@ class Policy:
     checkpoint: str
     policy_kind: str = ""  # read from the checkpoint's evalkit.json when empty
     n_params: int | None = None  # read or counted when None
+
+    @classmethod
+    def from_config(cls, cfg) -> "Policy":
+        """A study.toml ``[[policies]]`` entry (the folder name is the id when none is given)."""
+        return cls(cfg.id or Path(cfg.checkpoint).name, cfg.checkpoint, cfg.kind, cfg.n_params or None)
 
     @classmethod
     def parse(cls, spec: str) -> "Policy":
@@ -125,13 +131,7 @@ def _prefill(model, queries: list[list[int]], pad: int, chunk: int, max_new_toke
 
     caches, masks, logits = [], [], []
     for start in range(0, len(queries), chunk):
-        part = queries[start: start + chunk]
-        width = max(len(q) for q in part)
-        ids = torch.full((len(part), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, q in enumerate(part):
-            ids[i, width - len(q):] = torch.tensor(q)
-            mask[i, width - len(q):] = 1
+        ids, mask = pad_batch(queries[start: start + chunk], pad, side="left")
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
         caches.append(out.cache)
         masks.append(mask)
@@ -247,12 +247,7 @@ def _best_of_n(model, tok, reward_model, queries, seeds, spec: dict, dec: Decodi
     cand_seeds = [derive_seed("best-of-n", s, j) for s in seeds for j in range(n)]
     cands = decode_batch(model, tok, cand_queries, cand_dec, cand_seeds, stop_ids, prefill_chunk)
     seqs = [q + (ids if ids else [tok.pad_token_id]) for q, (ids, _) in zip(cand_queries, cands)]
-    width = max(len(x) for x in seqs)
-    ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, x in enumerate(seqs):
-        ids[i, : len(x)] = torch.tensor(x)
-        mask[i, : len(x)] = 1
+    ids, mask = pad_batch(seqs, tok.pad_token_id)
     with torch.no_grad():
         scores = torch.cat([reward_model(ids[i: i + 32], mask[i: i + 32]) for i in range(0, len(seqs), 32)]).view(len(queries), n)
     best = scores.argmax(1).tolist()

@@ -104,7 +104,7 @@ def generate_for_study(cfg: StudyConfig, items: pd.DataFrame, progress: bool = F
     from evalkit.generate import Decoding, Policy, generate
 
     g = cfg.generate
-    policies = [Policy(p.id or Path(p.checkpoint).name, p.checkpoint, p.kind, p.n_params or None) for p in cfg.policies]
+    policies = [Policy.from_config(p) for p in cfg.policies]
     dec = Decoding(temperature=g.temperature, top_p=g.top_p, n_samples=g.n_samples, seed=g.seed, max_query_tokens=g.max_query_tokens)
     return generate(items, policies, cfg.out_dir / "generations", dec, g.baselines, batch_size=g.batch_size, progress=progress)
 
@@ -141,6 +141,7 @@ def report_study(cfg: StudyConfig, out_dir: str | Path | None = None) -> dict[st
     """``evalkit report``: the study's judgments (or the released comparisons it names) → ``reports/<id>/``."""
     from evalkit.data import comparison_batch, load_openai_comparisons
     from evalkit.errors import EvalkitError
+    from evalkit.generate import Policy
     from evalkit.models import read_metadata
     from evalkit.report.build import build_report
     from evalkit.study.exchange import load_study_tables
@@ -158,11 +159,11 @@ def report_study(cfg: StudyConfig, out_dir: str | Path | None = None) -> dict[st
     else:
         raise EvalkitError(f"{cfg.path}: report.source {r.source!r}; expected study or released")
     policy_kl = {}
-    for p in cfg.policies:  # PPO: the KL measured in training; best-of-N: log N - (N-1)/N
-        spec = read_best_of_n(p.checkpoint) if Path(p.checkpoint).is_dir() else None
-        kl = spec["kl_from_sft"] if spec else read_metadata(p.checkpoint).get("final_kl")
+    for policy in map(Policy.from_config, cfg.policies):  # PPO: the KL measured in training; best-of-N: log N - (N-1)/N
+        spec = read_best_of_n(policy.checkpoint) if Path(policy.checkpoint).is_dir() else None
+        kl = spec["kl_from_sft"] if spec else read_metadata(policy.checkpoint).get("final_kl")
         if kl is not None:
-            policy_kl[p.id or Path(p.checkpoint).name] = float(kl)
+            policy_kl[policy.policy_id] = float(kl)
     out = Path(out_dir or f"reports/{cfg.id}")
     return build_report(tables, out, cfg.study.title or cfg.id, r.baselines, r.split or None, r.n_boot, cfg.study.seed,
                         config=cfg.to_dict(), reward_models=r.reward_models, policy_kl=policy_kl)

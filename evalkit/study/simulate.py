@@ -87,7 +87,6 @@ def released_pairs(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         post = body[r.item_id]
         fl, fr = features(text[r.gen_id_left], post), features(text[r.gen_id_right], post)
         rows.append({"item_id": r.item_id, "labeler_id": r.labeler_id, "left_won": int(r.preferred == "left"),
-                     "pair": "|".join(sorted([r.gen_id_left, r.gen_id_right])), "gen_id_left": r.gen_id_left,
                      **{f"d_{f}": fl[f] - fr[f] for f in FEATURES}})
     return pd.DataFrame(rows)
 
@@ -106,25 +105,9 @@ def predict_left(model: PanelModel, pairs: pd.DataFrame) -> np.ndarray:
     return 1 / (1 + np.exp(-z))
 
 
-def labeler_agreement(pairs: pd.DataFrame) -> tuple[float, int]:
-    """Real labeler–labeler agreement over every two judgments of the same summary pair by different labelers."""
-    agree, total = 0, 0
-    for pair, g in pairs.groupby("pair"):
-        if g["labeler_id"].nunique() < 2:
-            continue
-        a, b = pair.split("|")
-        won = [left if lw else (b if left == a else a) for left, lw in zip(g["gen_id_left"], g["left_won"])]
-        labs = list(g["labeler_id"])
-        for i in range(len(won)):
-            for j in range(i + 1, len(won)):
-                if labs[i] != labs[j]:
-                    total += 1
-                    agree += won[i] == won[j]
-    return (agree / total if total else float("nan")), total
-
-
 def calibrate(batches: tuple[str, ...] = ("batch13", "batch18", "batch0_cnndm")) -> PanelModel:
     """Fit the panel on the released human labels; held-out agreement measured on items not used for the fit."""
+    from evalkit.analysis.agreement import labeler_agreement
     from evalkit.data import comparison_batch, load_openai_comparisons
 
     tables = load_openai_comparisons([comparison_batch(b) for b in batches])
@@ -135,11 +118,11 @@ def calibrate(batches: tuple[str, ...] = ("batch13", "batch18", "batch0_cnndm"))
     p = predict_left(model, test)
     sim_agree = float(np.mean((p > 0.5) == (test["left_won"] == 1)))
     sim_expected = float(np.mean(np.where(test["left_won"] == 1, p, 1 - p)))
-    human, n_human = labeler_agreement(pairs)
+    human = labeler_agreement(tables)
     model.calibration = {
         "batches": list(batches), "n_fit": int((~held).sum()), "n_held_out": int(held.sum()),
         "held_out_agreement_majority": sim_agree, "held_out_agreement_sampled": sim_expected,
-        "human_human_agreement": human, "n_human_pairs": n_human,
+        "human_human_agreement": human["agreement"], "n_human_pairs": human["n_pairs"],
         "left_rate": float(pairs["left_won"].mean()),
     }
     return model
