@@ -2,8 +2,11 @@
 same queries and settings, side by side in one process. Prints episodes/s of both and the ratio.
 
 Settings shared by both: 16 rollouts per iteration, 2 minibatches of 8, 4 PPO epochs, 48-token responses at T 0.7,
-stop at EOS, β 0.05, the same GPT-2 policy (depth --depth of the ladder) and a reward/value model of the same size.
-The first iteration of each is a warm-up; the ratio uses the mean of the following ones.
+β 0.05, the same GPT-2 policy (depth --depth of the ladder) and a reward/value model of the same size, 256-token
+queries (evalkit reads them from the checkpoint's contract). evalkit also stops a response at a newline (its contract),
+TRL only at EOS: the mean response length of each side is printed from its own log, so the comparison can be judged.
+The first iteration of each is a warm-up; the ratio uses the mean of the following ones. Episode counts are read from
+each trainer's own log.
 
     .venv/bin/pip install trl==1.12.0    # benchmark-only dependency (pip install -e '.[bench]')
     .venv/bin/python benchmarks/ppo_vs_trl.py [--depth 4] [--iterations 3]
@@ -23,7 +26,8 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 
 def build_models(root: Path, depth: int) -> tuple[Path, Path, list[list[int]]]:
-    from evalkit.models import RewardModel, build_model
+    from evalkit.contract import Contract
+    from evalkit.models import RewardModel, build_model, write_metadata
     from evalkit.train import common
     from evalkit.train.sft import train_items
     from evalkit.train.tokenizer import TokenizerConfig, train_tokenizer
@@ -34,21 +38,25 @@ def build_models(root: Path, depth: int) -> tuple[Path, Path, list[list[int]]]:
     tok.save_pretrained(root / "sft")
     RewardModel.from_causal_lm(policy, seed=1).save(root / "rm")
     tok.save_pretrained(root / "rm")
+    for folder in ("sft", "rm"):
+        write_metadata(root / folder, contract=Contract(max_query_tokens=256).to_dict())
     queries = [common.encode_query(tok, it, 256) for it in train_items(64).to_dict("records")]
     return root / "sft", root / "rm", queries
 
 
-def ours(sft: Path, rm: Path, out: Path, iterations: int, threads: int) -> list[float]:
+def ours(sft: Path, rm: Path, out: Path, iterations: int, threads: int) -> tuple[list[float], int, float]:
     from evalkit.train.common import read_metrics
     from evalkit.train.ppo import PPOConfig, ppo
 
     ppo(PPOConfig(policy=str(sft), reward_model=str(rm), iterations=iterations, rollouts=16, minibatch_size=8, ppo_epochs=4,
-                  temperature=0.7, max_query_tokens=256, max_items=64, threads=threads), out, resume=False)
-    elapsed = [r["elapsed_s"] for r in read_metrics(out)]
-    return [b - a for a, b in zip([0.0] + elapsed[:-1], elapsed)]
+                  temperature=0.7, max_items=64, threads=threads, eval_posts=0), out, resume=False)
+    rows = read_metrics(out)
+    elapsed = [r["elapsed_s"] for r in rows]
+    return ([b - a for a, b in zip([0.0] + elapsed[:-1], elapsed)], int(rows[-1]["episodes"]),
+            sum(r["mean_length"] for r in rows) / len(rows))
 
 
-def trl(sft: Path, queries: list[list[int]], out: Path, iterations: int) -> list[float]:
+def trl(sft: Path, queries: list[list[int]], out: Path, iterations: int) -> tuple[list[float], int, float]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -70,12 +78,16 @@ def trl(sft: Path, queries: list[list[int]], out: Path, iterations: int) -> list
                      gradient_accumulation_steps=2, num_mini_batches=2, num_ppo_epochs=4, total_episodes=16 * iterations,
                      response_length=48, temperature=0.7, stop_token="eos", missing_eos_penalty=1.0, kl_coef=0.05,
                      local_rollout_forward_batch_size=16, num_sample_generations=0, save_strategy="no", learning_rate=3e-5,
-                     logging_steps=1000, seed=0)
+                     logging_steps=1, seed=0)
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          train_dataset=Dataset.from_dict({"input_ids": queries}), value_model=value, callbacks=[Clock()])
     t0 = time.perf_counter()
     trainer.train()
-    return [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
+    logs = [row for row in trainer.state.log_history if "episode" in row]
+    episodes = int(max(row["episode"] for row in logs)) if logs else -1
+    lengths = [row["val/num_eos_tokens"] for row in logs if "val/num_eos_tokens" in row]
+    mean_len = 48.0 - (sum(lengths) / len(lengths) if lengths else 0.0)  # TRL pads after EOS: 48 unless it stopped
+    return [b - a for a, b in zip([t0] + stamps[:-1], stamps)], episodes, mean_len
 
 
 def main() -> None:
@@ -92,13 +104,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         sft, rm, queries = build_models(root, args.depth)
-        t_ours = ours(sft, rm, root / "ours", args.iterations, args.threads)
-        t_trl = trl(sft, queries, root / "trl", args.iterations)
+        t_ours, n_ours, len_ours = ours(sft, rm, root / "ours", args.iterations, args.threads)
+        t_trl, n_trl, len_trl = trl(sft, queries, root / "trl", args.iterations)
     mean = lambda xs: sum(xs[1:]) / max(1, len(xs) - 1)  # noqa: E731
     eps_ours, eps_trl = 16 / mean(t_ours), 16 / mean(t_trl)
     print(f"depth {args.depth}, 16 episodes/iteration, {args.iterations} iterations (first = warm-up)")
-    print(f"  evalkit: {', '.join(f'{t:.2f}s' for t in t_ours)} per iteration → {eps_ours:.2f} episodes/s")
-    print(f"  trl    : {', '.join(f'{t:.2f}s' for t in t_trl)} per iteration → {eps_trl:.2f} episodes/s")
+    print(f"  evalkit: {', '.join(f'{t:.2f}s' for t in t_ours)} per iteration → {eps_ours:.2f} episodes/s "
+          f"({n_ours} episodes in its metrics.jsonl, mean response {len_ours:.1f} tokens)")
+    print(f"  trl    : {', '.join(f'{t:.2f}s' for t in t_trl)} per iteration → {eps_trl:.2f} episodes/s "
+          f"({n_trl} episodes in its log history, mean response ≈{len_trl:.1f} tokens)")
     print(f"  ratio evalkit / trl: {eps_ours / eps_trl:.2f}x")
 
 

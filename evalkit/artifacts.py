@@ -132,6 +132,13 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         _c("dataset", "str", allowed=DATASETS),
         _c("split", "str", allowed=SPLITS),
     ),
+    "quality": (  # a trainer's held-out summaries, one row per post (evalkit.train.quality); rm_score/kl_to_sft follow
+        _c("item_id", "str"),
+        _c("text", "str"),
+        _c("n_tokens", "int"),
+        _c("finished", "bool"),
+        _c("rouge_l", "float", value_range=(0, 1)),
+    ),
     "fits": (
         _c("analysis", "str"),
         _c("term", "str"),
@@ -146,7 +153,7 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
     ),
 }
 
-KEYS = {"items": "item_id", "generations": "gen_id", "tasks": "task_id", "judgments": "judgment_id"}
+KEYS = {"quality": "item_id", "items": "item_id", "generations": "gen_id", "tasks": "task_id", "judgments": "judgment_id"}
 
 
 def _schema(name: str) -> tuple[Column, ...]:

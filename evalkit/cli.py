@@ -147,7 +147,7 @@ def run(study: str, overrides: tuple[str, ...], force: bool) -> None:
 @click.option("--samples", type=click.IntRange(min=1), default=None, help="Samples per item (needs a temperature).")
 @click.option("--seed", type=int, default=None)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
-@click.option("--max-query-tokens", type=click.IntRange(min=16), default=None)
+@click.option("--max-query-tokens", type=click.IntRange(min=16), default=None, help="Default: each checkpoint's contract; more is an error.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for generations.parquet.")
 def generate_cmd(study, dataset, split, path, n_items, policies, baselines, temperature, top_p, samples, seed, batch_size,
                  max_query_tokens, out_dir) -> None:
@@ -171,7 +171,7 @@ def generate_cmd(study, dataset, split, path, n_items, policies, baselines, temp
         raise EvalkitError("nothing to generate: give --policy FOLDER or --baseline NAME (or a study with [[policies]])")
     dec = Decoding(temperature=g.temperature if temperature is None else temperature, top_p=g.top_p if top_p is None else top_p,
                    n_samples=g.n_samples if samples is None else samples, seed=g.seed if seed is None else seed,
-                   max_query_tokens=g.max_query_tokens if max_query_tokens is None else max_query_tokens)
+                   max_query_tokens=(g.max_query_tokens or None) if max_query_tokens is None else max_query_tokens)
     table = generate(items, chosen, out_dir, dec, base, batch_size=batch_size or g.batch_size)
     click.echo(f"{out_dir}/generations.parquet: {len(table)} rows")
     for (pid, kind), grp in table.groupby(["policy_id", "policy_kind"]):
@@ -352,8 +352,13 @@ def _report(out_dir: str, stage: str) -> None:
     from evalkit.models import read_metadata
 
     meta = read_metadata(out_dir)
-    keys = ("n_params", "n_params_nonembedding", "val_loss", "held_out_accuracy", "final_score", "final_kl", "steps", "iterations")
+    keys = ("n_params", "n_params_nonembedding", "n_params_trainable", "val_loss", "held_out_accuracy", "length_heuristic_accuracy",
+            "n_train", "n_held_out", "final_score", "final_kl", "steps", "iterations")
     click.echo(f"{out_dir}: {stage} done; " + ", ".join(f"{k} {meta[k]:.4g}" if isinstance(meta.get(k), float) else f"{k} {meta[k]}" for k in keys if meta.get(k) is not None))
+    q = meta.get("quality") or {}
+    if q:
+        extra = [f"{k} {q[k]:.3f}" for k in ("distinct_fraction", "mean_tokens", "rouge_l", "rm_score", "kl_to_sft") if isinstance(q.get(k), float)]
+        click.echo(f"  held-out {q.get('split')} ({q.get('n_posts')} posts): " + ", ".join(extra))
 
 
 @train.command("pretrain")
@@ -382,14 +387,17 @@ def train_sft_cmd(init: str, out_dir: str, overrides: tuple[str, ...]) -> None:
 
 @train.command("rm")
 @click.option("--init", required=True, type=click.Path(), help="SFT checkpoint.")
-@click.option("--comparisons", required=True, type=click.Path(), help="Folder with items/generations/tasks/judgments tables.")
+@click.option("--comparisons", "comparisons", multiple=True, metavar="SOURCE",
+              help="Repeatable: a released batch (batch13, batch18; the default is both), oai1b-gpt4-judged (LLM-judged "
+                   "pairs, only when listed), or a folder with items/generations/tasks/judgments tables.")
 @_OUT
 @_SET
-def train_rm_cmd(init: str, comparisons: str, out_dir: str, overrides: tuple[str, ...]) -> None:
-    """Reward model with the Bradley-Terry loss on pairwise judgments."""
+def train_rm_cmd(init: str, comparisons: tuple[str, ...], out_dir: str, overrides: tuple[str, ...]) -> None:
+    """Reward model with the Bradley-Terry loss on pairwise judgments (evaluation posts never trained on)."""
     from evalkit.train.reward import RewardConfig, train_reward_model
 
-    train_reward_model(_config(RewardConfig, {"init": init, "comparisons": comparisons}, overrides), out_dir)
+    fixed = {"init": init, **({"comparisons": list(comparisons)} if comparisons else {})}
+    train_reward_model(_config(RewardConfig, fixed, overrides), out_dir)
     _report(out_dir, "reward model")
 
 
@@ -408,24 +416,30 @@ def train_ppo_cmd(policy: str, reward_model: str, out_dir: str, overrides: tuple
 
 @train.command("ladder")
 @_OUT
-@click.option("--preset", default="default", show_default=True, help="default, or tiny for a smoke run of minutes.")
-@click.option("--depths", default=None, help="Comma-separated depths (the size dial), e.g. 2,4,6.")
-def train_ladder_cmd(out_dir: str, preset: str, depths: str | None) -> None:
-    """Tokenizer, then pretrain → SFT → RM → PPO at every ladder size; re-running resumes."""
-    from evalkit.models import read_metadata
-    from evalkit.train.ladder import ladder_config, run_ladder
+@click.option("--preset", default="default", show_default=True,
+              help="default | tiny (from scratch, minutes) | smollm2-cpu (real weights, this CPU) | smollm2 (real weights, GPU).")
+@click.option("--base", "bases", default=None, help="Comma-separated: scratch and/or real bases smollm2, gemma3-270m.")
+@click.option("--depths", default=None, help="Comma-separated depths of the from-scratch sizes (the size dial), e.g. 2,4,6.")
+@_SET
+def train_ladder_cmd(out_dir: str, preset: str, bases: str | None, depths: str | None, overrides: tuple[str, ...]) -> None:
+    """Pretrained → SFT → RM → PPO (+ best-of-N) at every size, each measured on held-out posts; re-running resumes."""
+    from dataclasses import asdict
+
+    from evalkit.train.ladder import LadderConfig, format_summary, ladder_config, run_ladder
 
     try:
         sizes = tuple(int(x) for x in depths.split(",")) if depths else None
     except ValueError:
         raise EvalkitError(f"--depths {depths!r}: expected comma-separated integers, e.g. 2,4,6") from None
-    cfg = ladder_config(preset, sizes)
+    names = tuple(b.strip() for b in bases.split(",") if b.strip()) if bases else None
+    cfg = ladder_config(preset, sizes, names)
+    if overrides:
+        raw = {k: v for k, v in asdict(cfg).items() if k != "tokenizer"}
+        cfg = _config(LadderConfig, raw, overrides)
+        cfg = cfg.__class__(**{**cfg.__dict__, "tokenizer": ladder_config(preset).tokenizer})
     summary = run_ladder(cfg, out_dir)
-    for depth in cfg.depths:
-        meta = {stage: read_metadata(Path(out_dir) / f"d{depth}" / stage) for stage in ("pretrained", "sft", "rm", "ppo")}
-        click.echo(f"depth {depth}: n_params {meta['sft'].get('n_params')} (non-embedding {meta['sft'].get('n_params_nonembedding')}); "
-                   f"pretrain val_loss {meta['pretrained'].get('val_loss', float('nan')):.3f}; sft val_loss {meta['sft'].get('val_loss', float('nan')):.3f}; "
-                   f"rm held-out accuracy {meta['rm'].get('held_out_accuracy')}; ppo final score {meta['ppo'].get('final_score')}, KL {meta['ppo'].get('final_kl')}")
+    for line in format_summary(summary["summary"]):
+        click.echo(line)
     click.echo("timings (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items()))
 
 

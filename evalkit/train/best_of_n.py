@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from evalkit.data.query import MAX_QUERY_TOKENS, MAX_SUMMARY_TOKENS
+from evalkit.contract import read_contract, same_lineage
 from evalkit.errors import EvalkitError
 from evalkit.models import RewardModel, load_causal_lm, load_tokenizer, read_metadata
 from evalkit.seeds import derive_seed
@@ -32,30 +32,35 @@ class BestOfNConfig:
     reward_model: str
     n: int = 4
     temperature: float = 0.7
-    max_query_tokens: int = MAX_QUERY_TOKENS
-    max_summary_tokens: int = MAX_SUMMARY_TOKENS
     seed: int = 0
 
 
 def best_of_n(cfg: BestOfNConfig, items: pd.DataFrame) -> pd.DataFrame:
-    """For each item: the N samples' texts and RM scores, and which one is kept (``is_best``)."""
+    """For each item: the N samples' texts and RM scores, and which one is kept (``is_best``).
+
+    Samples come from the one batched decoder (``common.sample``) under the SFT checkpoint's contract; each is scored
+    in the canonical form the RM was trained on; an unfinished sample gets the contract's no-EOS score."""
     best_of_n_kl(cfg.n)
     tok = load_tokenizer(cfg.policy)
+    contract = read_contract(cfg.policy)
+    same_lineage(contract, read_contract(cfg.reward_model), f"policy {cfg.policy}", f"reward model {cfg.reward_model}")
     policy = load_causal_lm(cfg.policy).eval()
     rm = RewardModel.load(cfg.reward_model).eval()
+    records = items.to_dict("records")
+    queries = [common.encode_query(tok, it, contract.max_query_tokens) for it in records for _ in range(cfg.n)]
+    seeds = [derive_seed("best-of-n", cfg.policy, it["item_id"], cfg.seed, k) for it in records for k in range(cfg.n)]
+    samples = common.sample(policy, tok, queries, contract, cfg.temperature, seeds)
+    texts = [common.response_text(tok, ids) for ids, _ in samples]
+    scores = common.score_summaries(rm, tok, queries, texts, contract)
+    scores = torch.where(torch.tensor([fin for _, fin in samples]), scores, torch.full_like(scores, contract.no_eos_score))
     rows = []
-    for item in items.to_dict("records"):
-        query = common.encode_query(tok, item, cfg.max_query_tokens)
-        responses, hit = common.sample_responses(policy, tok, [query] * cfg.n, cfg.temperature, cfg.max_summary_tokens,
-                                                 derive_seed("best-of-n", cfg.policy, item["item_id"], cfg.seed))
-        ids, mask = common.pad_batch([query + (r or [tok.pad_token_id]) for r in responses], tok.pad_token_id)
-        with torch.no_grad():
-            scores = rm(ids, mask).tolist()
-        best = max(range(cfg.n), key=lambda k: scores[k])
-        for k, (resp, h, s) in enumerate(zip(responses, hit, scores)):
-            text = tok.decode([t for t in resp if t != tok.eos_token_id], skip_special_tokens=True).split("\n")[0].strip()
-            rows.append({"item_id": item["item_id"], "sample_idx": k, "text": text, "score": s, "hit_eos": h,
-                         "n_tokens": len(resp), "is_best": k == best})
+    for i, item in enumerate(records):
+        block = scores[i * cfg.n: (i + 1) * cfg.n]
+        best = int(block.argmax())
+        for k in range(cfg.n):
+            ids, fin = samples[i * cfg.n + k]
+            rows.append({"item_id": item["item_id"], "sample_idx": k, "text": texts[i * cfg.n + k], "score": float(block[k]),
+                         "finished": fin, "n_tokens": len(ids), "is_best": k == best})
     return pd.DataFrame(rows)
 
 
@@ -76,7 +81,9 @@ def write_best_of_n(folder: str | Path, policy: str | Path, reward_model: str | 
 
     folder = Path(folder)
     meta = read_metadata(policy)
-    write_json(folder / SPEC_FILE, {"policy_kind": "best_of_n", "policy": str(Path(policy).resolve()),
+    contract = read_contract(policy)
+    same_lineage(contract, read_contract(reward_model), f"policy {policy}", f"reward model {reward_model}")
+    write_json(folder / SPEC_FILE, {"policy_kind": "best_of_n", "policy": str(Path(policy).resolve()), "contract": contract.to_dict(),
                                     "reward_model": str(Path(reward_model).resolve()), "n": n, "temperature": temperature,
                                     "kl_from_sft": best_of_n_kl(n), "n_params": meta.get("n_params"), "depth": meta.get("depth")})
     return folder

@@ -270,26 +270,221 @@ def broadcast_object(obj: Any, d: Dist) -> Any:
     return box[0]
 
 
-# ------------------------------------------------------------------------------------------------------ sampling
+# ------------------------------------------------------------------------------------------------- parameters
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The stack of transformer blocks of a causal LM or backbone (GPT-2 ``h``, Llama/Gemma ``layers``)."""
+    base = getattr(model, "base_model", model)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(base, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise EvalkitError(f"{type(model).__name__}: no stack of transformer blocks found")
+    return max(lists, key=len)
+
+
+def final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
+    base = getattr(model, "base_model", model)
+    for name in ("norm", "ln_f", "final_layernorm"):
+        if isinstance(getattr(base, name, None), torch.nn.Module):
+            return getattr(base, name)
+    return None
+
+
+def freeze_lower_layers(model: torch.nn.Module, trainable_layers: int, extra: tuple[torch.nn.Module, ...] = ()) -> dict:
+    """Train only the top ``trainable_layers`` blocks (plus the final norm and ``extra`` modules, e.g. a reward head);
+    0 trains everything. Embeddings (and a tied LM head) stay frozen when only some blocks train."""
+    layers = decoder_layers(model)
+    if trainable_layers < 0 or trainable_layers > len(layers):
+        raise EvalkitError(f"trainable_layers {trainable_layers}: expected 0 (all) to {len(layers)} (the model's blocks)")
+    if trainable_layers:
+        model.requires_grad_(False)
+        for module in [*layers[len(layers) - trainable_layers:], final_norm(model), *extra]:
+            if module is not None:
+                module.requires_grad_(True)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable_layers": trainable_layers or len(layers), "n_layers": len(layers), "n_params_trainable": n_train}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups over the trainable parameters: weight decay on matrices only, never on norms, biases or
+    embeddings."""
+    emb = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and id(p) not in emb else no_decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ------------------------------------------------------------------------------------------- sampling and scoring
+
+def finished(ids: list[int], hit_eos: bool, stop_ids: set[int]) -> bool:
+    """Whether a completion stopped by the contract's rule (EOS or a newline token) rather than running out."""
+    return hit_eos or bool(ids and ids[-1] in stop_ids)
+
+
+def response_text(tok, ids: list[int]) -> str:
+    """A completion's summary text: special tokens dropped, cut at the first newline, stripped (the contract's rule)."""
+    from evalkit.generate import postprocess
+
+    return postprocess(tok.decode([t for t in ids if t != tok.eos_token_id], skip_special_tokens=True))
+
 
 @torch.no_grad()
-def sample_responses(model, tok, queries: list[list[int]], temperature: float, max_new_tokens: int, seed: int,
-                     device=torch.device("cpu")) -> tuple[list[list[int]], list[bool]]:
-    """Sample one response per query (left-padded batch, KV cache); each is cut after its first EOS.
+def score_summaries(reward_model, tok, queries: list[list[int]], texts: list[str], contract, device=torch.device("cpu"),
+                    batch_size: int = 16) -> torch.Tensor:
+    """Reward-model scores of summaries in the contract's canonical form: query + " " + text + EOS.
 
-    Returns the response token lists (EOS included where it was produced) and whether EOS was produced.
+    Every scorer (RM training and evaluation, PPO, best-of-N, held-out quality) goes through this form, so the RM
+    never sees a newline token or a multi-line completion it was not trained on."""
+    seqs = [q + encode_summary(tok, t, contract.max_summary_tokens) for q, t in zip(queries, texts)]
+    out = []
+    for chunk in iterate(seqs, batch_size):
+        ids, mask = pad_batch(chunk, tok.pad_token_id)
+        out.append(reward_model(ids.to(device), mask.to(device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def sample(model, tok, queries: list[list[int]], contract, temperature: float, seeds: list[int], batch_size: int = 32,
+           prefill_chunk: int = 16) -> list[tuple[list[int], bool]]:
+    """Completions from ``evalkit.generate.decode_batch`` (the one sampling loop), with the contract's stop rule;
+    queries are decoded in length-sorted batches and returned in their original order as (ids, finished)."""
+    from evalkit.generate import Decoding, decode_batch, newline_token_ids
+
+    stop = newline_token_ids(tok)
+    stop_set = set(stop.tolist())
+    dec = Decoding(temperature=temperature, max_new_tokens=contract.max_summary_tokens, max_query_tokens=contract.max_query_tokens)
+    order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
+    out: list[tuple[list[int], bool]] = [([], False)] * len(queries)
+    for chunk in iterate(order, batch_size):
+        results = decode_batch(model, tok, [queries[i] for i in chunk], dec, [seeds[i] for i in chunk], stop, prefill_chunk)
+        for i, (ids, hit) in zip(chunk, results):
+            out[i] = (ids, finished(ids, hit, stop_set))
+    return out
+
+
+def join_query_response(queries: list[list[int]], responses: list[list[int]], pad_id: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Left-padded queries followed by right-padded responses: (ids, attention mask, query width, response mask).
+
+    An empty response keeps one masked pad so the tensor has a response column."""
+    q_ids, q_mask = pad_batch(queries, pad_id, side="left")
+    r_ids, r_mask = pad_batch([r if r else [pad_id] for r in responses], pad_id, side="right")
+    r_mask = r_mask * torch.tensor([[1] if r else [0] for r in responses])
+    return torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1), q_ids.shape[1], r_mask.float()
+
+
+def response_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, q_len: int, temperature: float,
+                      trunk: "SharedTrunk | None" = None, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the response tokens (positions ``q_len`` on) and the per-token entropy (no gradient).
+
+    Only the positions that predict response tokens go through the LM head (``logits_to_keep``): for a 512-token
+    query and a 48-token summary that skips >90% of the vocabulary projection, the largest cost of a small model.
+    Logits are divided by the sampling temperature, as where the tokens were sampled. With a shared trunk and its
+    output ``hidden``, only the model's top blocks run.
     """
-    ids, mask = pad_batch(queries, tok.pad_token_id, side="left")
-    torch.manual_seed(seed)
-    kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kwargs)
-    responses, hit = [], []
-    for row in out[:, ids.shape[1]:].tolist():
-        if tok.eos_token_id in row:
-            row = row[: row.index(tok.eos_token_id) + 1]
-            hit.append(True)
-        else:
-            hit.append(False)
-        responses.append(row)
-    return responses, hit
+    from evalkit.models import position_ids
+
+    n_resp = ids.shape[1] - q_len
+    kw = dict(attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=n_resp + 1, use_cache=False)
+    if hidden is not None:
+        inner = getattr(model, "module", model)
+        with top_blocks(inner, trunk.k):
+            logits = model(inputs_embeds=hidden, **kw).logits
+    else:
+        logits = model(input_ids=ids, **kw).logits
+    logits = logits[:, :-1].float() / max(temperature, 1e-6)
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, ids[:, q_len:, None]).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+# ---------------------------------------------------------------------------------------------- shared frozen trunk
+
+def _layers_attr(base: torch.nn.Module) -> str:
+    for name in ("layers", "h", "blocks"):
+        if isinstance(getattr(base, name, None), torch.nn.ModuleList):
+            return name
+    raise EvalkitError(f"{type(base).__name__}: no stack of transformer blocks found")
+
+
+class _Swap:
+    """Temporarily replace attributes of a module (restored on exit, also on error)."""
+
+    def __init__(self, module: torch.nn.Module, **attrs):
+        self.module, self.attrs, self.saved = module, attrs, {}
+
+    def __enter__(self):
+        for name, value in self.attrs.items():
+            self.saved[name] = getattr(self.module, name)
+            setattr(self.module, name, value)
+
+    def __exit__(self, *exc):
+        for name, value in self.saved.items():
+            setattr(self.module, name, value)
+
+
+def top_blocks(model: torch.nn.Module, k: int) -> _Swap:
+    """Within the context the model runs only its top ``k`` blocks, on hidden states passed as ``inputs_embeds``."""
+    base = getattr(model, "base_model", model)
+    name = _layers_attr(base)
+    layers = getattr(base, name)
+    return _Swap(base, **{name: torch.nn.ModuleList(list(layers)[len(layers) - k:])})
+
+
+def trunk_digest(model: torch.nn.Module, k: int) -> str:
+    """A digest of everything below the top ``k`` blocks: the embeddings and the lower blocks."""
+    base = getattr(model, "base_model", model)
+    layers = getattr(base, _layers_attr(base))
+    h = hashlib.sha256()
+    for module in [base.get_input_embeddings(), *list(layers)[: len(layers) - k]]:
+        for p in module.parameters():
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class SharedTrunk:
+    """The frozen lower blocks that every model of one lineage shares when only the top ``k`` blocks train.
+
+    PPO runs four models (policy, SFT reference, value model, reward model) over the same sequences, and the
+    policy and value model again in every epoch. When their embeddings and lower blocks are bit-identical (checked
+    once, by digest), the lower blocks run once per batch and each model runs only its own top ``k`` blocks on that
+    output: the same numbers (up to float reassociation) for a fraction of the cost. Models with learned absolute
+    position embeddings (GPT-2's ``wpe``) add them to ``inputs_embeds`` and are not shared.
+    """
+
+    def __init__(self, model: torch.nn.Module, k: int):
+        self.model, self.k = model, k
+
+    @classmethod
+    def build(cls, models: list[torch.nn.Module], k: int) -> "SharedTrunk | None":
+        if k <= 0:
+            return None
+        bases = [getattr(m, "base_model", m) for m in models]
+        if any(hasattr(b, "wpe") for b in bases) or k >= len(getattr(bases[0], _layers_attr(bases[0]))):
+            return None
+        digests = {trunk_digest(m, k) for m in models}
+        if len(digests) != 1:
+            log.warning("the models' lower blocks differ; every model runs whole")
+            return None
+        return cls(models[0], k)
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        from evalkit.models import position_ids
+
+        base = getattr(self.model, "base_model", self.model)
+        name = _layers_attr(base)
+        layers = getattr(base, name)
+        with _Swap(base, **{name: torch.nn.ModuleList(list(layers)[: len(layers) - self.k]), "norm": torch.nn.Identity()}):
+            return base(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).last_hidden_state

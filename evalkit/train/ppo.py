@@ -2,9 +2,19 @@
 
 Policy from SFT; a frozen copy of SFT as the KL reference; a separate value model initialised from the reward model;
 the frozen reward model. Per episode ``R = r_RM(x, y) − β · Σ_t log(π(y_t)/π_SFT(y_t))``, the KL applied per token and
-the RM score added at the last real token (never a pad). A completion without EOS gets ``eos_penalty`` as its score.
-GAE with γ = 1, λ = 0.95, whitened advantages, clipped policy and value losses, 4 epochs per batch; logits are
-divided by the sampling temperature wherever log-probabilities are taken.
+the RM score added at the last real token (never a pad). GAE with γ = 1, λ = 0.95, whitened advantages, clipped
+policy and value losses, 4 epochs per batch; logits are divided by the sampling temperature wherever
+log-probabilities are taken.
+
+The lineage's contract (``evalkit.contract``, read from the SFT checkpoint and checked against the RM's) decides the
+query length, the summary length and the stop rule: rollouts come from the same batched decoder as ``evalkit
+generate`` and stop at EOS or a newline; the RM scores the canonical form (query + " " + text + EOS) exactly as it was
+trained; a completion that ran out of tokens gets the contract's ``no_eos_score``.
+
+Under ``torchrun`` each rank samples its own share of the episodes (episode seeds come from the global episode
+index), advantages are whitened with global statistics, and DDP all-reduces the policy's and the value model's
+gradients, so every rank ends with the same weights. Every model stays in eval mode: dropout never changes an RL
+forward pass (the ratio at the first epoch is exactly 1).
 """
 
 from __future__ import annotations
@@ -14,14 +24,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from evalkit.data.query import MAX_QUERY_TOKENS, MAX_SUMMARY_TOKENS
+from evalkit.contract import read_contract, same_lineage
 from evalkit.errors import EvalkitError
-from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer, position_ids, read_metadata
+from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer, read_metadata
 from evalkit.seeds import derive_seed
 from evalkit.train import common
+from evalkit.train.quality import measure, paired_difference, read_quality
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +43,12 @@ class PPOConfig:
     policy: str  # the SFT checkpoint
     reward_model: str
     iterations: int = 20
-    rollouts: int = 16  # episodes per iteration
+    rollouts: int = 16  # episodes per iteration on each rank
     minibatch_size: int = 8
     ppo_epochs: int = 4
     lr: float = 3e-5
     value_lr: float = 1e-4
+    weight_decay: float = 0.0
     kl_coef: float = 0.05
     adaptive_kl: bool = False
     kl_target: float = 6.0
@@ -45,9 +58,8 @@ class PPOConfig:
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     temperature: float = 0.7
-    eos_penalty: float = -1.0
-    max_query_tokens: int = MAX_QUERY_TOKENS
-    max_summary_tokens: int = MAX_SUMMARY_TOKENS
+    trainable_layers: int = 0  # 0 = every block; k = only the top k blocks of the policy and of the value model
+    eval_posts: int = 200  # held-out valid1 posts measured at the end (quality, RM score, KL to SFT); 0 = none
     max_items: int = 0
     save_every: int = 0
     seed: int = 0
@@ -58,32 +70,21 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
-
-
-def response_logprobs(model, ids, mask, q_len: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of the response tokens (positions ``q_len`` on) and the per-token entropy (no gradient).
-
-    Only the positions that predict response tokens go through the LM head (``logits_to_keep``): for a 512-token
-    query and a 48-token summary that skips >90% of the vocabulary projection, the largest cost of a small model.
-    """
-    n_resp = ids.shape[1] - q_len
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=n_resp + 1).logits
-    logits = logits[:, :-1] / temperature
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, ids[:, q_len:, None]).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, d: common.Dist | None = None) -> torch.Tensor:
+    """Zero mean, unit variance over the masked entries (of every rank's batch under torchrun)."""
+    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
+    if d is not None and d.enabled:
+        torch.distributed.all_reduce(stats)
+    n = stats[2].clamp(min=1)
+    mean = stats[0] / n
+    var = (stats[1] / n - mean * mean).clamp(min=0)
+    return ((x - mean.to(x.dtype)) * torch.rsqrt(var.to(x.dtype) + 1e-8)) * mask
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
     """Generalised advantage estimates over response tokens (masked positions contribute nothing)."""
     adv = torch.zeros_like(rewards)
-    last = torch.zeros(rewards.shape[0])
+    last = torch.zeros(rewards.shape[0], device=rewards.device, dtype=rewards.dtype)
     for t in reversed(range(rewards.shape[1])):
         next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
         delta = rewards[:, t] + gamma * next_value - values[:, t]
@@ -92,26 +93,59 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv
 
 
+def token_values(model, ids, mask, trunk=None, hidden=None) -> torch.Tensor:
+    """The value model's value at every position (through DDP's forward when wrapped); from the shared trunk's
+    output when given, running only the top blocks."""
+    if hidden is None:
+        return model(ids, mask, per_token=True)
+    inner = getattr(model, "module", model)
+    with common.top_blocks(inner.backbone, trunk.k):
+        return model(None, mask, per_token=True, inputs_embeds=hidden)
+
+
+class EpisodeOrder:
+    """Which training post each global episode uses: epoch ``e // n`` is a fresh seeded permutation, so the order
+    never wraps inside an epoch and posts never repeat before every post has been used."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def __getitem__(self, episode: int) -> int:
+        epoch, pos = divmod(episode, self.n)
+        if epoch not in self._perms:
+            self._perms[epoch] = np.random.default_rng(derive_seed("ppo-episodes", self.seed, epoch)).permutation(self.n)
+        return int(self._perms[epoch][pos])
+
+
 def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
     out_dir = Path(out_dir)
     tok = load_tokenizer(cfg.policy)
-    d = common.init_distributed(cfg.threads)
-    if d.enabled:
-        raise EvalkitError("PPO runs as one process for now; launch it without torchrun")
-    state = common.prepare_out_dir(out_dir, cfg, resume)
+    contract = read_contract(cfg.policy)
+    same_lineage(contract, read_contract(cfg.reward_model), f"policy {cfg.policy}", f"reward model {cfg.reward_model}")
+    if cfg.rollouts % cfg.minibatch_size:
+        raise EvalkitError(f"rollouts {cfg.rollouts} is not a multiple of minibatch_size {cfg.minibatch_size}")
+    d, state = common.start_run(out_dir, cfg, resume)
     from evalkit.train.sft import train_items
 
     items = train_items(cfg.max_items).to_dict("records")
-    queries = [common.encode_query(tok, it, cfg.max_query_tokens) for it in items]
+    queries = [common.encode_query(tok, it, contract.max_query_tokens) for it in items]
     if not queries:
         raise EvalkitError("no TL;DR train posts to run PPO on")
+    order = EpisodeOrder(len(queries), cfg.seed)
 
-    policy = load_causal_lm(out_dir if state else cfg.policy).train()
-    reference = load_causal_lm(cfg.policy).eval().requires_grad_(False)
-    reward_model = RewardModel.load(cfg.reward_model).eval().requires_grad_(False)
-    value_model = RewardModel.load(out_dir / "value" if state else cfg.reward_model).train()
-    pol_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, eps=1e-5)
-    val_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr, eps=1e-5)
+    # models: all in eval mode (no dropout in any RL forward pass); only the policy and the value model train
+    policy = load_causal_lm(out_dir if state else cfg.policy).to(d.device).eval()
+    reference = load_causal_lm(cfg.policy).to(d.device).eval().requires_grad_(False)
+    reward_model = RewardModel.load(cfg.reward_model).to(d.device).eval().requires_grad_(False)
+    value_model = RewardModel.load(out_dir / "value" if state else cfg.reward_model).to(d.device).eval()
+    frozen = common.freeze_lower_layers(policy, cfg.trainable_layers)
+    common.freeze_lower_layers(value_model.backbone, cfg.trainable_layers, extra=(value_model.head,))
+    # with only the top blocks training, the lower blocks are one frozen trunk shared by all four models: run it once
+    trunk = common.SharedTrunk.build([policy, reference, value_model.backbone, reward_model.backbone], cfg.trainable_layers)
+    pol = DDP(policy) if d.enabled else policy
+    val = DDP(value_model) if d.enabled else value_model
+    pol_opt = torch.optim.AdamW(common.param_groups(policy, cfg.weight_decay), lr=cfg.lr, eps=1e-5)
+    val_opt = torch.optim.AdamW(common.param_groups(value_model, cfg.weight_decay), lr=cfg.value_lr, eps=1e-5)
     beta, start = cfg.kl_coef, 0
     if state:
         pol_opt.load_state_dict(state["policy_optimizer"])
@@ -121,67 +155,65 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
     pad, t0 = tok.pad_token_id, time.perf_counter()
 
     for it in range(start, cfg.iterations):
-        # 1. rollout: sample one summary per query at the training temperature
-        epoch, index = divmod(it * cfg.rollouts, len(queries))
-        order = common.batch_order(len(queries), 1, cfg.seed, epoch, d)
-        picks = [int(order[(index + k) % len(order)][0]) for k in range(cfg.rollouts)]
-        batch_q = [queries[i] for i in picks]
-        policy.eval()
-        responses, hit_eos = common.sample_responses(policy, tok, batch_q, cfg.temperature, cfg.max_summary_tokens,
-                                                     derive_seed("ppo-rollout", cfg.seed, it))
-        policy.train()
-        q_ids, q_mask = common.pad_batch(batch_q, pad, side="left")
-        r_ids, r_mask = common.pad_batch([r if r else [pad] for r in responses], pad, side="right")
-        r_mask = r_mask * torch.tensor([[1] if r else [0] for r in responses])
-        ids, mask = torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1)
-        q_len = q_ids.shape[1]
-        resp_mask = r_mask.float()
+        # 1. rollout: this rank's episodes of the iteration, one summary each at the training temperature
+        first = (it * d.world + d.rank) * cfg.rollouts
+        episodes = range(first, first + cfg.rollouts)
+        batch_q = [queries[order[e]] for e in episodes]
+        samples = common.sample(policy, tok, batch_q, contract, cfg.temperature,
+                                [derive_seed("ppo-rollout", cfg.seed, e) for e in episodes], batch_size=cfg.rollouts)
+        responses = [ids for ids, _ in samples]
+        is_finished = torch.tensor([fin for _, fin in samples], device=d.device)
+        ids, mask, q_len, resp_mask = common.join_query_response(batch_q, responses, pad)
+        ids, mask, resp_mask = ids.to(d.device), mask.to(d.device), resp_mask.to(d.device)
 
         with torch.no_grad():
-            # 2. score: the RM at the last real token; no EOS → the fixed penalty score
-            scores = reward_model(ids, mask)
-            no_eos = ~torch.tensor(hit_eos)
-            scores = torch.where(no_eos, torch.full_like(scores, cfg.eos_penalty), scores)
+            # 2. score: the RM on the canonical form of each summary; an unfinished one gets the no-EOS score
+            texts = [common.response_text(tok, r) for r in responses]
+            scores = common.score_summaries(reward_model, tok, batch_q, texts, contract, d.device).to(d.device)
+            scores = torch.where(is_finished, scores, torch.full_like(scores, contract.no_eos_score))
 
             # 3. log-probabilities under the policy and the SFT reference; values per response token
-            old_logp, _ = response_logprobs(policy, ids, mask, q_len, cfg.temperature)
-            ref_logp, _ = response_logprobs(reference, ids, mask, q_len, cfg.temperature)
-            old_values = value_model.values(ids, mask)[:, q_len - 1: -1]
+            hidden = trunk(ids, mask) if trunk else None
+            old_logp, _ = common.response_logprobs(policy, ids, mask, q_len, cfg.temperature, trunk, hidden)
+            ref_logp, _ = common.response_logprobs(reference, ids, mask, q_len, cfg.temperature, trunk, hidden)
+            old_values = token_values(value_model, ids, mask, trunk, hidden)[:, q_len - 1: -1]
 
             # 4. KL penalty per token, the score on the last real token
             kl = (old_logp - ref_logp) * resp_mask
             rewards = -beta * kl
             last = (resp_mask.sum(1).long() - 1).clamp(min=0)
-            rewards[torch.arange(len(last)), last] += scores * (resp_mask.sum(1) > 0)
+            rewards[torch.arange(len(last), device=d.device), last] += scores * (resp_mask.sum(1) > 0)
 
-            # 5. advantages (GAE, γ = 1, λ = 0.95), returns, whitening
+            # 5. advantages (GAE, γ = 1, λ = 0.95), returns, whitening (global statistics under torchrun)
             advantages = gae(rewards, old_values * resp_mask, resp_mask, cfg.gamma, cfg.lam)
             returns = advantages + old_values
-            advantages = masked_whiten(advantages, resp_mask)
+            advantages = masked_whiten(advantages, resp_mask, d)
 
         # 6. update: 4 epochs of clipped policy and value losses over minibatches
-        stats = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "vf_clipfrac": [], "approx_kl": [], "entropy": []}
-        gen = torch.Generator().manual_seed(derive_seed("ppo-minibatch", cfg.seed, it))
+        stats = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "vf_clipfrac": [], "approx_kl": [], "entropy": [], "ratio": []}
+        gen = torch.Generator().manual_seed(derive_seed("ppo-minibatch", cfg.seed, it, d.rank))
         for _ in range(cfg.ppo_epochs):
             for mb in torch.randperm(cfg.rollouts, generator=gen).split(cfg.minibatch_size):
+                mb = mb.to(d.device)
                 m = resp_mask[mb]
-                logp, entropy = response_logprobs(policy, ids[mb], mask[mb], q_len, cfg.temperature)
+                h = hidden[mb] if hidden is not None else None
+                logp, entropy = common.response_logprobs(pol, ids[mb], mask[mb], q_len, cfg.temperature, trunk, h)
                 ratio = torch.exp(logp - old_logp[mb])
                 pg1 = -advantages[mb] * ratio
                 pg2 = -advantages[mb] * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange)
                 pg_loss = masked_mean(torch.max(pg1, pg2), m)
                 pol_opt.zero_grad(set_to_none=True)
                 pg_loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(common.trainable(policy), 1.0)
                 pol_opt.step()
 
-                values = value_model.values(ids[mb], mask[mb])[:, q_len - 1: -1]
+                values = token_values(val, ids[mb], mask[mb], trunk, h)[:, q_len - 1: -1]
                 clipped = old_values[mb] + (values - old_values[mb]).clamp(-cfg.cliprange_value, cfg.cliprange_value)
                 vf1, vf2 = (values - returns[mb]) ** 2, (clipped - returns[mb]) ** 2
                 vf_loss = 0.5 * masked_mean(torch.max(vf1, vf2), m)
                 val_opt.zero_grad(set_to_none=True)
                 vf_loss.backward()
-                torch.nn.utils.clip_grad_norm_(value_model.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(common.trainable(value_model), 1.0)
                 val_opt.step()
 
                 with torch.no_grad():
@@ -191,34 +223,63 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
                     stats["vf_clipfrac"].append(masked_mean((vf2 > vf1).float(), m).item())
                     stats["approx_kl"].append(0.5 * masked_mean((logp - old_logp[mb]) ** 2, m).item())
                     stats["entropy"].append(masked_mean(entropy, m).item())
+                    stats["ratio"].append(masked_mean(ratio, m).item())
 
-        # 7. log, adapt β, save
-        mean_kl = float(kl.sum(1).mean())
+        # 7. log (means over ranks), adapt β, save
+        mean_kl = common.all_reduce_mean(float(kl.sum(1).mean()), d)
+        score = common.all_reduce_mean(float(scores.mean()), d)
         row = {
-            "step": it + 1, "score": float(scores.mean()), "kl": mean_kl, "beta": beta,
-            "reward": float(scores.mean()) - beta * mean_kl, "mean_length": float(resp_mask.sum(1).mean()),
-            "no_eos_fraction": float(no_eos.float().mean()), "elapsed_s": time.perf_counter() - t0,
-            **{k: sum(v) / len(v) for k, v in stats.items()},
+            "step": it + 1, "score": score, "kl": mean_kl, "beta": beta, "reward": score - beta * mean_kl,
+            "mean_length": common.all_reduce_mean(float(resp_mask.sum(1).mean()), d),
+            "no_eos_fraction": common.all_reduce_mean(float((~is_finished).float().mean()), d),
+            "first_ratio": stats["ratio"][0], "elapsed_s": time.perf_counter() - t0,
+            "episodes": (it + 1) * cfg.rollouts * d.world, "shared_trunk": trunk is not None,
+            **{k: common.all_reduce_mean(sum(v) / len(v), d) for k, v in stats.items() if k != "ratio"},
         }
-        common.append_metrics(out_dir, row)
-        log.info("ppo %d: score %.3f kl %.3f len %.1f", it + 1, row["score"], mean_kl, row["mean_length"])
         if cfg.adaptive_kl:
             error = max(-0.2, min(0.2, mean_kl / cfg.kl_target - 1))
-            beta *= 1 + error * cfg.rollouts / cfg.kl_horizon
-        if cfg.save_every and (it + 1) % cfg.save_every == 0 and it + 1 < cfg.iterations:
-            policy.save_pretrained(out_dir)
-            value_model.save(out_dir / "value")
-            common.save_state(out_dir, cfg, {"iteration": it + 1, "beta": beta, "policy_optimizer": pol_opt.state_dict(),
-                                             "value_optimizer": val_opt.state_dict()})
+            beta *= 1 + error * cfg.rollouts * d.world / cfg.kl_horizon
+        if d.main:
+            common.append_metrics(out_dir, row)
+            log.info("ppo %d: score %.3f kl %.3f len %.1f", it + 1, row["score"], mean_kl, row["mean_length"])
+            if cfg.save_every and (it + 1) % cfg.save_every == 0 and it + 1 < cfg.iterations:
+                policy.save_pretrained(out_dir)
+                value_model.save(out_dir / "value")
+                common.save_state(out_dir, cfg, {"iteration": it + 1, "beta": beta, "policy_optimizer": pol_opt.state_dict(),
+                                                 "value_optimizer": val_opt.state_dict()})
 
-    policy.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    value_model.save(out_dir / "value")
-    rows = common.read_metrics(out_dir)
-    parent = read_metadata(cfg.policy)
-    common.finish_checkpoint(out_dir, cfg, "ppo", common.input_files(cfg.policy) + common.input_files(cfg.reward_model), {
-        "policy_kind": "ppo", "depth": parent.get("depth"), **count_params(policy), "iterations": cfg.iterations,
-        "final_kl": rows[-1]["kl"] if rows else None, "final_score": rows[-1]["score"] if rows else None,
-        "init": str(cfg.policy), "reward_model": str(cfg.reward_model), "kl_coef": cfg.kl_coef,
-    })
+    # 8. the checkpoint, and what the policy does on held-out posts: RM score gain over SFT at its KL
+    digests = common.check_replicas_in_sync(policy, d)
+    if d.main:
+        policy.save_pretrained(out_dir)
+        tok.save_pretrained(out_dir)
+        value_model.save(out_dir / "value")
+        quality = measure(policy, tok, contract, out_dir, cfg.eval_posts, reward_model=reward_model, kl_reference=reference,
+                          kl_temperature=cfg.temperature, device=d.device, trainable_layers=cfg.trainable_layers)
+        quality.update(gain_over_sft(out_dir, cfg.policy, reward_model, tok, contract, d.device))
+        rows = common.read_metrics(out_dir)
+        parent = read_metadata(cfg.policy)
+        common.finish_checkpoint(out_dir, cfg, "ppo", common.input_files(cfg.policy) + common.input_files(cfg.reward_model), {
+            "policy_kind": "ppo", "depth": parent.get("depth"), "base": parent.get("base"), **count_params(policy), **frozen,
+            "iterations": cfg.iterations, "episodes": cfg.iterations * cfg.rollouts * d.world,
+            "final_kl": rows[-1]["kl"] if rows else None, "final_score": rows[-1]["score"] if rows else None,
+            "init": str(cfg.policy), "reward_model": str(cfg.reward_model), "kl_coef": cfg.kl_coef, "world_size": d.world,
+            "replica_digests": digests, "contract": contract.to_dict(), "quality": quality,
+        })
+    common.shutdown_distributed(d)
     return out_dir
+
+
+def gain_over_sft(ppo_dir: Path, sft_dir: str | Path, reward_model, tok, contract, device) -> dict:
+    """The held-out RM score of PPO's summaries minus SFT's on the same posts (SFT's stored ``quality.parquet``,
+    rescored with this RM), with a bootstrap CI over posts, and the length ratio PPO/SFT."""
+    from evalkit.train.quality import rescore
+
+    ours = read_quality(ppo_dir)
+    theirs = rescore(sft_dir, reward_model, tok, contract, device)
+    if ours is None or theirs is None or "rm_score" not in ours:
+        return {}
+    both = ours.merge(theirs, on="item_id", suffixes=("", "_sft"))
+    diff = paired_difference(both["rm_score"].to_numpy(), both["rm_score_sft"].to_numpy())
+    return {"rm_score_sft": float(both["rm_score_sft"].mean()), "rm_gain_over_sft": diff,
+            "length_ratio_to_sft": float(both["n_tokens"].mean() / max(1e-9, both["n_tokens_sft"].mean()))}

@@ -14,9 +14,11 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from evalkit.contract import Contract
 from evalkit.models import build_model, count_params, load_causal_lm, load_tokenizer
 from evalkit.seeds import derive_seed
 from evalkit.train import common
+from evalkit.train.quality import measure
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +27,16 @@ log = logging.getLogger(__name__)
 class PretrainConfig:
     tokenizer: str
     depth: int = 2
-    seq_len: int = 256
+    seq_len: int = 576  # the trained context: it must hold a query, a summary and EOS (the contract)
+    max_query_tokens: int = 512
+    max_summary_tokens: int = 48
     batch_size: int = 16
     steps: int = 300
     lr: float = 3e-3
     warmup_steps: int = 20
     weight_decay: float = 0.1
     max_documents: int = 0  # 0 = the whole training corpus
+    eval_posts: int = 200  # held-out valid1 posts summarised zero-shot at the end (quality); 0 = none
     save_every: int = 100
     seed: int = 0
     threads: int = 0
@@ -62,6 +67,9 @@ def stream_loss(model, stream: torch.Tensor, seq_len: int, device) -> float:
 
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True) -> Path:
     out_dir = Path(out_dir)
+    # the lineage's contract is born here; every later stage reads it from the checkpoint
+    contract = Contract(max_query_tokens=cfg.max_query_tokens, max_summary_tokens=cfg.max_summary_tokens,
+                        context=cfg.seq_len).check("pretrain config")
     tok = load_tokenizer(cfg.tokenizer)
     d, state = common.start_run(out_dir, cfg, resume)
 
@@ -71,10 +79,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True) -> P
     blocks = stream[: n_blocks * cfg.seq_len].view(n_blocks, cfg.seq_len)
 
     # 2. model (resumed from the folder when a run was interrupted)
-    model = load_causal_lm(out_dir) if state else build_model(cfg.depth, tok, seed=derive_seed("init", cfg.seed, cfg.depth))
+    model = load_causal_lm(out_dir) if state else build_model(cfg.depth, tok, seed=derive_seed("init", cfg.seed, cfg.depth), n_positions=cfg.seq_len)
     model.to(d.device).train()
     ddp = DDP(model) if d.enabled else model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     step = 0
     if state:
         opt.load_state_dict(state["optimizer"])
@@ -116,8 +124,11 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True) -> P
         model.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)
         common.append_metrics(out_dir, {"step": step, "val_loss": val_loss})
+        quality = measure(model, tok, contract, out_dir, cfg.eval_posts, device=d.device)
         common.finish_checkpoint(out_dir, cfg, "pretrain", common.input_files(cfg.tokenizer), {
+            "quality": quality,
             "policy_kind": "pretrained", "depth": cfg.depth, **sizes, "val_loss": val_loss, "steps": step,
+            "contract": contract.to_dict(), "base": "scratch",
             "world_size": d.world, "replica_digests": digests,
         })
     common.shutdown_distributed(d)

@@ -1,8 +1,10 @@
 """Reward model: the SFT checkpoint with a scalar head, trained on pairwise judgments with the Bradley–Terry loss
 ``-log σ(r(x, y_preferred) − r(x, y_other))`` for one epoch (REFERENCE.md).
 
-The judgments may be imported human labels, simulated ones or both: any folder holding the items, generations, tasks
-and judgments tables. The reward is read at the last real token (the EOS; padding is a distinct token and never
+The judgments come from every listed source: OpenAI's released human batches, the bundled LLM-judged pairs (only when
+listed; marked ``llm`` in the checkpoint's ``training_labels``), or any folder of items/generations/tasks/judgments
+tables. Posts of the studies' evaluation split are never trained on, and accuracy is measured on held-out posts next
+to the "longer summary wins" heuristic. The reward is read at the last real token (the EOS; padding is a distinct token and never
 read). After training the head's bias is shifted so that human references score 0 on average.
 """
 
@@ -13,32 +15,41 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from evalkit import artifacts
-from evalkit.data.query import MAX_QUERY_TOKENS, MAX_SUMMARY_TOKENS
+from evalkit.contract import read_contract
 from evalkit.errors import EvalkitError
+from evalkit.seeds import derive_seed
 from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer, read_metadata
 from evalkit.train import common
 
 log = logging.getLogger(__name__)
 
 
+LLM_JUDGED = "oai1b-gpt4-judged"  # the bundled GPT-4 verdicts on OpenAI's 1.3B PPO summary vs the reference
+DEFAULT_COMPARISONS = ("batch13", "batch18")  # every released TL;DR batch of real human judgments
+
+
 @dataclass(frozen=True)
 class RewardConfig:
     init: str  # the SFT checkpoint
-    comparisons: str  # a folder with items/generations/tasks/judgments parquet tables
-    train_splits: tuple[str, ...] = ("train", "valid1")
-    eval_split: str = "valid2"
+    # sources of pairwise judgments: released batch names (human), "oai1b-gpt4-judged" (an LLM judge; only when
+    # listed), or folders with items/generations/tasks/judgments tables
+    comparisons: tuple[str, ...] = DEFAULT_COMPARISONS
+    eval_split: str = "valid2"  # the studies' evaluation split: its TL;DR posts are never trained on
+    held_out_fraction: float = 0.15  # of the other posts, chosen by post id, for held-out accuracy (post-disjoint)
     batch_size: int = 8
     epochs: int = 1
     lr: float = 3e-4
     warmup_steps: int = 5
-    max_query_tokens: int = MAX_QUERY_TOKENS
-    max_summary_tokens: int = MAX_SUMMARY_TOKENS
+    weight_decay: float = 0.0
+    trainable_layers: int = 0  # 0 = every block; k = only the top k blocks (+ final norm and the head)
+    max_pairs: int = 0  # 0 = every training pair; otherwise the first N in the seeded order (for short CPU runs)
     save_every: int = 100
     seed: int = 0
     threads: int = 0
@@ -62,17 +73,103 @@ def preference_pairs(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         "item_id": j["item_id"], "chosen": j["preferred_gen_id"].map(text), "rejected": j["other_gen_id"].map(text),
         "split": j["item_id"].map(items["split"]), "labeler_kind": j["labeler_kind"],
     })
+    out = out[out["item_id"].map(items["dataset"]) == "tldr"]
     return out.dropna(subset=["chosen", "rejected"]).reset_index(drop=True)
 
 
-def encode_pairs(tok, pairs: pd.DataFrame, items: pd.DataFrame, cfg: RewardConfig) -> list[tuple[list[int], list[int]]]:
+def llm_judged_pairs() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The bundled GPT-4 verdicts (OpenAI 1.3B PPO summary vs human reference) as pairs marked ``labeler_kind=llm``."""
+    from evalkit.data import bundled_path, load_items, parse_tldr_query, tldr_item_id
+    from evalkit.data.io import read_csv_columns
+
+    df = read_csv_columns(bundled_path("tldr/oai1b_gpt4_judged.csv"), ("query", "postprocessed_response", "reference_responses", "preferred"))
+    rows = []
+    for query, ours, ref, verdict in zip(df["query"], df["postprocessed_response"], df["reference_responses"], df["preferred"]):
+        if verdict not in ("ours", "reference"):
+            continue
+        parts = parse_tldr_query(query)
+        chosen, rejected = (ours, ref) if verdict == "ours" else (ref, ours)
+        rows.append({"item_id": tldr_item_id(parts["subreddit"], parts["title"], parts["post"]), "chosen": str(chosen).strip(),
+                     "rejected": str(rejected).strip(), "labeler_kind": "llm"})
+    items = load_items("tldr")
+    pairs = pd.DataFrame(rows)
+    pairs["split"] = pairs["item_id"].map(items.set_index("item_id")["split"])
+    return pairs, items
+
+
+def comparison_sources(names: tuple[str, ...]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """All pairs of the named sources, each row marked with its ``source`` and ``labeler_kind``; and their items."""
+    from evalkit.data import COMPARISON_BATCHES, comparison_batch, read_openai_comparisons
+
+    if not names:
+        raise EvalkitError("no comparisons to train the reward model on; name released batches (batch13, batch18) or folders")
+    frames, items = [], []
+    for name in names:
+        if name == LLM_JUDGED:
+            pairs, its = llm_judged_pairs()
+        elif name in COMPARISON_BATCHES:
+            tables = read_openai_comparisons(comparison_batch(name))
+            pairs, its = preference_pairs(tables), tables["items"]
+        elif Path(name).is_dir():
+            tables = load_comparison_tables(name)
+            pairs, its = preference_pairs(tables), tables["items"]
+        else:
+            raise EvalkitError(f"comparisons {name!r}: not a folder, a released batch ({', '.join(COMPARISON_BATCHES)}) or {LLM_JUDGED!r}")
+        frames.append(pairs.assign(source=name))
+        items.append(its)
+    pairs = pd.concat(frames, ignore_index=True)
+    items = pd.concat(items, ignore_index=True).drop_duplicates("item_id").reset_index(drop=True)
+    return pairs, items
+
+
+def evaluation_posts(eval_split: str) -> set[str]:
+    """The TL;DR posts studies evaluate on: every bundled TL;DR item of the evaluation split."""
+    from evalkit.data import load_items
+
+    return set(load_items("tldr", eval_split)["item_id"])
+
+
+def assert_no_evaluation_posts(pairs: pd.DataFrame, eval_ids: set[str], what: str) -> None:
+    leaked = sorted(set(pairs["item_id"]) & eval_ids)
+    if leaked:
+        raise EvalkitError(f"{what}: post {leaked[0]} is an evaluation post; reward-model data may not include it")
+
+
+def split_pairs(pairs: pd.DataFrame, eval_split: str, held_out_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """(training pairs, held-out pairs, pairs dropped as evaluation posts).
+
+    Evaluation posts (the studies' ``eval_split``) are dropped entirely. The held-out set is post-disjoint from
+    training: every post the trainers measure quality on (TL;DR valid1, so RM scores there are out of sample), plus a
+    fraction of the remaining posts chosen by a hash of the post id; only human judgments are held out."""
+    from evalkit.data.splits import unit_interval
+    from evalkit.train.quality import EVAL_SPLIT
+    from evalkit.data import load_items
+
+    if not 0 < held_out_fraction < 1:
+        raise EvalkitError(f"held_out_fraction {held_out_fraction}: expected a fraction in (0, 1)")
+    eval_ids = evaluation_posts(eval_split)
+    keep = ~pairs["item_id"].isin(eval_ids)
+    dropped = int((~keep).sum())
+    pairs = pairs[keep]
+    quality_posts = set(load_items("tldr", EVAL_SPLIT)["item_id"])
+    held_post = pairs["item_id"].map(lambda i: i in quality_posts or unit_interval("rm-held-out", i) < held_out_fraction)
+    held = pairs[held_post & (pairs["labeler_kind"] != "llm")].reset_index(drop=True)
+    train = pairs[~held_post].reset_index(drop=True)
+    assert_no_evaluation_posts(train, eval_ids, "reward-model training data")
+    if set(train["item_id"]) & set(held["item_id"]):
+        raise EvalkitError("reward-model held-out set shares posts with its training data")
+    return train, held, dropped
+
+
+def encode_pairs(tok, pairs: pd.DataFrame, items: pd.DataFrame, contract) -> list[tuple[list[int], list[int]]]:
+    """(chosen, rejected) token sequences in the contract's canonical form: query + " " + summary + EOS."""
     by_id = items.set_index("item_id")
     out = []
     for item_id, chosen, rejected in zip(pairs["item_id"], pairs["chosen"], pairs["rejected"]):
         item = {"item_id": item_id, **by_id.loc[item_id].to_dict()}
-        query = common.encode_query(tok, item, cfg.max_query_tokens)
-        out.append((query + common.encode_summary(tok, chosen, cfg.max_summary_tokens),
-                    query + common.encode_summary(tok, rejected, cfg.max_summary_tokens)))
+        query = common.encode_query(tok, item, contract.max_query_tokens)
+        out.append((query + common.encode_summary(tok, chosen, contract.max_summary_tokens),
+                    query + common.encode_summary(tok, rejected, contract.max_summary_tokens)))
     return out
 
 
@@ -84,45 +181,66 @@ def pair_rewards(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, d
 
 
 @torch.no_grad()
-def accuracy(model, pairs, pad_id: int, device, batch_size: int = 16) -> float:
-    correct = 0
+def pair_correct(model, pairs, pad_id: int, device, batch_size: int = 16) -> np.ndarray:
+    """Per pair: 1 when the chosen summary scores higher, 0 when lower, 0.5 on a tie."""
+    out = []
     for chunk in common.iterate(pairs, batch_size):
         rc, rr = pair_rewards(model, chunk, pad_id, device)
-        correct += int((rc > rr).sum())
-    return correct / max(1, len(pairs))
+        out.append(((rc > rr).float() + 0.5 * (rc == rr).float()).cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-@torch.no_grad()
-def score_texts(model, tok, items: list[dict], texts: list[str], max_query_tokens: int, max_summary_tokens: int, device, batch_size: int = 16) -> torch.Tensor:
-    seqs = [common.encode_query(tok, it, max_query_tokens) + common.encode_summary(tok, t, max_summary_tokens) for it, t in zip(items, texts)]
-    out = []
-    for chunk in common.iterate(seqs, batch_size):
-        ids, mask = common.pad_batch(chunk, tok.pad_token_id)
-        out.append(model(ids.to(device), mask.to(device)))
-    return torch.cat(out) if out else torch.zeros(0)
+def accuracy(model, pairs, pad_id: int, device, batch_size: int = 16) -> float:
+    correct = pair_correct(model, pairs, pad_id, device, batch_size)
+    return float(correct.mean()) if len(correct) else float("nan")
+
+
+def length_heuristic(pairs: pd.DataFrame) -> np.ndarray:
+    """The trivial baseline on the same pairs: the longer summary (in characters) wins; a tie counts 0.5."""
+    lc, lr = pairs["chosen"].str.len().to_numpy(), pairs["rejected"].str.len().to_numpy()
+    return np.where(lc > lr, 1.0, np.where(lc < lr, 0.0, 0.5))
+
+
+def held_out_report(correct: np.ndarray, held: pd.DataFrame, seed: int) -> dict:
+    """RM accuracy and the length heuristic on the held-out pairs, each with a post-clustered 95% CI, and their
+    paired difference (RM − heuristic) with its CI."""
+    from evalkit.train.quality import bootstrap_ci, paired_difference
+
+    posts = held["item_id"].to_numpy()
+    heuristic = length_heuristic(held)
+    return {
+        "held_out_accuracy": float(correct.mean()), "held_out_accuracy_ci": bootstrap_ci(correct, posts, seed=seed),
+        "length_heuristic_accuracy": float(heuristic.mean()), "length_heuristic_ci": bootstrap_ci(heuristic, posts, seed=seed),
+        "accuracy_minus_length": paired_difference(correct, heuristic, posts, seed=seed),
+        "n_held_out": int(len(held)), "n_held_out_posts": int(held["item_id"].nunique()),
+    }
 
 
 def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = True) -> Path:
     out_dir = Path(out_dir)
     tok = load_tokenizer(cfg.init)
+    contract = read_contract(cfg.init)
     d, state = common.start_run(out_dir, cfg, resume)
 
-    # 1. pairs: training splits for the loss, the eval split for held-out accuracy
-    tables = load_comparison_tables(cfg.comparisons)
-    pairs = preference_pairs(tables)
-    train = pairs[pairs["split"].isin(cfg.train_splits)]
-    held = pairs[pairs["split"] == cfg.eval_split]
+    # 1. pairs: every listed source minus the evaluation posts; a post-disjoint held-out set for accuracy
+    pairs, items = comparison_sources(tuple(cfg.comparisons))
+    train, held, dropped = split_pairs(pairs, cfg.eval_split, cfg.held_out_fraction)
+    if cfg.max_pairs:
+        order = np.random.default_rng(derive_seed("rm-pairs", cfg.seed)).permutation(len(train))[: cfg.max_pairs]
+        train = train.iloc[np.sort(order)].reset_index(drop=True)
     if train.empty:
-        raise EvalkitError(f"{cfg.comparisons}: no pairwise judgments in splits {', '.join(cfg.train_splits)} to train on")
-    train_pairs = encode_pairs(tok, train, tables["items"], cfg)
-    held_pairs = encode_pairs(tok, held, tables["items"], cfg)
+        raise EvalkitError(f"{', '.join(cfg.comparisons)}: no pairwise judgments left to train on once evaluation posts "
+                           f"({cfg.eval_split}) and the held-out posts are set aside")
+    train_pairs = encode_pairs(tok, train, items, contract)
+    held_pairs = encode_pairs(tok, held, items, contract)
 
-    # 2. model: SFT backbone + head initialised N(0, 1/(d+1))
+    # 2. model: SFT backbone + head initialised N(0, 1/(d+1)); the top blocks and the head train
     lm = load_causal_lm(cfg.init)
     model = RewardModel.load(out_dir) if state else RewardModel.from_causal_lm(lm, seed=cfg.seed)
     model.to(d.device).train()
+    frozen = common.freeze_lower_layers(model.backbone, cfg.trainable_layers, extra=(model.head,))
     ddp = DDP(model) if d.enabled else model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr)
     per_epoch = max(1, len(train_pairs) // (cfg.batch_size * d.world))
     total = per_epoch * cfg.epochs
     start = 0
@@ -143,7 +261,7 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
         loss = -F.logsigmoid(rc - rr).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(common.trainable(model), 1.0)
         opt.step()
         acc = common.all_reduce_mean(float((rc > rr).float().mean()), d)
         loss_value = common.all_reduce_mean(loss.item(), d)
@@ -154,31 +272,37 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
                 model.save(out_dir)
                 common.save_state(out_dir, cfg, {"step": step + 1, "optimizer": opt.state_dict()})
 
-    # 4. normalise: references score 0 on average (over the training items that have one)
+    # 4. normalise: references score 0 on average (over the training posts that have one)
     model.eval()
     digests = common.check_replicas_in_sync(model, d)
     if not d.main:
         common.shutdown_distributed(d)
         return out_dir
-    ref_items = tables["items"][tables["items"]["item_id"].isin(train["item_id"]) & tables["items"]["reference"].notna()]
+    ref_items = items[items["item_id"].isin(train["item_id"]) & items["reference"].notna()]
     records = ref_items.to_dict("records")
-    ref_scores = score_texts(model, tok, records, [r["reference"] for r in records], cfg.max_query_tokens, cfg.max_summary_tokens, d.device)
+    queries = [common.encode_query(tok, r, contract.max_query_tokens) for r in records]
+    ref_scores = common.score_summaries(model, tok, queries, [r["reference"] for r in records], contract, d.device)
     shift = float(ref_scores.mean()) if len(ref_scores) else 0.0
     with torch.no_grad():
         model.head.bias -= shift
 
-    # 5. held-out accuracy and the checkpoint
-    held_acc = accuracy(model, held_pairs, tok.pad_token_id, d.device) if held_pairs else None
+    # 5. held-out accuracy next to the length heuristic on the same pairs, and the checkpoint
+    report = held_out_report(pair_correct(model, held_pairs, tok.pad_token_id, d.device), held, cfg.seed) if held_pairs else {"n_held_out": 0}
     train_acc = accuracy(model, train_pairs[:256], tok.pad_token_id, d.device)
     model.save(out_dir)
     tok.save_pretrained(out_dir)
-    summary = {"step": total, "held_out_accuracy": held_acc, "n_held_out": len(held_pairs), "train_accuracy": train_acc,
-               "n_train": len(train_pairs), "reference_mean_shift": shift}
+    labels = {f"{src} ({kind})": int(n) for (src, kind), n in train.groupby(["source", "labeler_kind"]).size().items()}
+    summary = {"step": total, **report, "train_accuracy": train_acc, "n_train": len(train_pairs), "n_train_posts": int(train["item_id"].nunique()),
+               "n_dropped_evaluation_posts": dropped, "reference_mean_shift": shift,
+               "reference_score_std": float(ref_scores.std()) if len(ref_scores) > 1 else None}
     common.append_metrics(out_dir, summary)
     parent = read_metadata(cfg.init)
-    common.finish_checkpoint(out_dir, cfg, "reward", common.input_files(cfg.init) + sorted(Path(cfg.comparisons).glob("*.parquet")), {
-        "model_kind": "reward", "depth": parent.get("depth"), **count_params(lm), **{k: v for k, v in summary.items() if k != "step"},
-        "labeler_kinds": sorted(train["labeler_kind"].unique()), "world_size": d.world, "replica_digests": digests,
+    inputs = common.input_files(cfg.init) + [p for src in cfg.comparisons if Path(src).is_dir() for p in sorted(Path(src).glob("*.parquet"))]
+    common.finish_checkpoint(out_dir, cfg, "reward", inputs, {
+        "model_kind": "reward", "depth": parent.get("depth"), "base": parent.get("base"), **count_params(lm), **frozen,
+        **{k: v for k, v in summary.items() if k != "step"}, "training_labels": labels,
+        "labeler_kinds": sorted(train["labeler_kind"].unique()), "eval_split_excluded": cfg.eval_split,
+        "world_size": d.world, "replica_digests": digests, "contract": contract.to_dict(), "init": str(cfg.init),
     })
     common.shutdown_distributed(d)
     return out_dir

@@ -1,6 +1,8 @@
 """Supervised fine-tuning: query → " " + reference + EOS, the loss on summary tokens only (REFERENCE.md).
 
-Reads top to bottom: 1. examples, 2. model, 3. loop (batch, masked loss, step, log, save), 4. held-out loss.
+Reads top to bottom: 1. examples, 2. model, 3. loop (batch, masked loss, step, log, save), 4. held-out loss and
+quality. The query and summary limits come from the init checkpoint's contract (``evalkit.contract``), never from
+this config; ``trainable_layers`` trains only the top blocks (a real 135M model on a CPU).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from evalkit.data.query import MAX_QUERY_TOKENS, MAX_SUMMARY_TOKENS
+from evalkit.contract import read_contract
 from evalkit.models import count_params, load_causal_lm, load_tokenizer, read_metadata
 from evalkit.train import common
+from evalkit.train.quality import measure
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +34,8 @@ class SFTConfig:
     lr: float = 1e-3
     warmup_steps: int = 10
     weight_decay: float = 0.0
-    max_query_tokens: int = MAX_QUERY_TOKENS
-    max_summary_tokens: int = MAX_SUMMARY_TOKENS
+    trainable_layers: int = 0  # 0 = every block; k = only the top k blocks (and the final norm)
+    eval_posts: int = 200  # held-out valid1 posts decoded at the end (quality); 0 = none
     max_items: int = 0  # 0 = every TL;DR train post
     save_every: int = 100
     seed: int = 0
@@ -49,6 +52,22 @@ def sft_examples(tok, items: pd.DataFrame, max_query_tokens: int, max_summary_to
     return out
 
 
+class SummaryLoss(torch.nn.Module):
+    """Next-token loss on summary tokens only, with only those positions projected through the LM head (the query
+    positions, most of each sequence, never pay for the vocabulary). Wrapped whole by DDP so gradients sync."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden = self.lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+        target = labels[:, 1:]
+        keep = target != IGNORE
+        logits = self.lm.get_output_embeddings()(hidden[keep]).float()
+        return torch.nn.functional.cross_entropy(logits, target[keep])
+
+
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ids, mask = common.pad_batch([e[0] for e in examples], pad_id)
     labels, _ = common.pad_batch([e[1] for e in examples], IGNORE)
@@ -57,14 +76,13 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[t
 
 @torch.no_grad()
 def summary_loss(model, examples, pad_id: int, device, batch_size: int = 16) -> float:
-    total, count = 0.0, 0
+    """Mean next-token loss over the summary tokens of ``examples`` (only those positions reach the LM head)."""
+    loss_fn, total, count = SummaryLoss(model), 0.0, 0
     for chunk in common.iterate(examples, batch_size):
         ids, mask, labels = (t.to(device) for t in collate(chunk, pad_id))
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        target = labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
-        total += loss.item()
-        count += int((target != IGNORE).sum())
+        n = int((labels[:, 1:] != IGNORE).sum())
+        total += loss_fn(ids, mask, labels).item() * n
+        count += n
     return total / max(1, count)
 
 
@@ -80,18 +98,21 @@ def train_items(max_items: int = 0) -> pd.DataFrame:
 def sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = True) -> Path:
     out_dir = Path(out_dir)
     tok = load_tokenizer(cfg.init)
+    contract = read_contract(cfg.init)
     d, state = common.start_run(out_dir, cfg, resume)
 
     # 1. examples: TL;DR train posts with their references; a held-out slice of valid1 for the loss
-    examples = sft_examples(tok, train_items(cfg.max_items), cfg.max_query_tokens, cfg.max_summary_tokens)
+    examples = sft_examples(tok, train_items(cfg.max_items), contract.max_query_tokens, contract.max_summary_tokens)
     from evalkit.data import load_items
 
-    held_out = sft_examples(tok, load_items("tldr", "valid1").head(64), cfg.max_query_tokens, cfg.max_summary_tokens)
+    held_out = sft_examples(tok, load_items("tldr", "valid1").head(32), contract.max_query_tokens, contract.max_summary_tokens)
 
-    # 2. model: the pretrained checkpoint, or this folder's weights when resuming
+    # 2. model: the pretrained checkpoint, or this folder's weights when resuming; the top blocks train
     model = load_causal_lm(out_dir if state else cfg.init).to(d.device).train()
-    ddp = DDP(model) if d.enabled else model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    frozen = common.freeze_lower_layers(model, cfg.trainable_layers)
+    loss_fn = SummaryLoss(model)
+    ddp = DDP(loss_fn) if d.enabled else loss_fn
+    opt = torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr)
     step = 0
     if state:
         opt.load_state_dict(state["optimizer"])
@@ -108,10 +129,10 @@ def sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = True) -> Path:
         lr = common.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = ddp(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = ddp(ids, mask, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(common.trainable(model), 1.0)
         opt.step()
         step += 1
         loss_value = common.all_reduce_mean(loss.item(), d)
@@ -122,7 +143,7 @@ def sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = True) -> Path:
                 model.save_pretrained(out_dir)
                 common.save_state(out_dir, cfg, {"step": step, "optimizer": opt.state_dict()})
 
-    # 4. held-out summary loss and the finished checkpoint
+    # 4. held-out summary loss, held-out quality (greedy summaries of valid1 posts) and the finished checkpoint
     model.eval()
     digests = common.check_replicas_in_sync(model, d)
     if d.main:
@@ -130,10 +151,12 @@ def sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = True) -> Path:
         model.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)
         common.append_metrics(out_dir, {"step": step, "val_loss": val_loss})
+        quality = measure(model, tok, contract, out_dir, cfg.eval_posts, device=d.device)
         parent = read_metadata(cfg.init)
         common.finish_checkpoint(out_dir, cfg, "sft", common.input_files(cfg.init), {
-            "policy_kind": "sft", "depth": parent.get("depth"), **count_params(model), "val_loss": val_loss,
-            "steps": step, "init": str(cfg.init), "world_size": d.world, "replica_digests": digests,
+            "policy_kind": "sft", "depth": parent.get("depth"), "base": parent.get("base"), **count_params(model),
+            **frozen, "val_loss": val_loss, "steps": step, "init": str(cfg.init), "world_size": d.world,
+            "replica_digests": digests, "contract": contract.to_dict(), "quality": quality,
         })
     common.shutdown_distributed(d)
     return out_dir

@@ -1,0 +1,106 @@
+"""The decoding contract: what every stage of one model lineage assumes, recorded once in each checkpoint.
+
+A contract is born where a lineage starts (pretraining, or importing real weights) and travels unchanged through SFT,
+the reward model, PPO, best-of-N and ``evalkit generate``; each stage reads it from the checkpoint it starts from and
+writes it into the one it makes (``evalkit.json``, key ``contract``). No stage restates these numbers in its own config.
+
+- ``max_query_tokens``: the query (REFERENCE.md format) is truncated to fit this many tokens;
+- ``max_summary_tokens``: at most this many summary tokens (48 in the paper), EOS not counted;
+- ``context``: the positions the model was trained on; ``max_query_tokens + max_summary_tokens + 1 <= context``;
+- ``stop``: a summary ends at EOS or at the first token whose text contains a newline; its text is cut at the first
+  newline and stripped. Scoring (RM training, RM scores in PPO, best-of-N, evaluation) always sees the same canonical
+  form: query + " " + text + EOS;
+- ``no_eos_score``: a completion that reached ``max_summary_tokens`` without stopping is not a summary: PPO and
+  best-of-N give it this score instead of the reward model's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from evalkit.errors import EvalkitError
+
+STOP_RULE = "EOS or a token containing a newline; text cut at the first newline and stripped"
+
+
+@dataclass(frozen=True)
+class Contract:
+    max_query_tokens: int = 512
+    max_summary_tokens: int = 48
+    context: int = 576
+    stop: str = STOP_RULE
+    no_eos_score: float = -1.0
+
+    def check(self, where: str = "contract") -> "Contract":
+        if self.max_query_tokens < 16 or self.max_summary_tokens < 1:
+            raise EvalkitError(f"{where}: max_query_tokens {self.max_query_tokens} / max_summary_tokens "
+                               f"{self.max_summary_tokens}; expected at least 16 / 1")
+        if self.max_query_tokens + self.max_summary_tokens + 1 > self.context:
+            raise EvalkitError(f"{where}: a {self.max_query_tokens}-token query plus a {self.max_summary_tokens}-token summary "
+                               f"and EOS need {self.max_query_tokens + self.max_summary_tokens + 1} positions, but the model "
+                               f"is trained on a context of {self.context}; lower max_query_tokens or train a longer context")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> "Contract":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise EvalkitError(f"{where}: unknown contract field {unknown[0]!r}; known: {', '.join(sorted(names))}")
+        try:
+            return cls(**{k: type(getattr(cls, k))(v) for k, v in data.items()}).check(where)
+        except (TypeError, ValueError):
+            raise EvalkitError(f"{where}: contract {data!r} has a value of the wrong type") from None
+
+    def require_query(self, max_query_tokens: int | None, max_new_tokens: int | None, where: str) -> tuple[int, int]:
+        """The query and summary limits a caller may use with this checkpoint: its own when unset, never more."""
+        q = self.max_query_tokens if max_query_tokens in (None, 0) else int(max_query_tokens)
+        s = self.max_summary_tokens if max_new_tokens in (None, 0) else int(max_new_tokens)
+        if q > self.max_query_tokens:
+            raise EvalkitError(f"{where}: queries of {q} tokens are longer than the {self.max_query_tokens} this checkpoint "
+                               f"was trained on (trained context {self.context}); use at most {self.max_query_tokens}")
+        if s > self.max_summary_tokens:
+            raise EvalkitError(f"{where}: summaries of {s} tokens are longer than the {self.max_summary_tokens} this "
+                               f"checkpoint was trained on; use at most {self.max_summary_tokens}")
+        return q, s
+
+
+def model_context(model) -> int:
+    """Positions a Hugging Face causal LM can attend over (``n_positions`` / ``max_position_embeddings``)."""
+    cfg = model.config
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(cfg, name, None)
+        if value:
+            return int(value)
+    return 2048
+
+
+def read_contract(folder: str | Path, model=None) -> Contract:
+    """The checkpoint's recorded contract; for an outside HF checkpoint without one, the paper's limits within its
+    context (the model's own positions)."""
+    from evalkit.models import read_metadata
+
+    meta = read_metadata(folder)
+    if "contract" in meta:
+        return Contract.from_dict(meta["contract"], f"{folder}/evalkit.json")
+    if model is None:
+        from evalkit.models import load_causal_lm
+
+        model = load_causal_lm(folder)
+    context = model_context(model)
+    base = Contract()
+    q = min(base.max_query_tokens, context - base.max_summary_tokens - 1)
+    return Contract(max_query_tokens=q, context=context).check(str(folder))
+
+
+def same_lineage(a: Contract, b: Contract, what_a: str, what_b: str) -> None:
+    """Two checkpoints used together (policy and reward model) must agree on query, summary and stop rule."""
+    for name in ("max_query_tokens", "max_summary_tokens", "stop"):
+        if getattr(a, name) != getattr(b, name):
+            raise EvalkitError(f"{what_a} and {what_b} disagree on {name} ({getattr(a, name)!r} vs {getattr(b, name)!r}); "
+                               "train them from one lineage")
