@@ -48,7 +48,7 @@ def main() -> None:
         queries = [tok.encode(format_query(r, tok), add_special_tokens=False) for r in items.to_dict("records")]
         print(f"{ckpt.name}: {sum(p.numel() for p in model.parameters())} params; {len(queries)} queries of "
               f"{min(map(len, queries))}-{max(map(len, queries))} tokens")
-        dec = Decoding()
+        dec = Decoding(max_new_tokens=48, max_query_tokens=512)  # the contract of a ladder checkpoint
 
         # baseline: HF generate, one item at a time
         t0 = time.perf_counter()

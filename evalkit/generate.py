@@ -162,6 +162,8 @@ def decode_batch(model, tok, queries: list[list[int]], dec: Decoding, seeds: lis
     Prompts are prefilled in chunks of ``prefill_chunk`` (pass them sorted by length to keep padding small) and
     decoded together, so a large decode batch does not pay for padding every prompt to the longest one.
     """
+    if dec.max_new_tokens is None:
+        raise EvalkitError("decode_batch needs a concrete max_new_tokens (the checkpoint contract's max_summary_tokens)")
     pad = tok.pad_token_id
     generators = [torch.Generator().manual_seed(s) for s in seeds] if dec.temperature > 0 else None
     past, mask, next_pos, logits = _prefill(model, queries, pad, prefill_chunk, dec.max_new_tokens)
