@@ -221,6 +221,11 @@ def iterate(seq: list, size: int) -> Iterator[list]:
         yield seq[i: i + size]
 
 
+def by_length(lengths: list[int], size: int) -> Iterator[list[int]]:
+    """Index batches in order of length, so that each padded batch wastes little compute on padding."""
+    yield from iterate(sorted(range(len(lengths)), key=lambda i: lengths[i]), size)
+
+
 # ------------------------------------------------------------------------------------------------ tokenization
 
 def encode_query(tok, item: dict, max_query_tokens: int) -> list[int]:
@@ -346,11 +351,11 @@ def score_summaries(reward_model, tok, queries: list[list[int]], texts: list[str
     Every scorer (RM training and evaluation, PPO, best-of-N, held-out quality) goes through this form, so the RM
     never sees a newline token or a multi-line completion it was not trained on."""
     seqs = [q + encode_summary(tok, t, contract.max_summary_tokens) for q, t in zip(queries, texts)]
-    out = []
-    for chunk in iterate(seqs, batch_size):
-        ids, mask = pad_batch(chunk, tok.pad_token_id)
-        out.append(reward_model(ids.to(device), mask.to(device)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    out = torch.zeros(len(seqs))
+    for chunk in by_length([len(s) for s in seqs], batch_size):
+        ids, mask = pad_batch([seqs[i] for i in chunk], tok.pad_token_id)
+        out[chunk] = reward_model(ids.to(device), mask.to(device)).float().cpu()
+    return out
 
 
 def sample(model, tok, queries: list[list[int]], contract, temperature: float, seeds: list[int], batch_size: int = 32,

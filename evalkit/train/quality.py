@@ -85,17 +85,17 @@ def sequence_kl(policy, reference, queries: list[list[int]], responses: list[lis
                 device, batch_size: int = 16, trainable_layers: int = 0) -> np.ndarray:
     """Per sequence: Σ_t log π(y_t) − log π_ref(y_t) over the response tokens (logits divided by ``temperature``);
     when only the top blocks were trained, the shared lower blocks run once for both models."""
-    out = []
+    out = np.zeros(len(queries))
     trunk = common.SharedTrunk.build([policy, reference], trainable_layers) if trainable_layers else None
-    for start in range(0, len(queries), batch_size):
-        q, r = queries[start: start + batch_size], responses[start: start + batch_size]
+    for chunk in common.by_length([len(q) for q in queries], batch_size):
+        q, r = [queries[i] for i in chunk], [responses[i] for i in chunk]
         ids, mask, q_len, resp_mask = common.join_query_response(q, r, pad_id)
         ids, mask, resp_mask = ids.to(device), mask.to(device), resp_mask.to(device)
         hidden = trunk(ids, mask) if trunk else None
         lp, _ = common.response_logprobs(policy, ids, mask, q_len, temperature, trunk, hidden)
         lr, _ = common.response_logprobs(reference, ids, mask, q_len, temperature, trunk, hidden)
-        out.append(((lp - lr) * resp_mask).sum(1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0)
+        out[chunk] = ((lp - lr) * resp_mask).sum(1).cpu().numpy()
+    return out
 
 
 @torch.no_grad()
