@@ -11,7 +11,11 @@ writes it into the one it makes (``evalkit.json``, key ``contract``). No stage r
   newline and stripped. Scoring (RM training, RM scores in PPO, best-of-N, evaluation) always sees the same canonical
   form: query + " " + text + EOS;
 - ``no_eos_score``: a completion that reached ``max_summary_tokens`` without stopping is not a summary: PPO and
-  best-of-N give it this score instead of the reward model's.
+  best-of-N give it this score instead of the reward model's. It must sit below the RM's range, or a policy learns
+  to run on past the cap (measured: with a fixed −1 and an RM that scores summaries around −0.6 ± 0.6, 81% of SmolLM2's
+  PPO rollouts ran out of tokens by iteration 8). So the reward model, the first stage with a score scale, sets it
+  (``no_eos_rule``): 4 standard deviations below the mean reference score (0 after the bias shift); PPO and best-of-N
+  read it from the reward model's contract.
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ from pathlib import Path
 from evalkit.errors import EvalkitError
 
 STOP_RULE = "EOS or a token containing a newline; text cut at the first newline and stripped"
+NO_EOS_SDS = 4.0
+
+
+def no_eos_score_for(reference_score_std: float | None, fallback: float = -1.0) -> float:
+    """The reward model's no-EOS score: ``NO_EOS_SDS`` standard deviations of its reference scores below their mean
+    (which the bias shift puts at 0); ``fallback`` when it scored fewer than two references."""
+    if reference_score_std is None or not reference_score_std > 0:
+        return fallback
+    return round(-NO_EOS_SDS * float(reference_score_std), 4)
 
 
 @dataclass(frozen=True)

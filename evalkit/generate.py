@@ -312,7 +312,9 @@ def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, d
         reward_model = None
         if best_of:
             reward_model = RewardModel.load(best_of["reward_model"]).eval()
-            same_lineage(contract, read_contract(best_of["reward_model"]), f"best-of-N policy {source}", f"reward model {best_of['reward_model']}")
+            rm_contract = read_contract(best_of["reward_model"])
+            same_lineage(contract, rm_contract, f"best-of-N policy {source}", f"reward model {best_of['reward_model']}")
+            contract = rm_contract  # its no-EOS score is on the RM's scale
         stop_ids = newline_token_ids(tok)
         inputs += [p for p in sorted(Path(source).glob("*.safetensors"))]
         todo = []

@@ -21,8 +21,13 @@ from evalkit.train import common
 def test_every_stage_records_the_contract_born_at_pretraining(pretrained, sft_dir, rm_dir, ppo_dir):
     born = read_metadata(pretrained)["contract"]
     assert born["max_query_tokens"] == Q and born["context"] >= Q + born["max_summary_tokens"] + 1
-    for folder in (sft_dir, rm_dir, ppo_dir):
-        assert read_metadata(folder)["contract"] == born, folder
+    assert read_metadata(sft_dir)["contract"] == born
+    # the reward model sets the no-EOS score on its own scale; PPO carries it; nothing else changes
+    rm_meta = read_metadata(rm_dir)
+    assert rm_meta["contract"]["no_eos_score"] == pytest.approx(-4 * rm_meta["reference_score_std"], abs=1e-3)
+    assert rm_meta["contract"]["no_eos_score"] < 0
+    for folder in (rm_dir, ppo_dir):
+        assert {**read_metadata(folder)["contract"], "no_eos_score": born["no_eos_score"]} == born, folder
 
 
 def test_a_context_too_short_for_query_and_summary_is_refused(tokenizer_dir, tmp_path):

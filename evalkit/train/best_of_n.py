@@ -42,8 +42,8 @@ def best_of_n(cfg: BestOfNConfig, items: pd.DataFrame) -> pd.DataFrame:
     in the canonical form the RM was trained on; an unfinished sample gets the contract's no-EOS score."""
     best_of_n_kl(cfg.n)
     tok = load_tokenizer(cfg.policy)
-    contract = read_contract(cfg.policy)
-    same_lineage(contract, read_contract(cfg.reward_model), f"policy {cfg.policy}", f"reward model {cfg.reward_model}")
+    contract = read_contract(cfg.reward_model)  # the lineage's limits, and the no-EOS score on the RM's scale
+    same_lineage(read_contract(cfg.policy), contract, f"policy {cfg.policy}", f"reward model {cfg.reward_model}")
     policy = load_causal_lm(cfg.policy).eval()
     rm = RewardModel.load(cfg.reward_model).eval()
     records = items.to_dict("records")
@@ -81,8 +81,8 @@ def write_best_of_n(folder: str | Path, policy: str | Path, reward_model: str | 
 
     folder = Path(folder)
     meta = read_metadata(policy)
-    contract = read_contract(policy)
-    same_lineage(contract, read_contract(reward_model), f"policy {policy}", f"reward model {reward_model}")
+    contract = read_contract(reward_model)
+    same_lineage(read_contract(policy), contract, f"policy {policy}", f"reward model {reward_model}")
     write_json(folder / SPEC_FILE, {"policy_kind": "best_of_n", "policy": str(Path(policy).resolve()), "contract": contract.to_dict(),
                                     "reward_model": str(Path(reward_model).resolve()), "n": n, "temperature": temperature,
                                     "kl_from_sft": best_of_n_kl(n), "n_params": meta.get("n_params"), "depth": meta.get("depth")})

@@ -120,8 +120,9 @@ class EpisodeOrder:
 def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
     out_dir = Path(out_dir)
     tok = load_tokenizer(cfg.policy)
-    contract = read_contract(cfg.policy)
-    same_lineage(contract, read_contract(cfg.reward_model), f"policy {cfg.policy}", f"reward model {cfg.reward_model}")
+    rm_contract = read_contract(cfg.reward_model)
+    same_lineage(read_contract(cfg.policy), rm_contract, f"policy {cfg.policy}", f"reward model {cfg.reward_model}")
+    contract = rm_contract  # the policy's limits and stop rule, and the no-EOS score set on the RM's scale
     if cfg.rollouts % cfg.minibatch_size:
         raise EvalkitError(f"rollouts {cfg.rollouts} is not a multiple of minibatch_size {cfg.minibatch_size}")
     d, state = common.start_run(out_dir, cfg, resume)

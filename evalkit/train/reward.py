@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from evalkit import artifacts
-from evalkit.contract import read_contract
+from evalkit.contract import NO_EOS_SDS, no_eos_score_for, read_contract
 from evalkit.errors import EvalkitError
 from evalkit.seeds import derive_seed
 from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer, read_metadata
@@ -292,9 +292,12 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
     model.save(out_dir)
     tok.save_pretrained(out_dir)
     labels = {f"{src} ({kind})": int(n) for (src, kind), n in train.groupby(["source", "labeler_kind"]).size().items()}
+    ref_std = float(ref_scores.std()) if len(ref_scores) > 1 else None
+    # the first stage with a score scale sets the lineage's no-EOS score below it (evalkit.contract)
+    contract = replace(contract, no_eos_score=no_eos_score_for(ref_std, contract.no_eos_score))
     summary = {"step": total, **report, "train_accuracy": train_acc, "n_train": len(train_pairs), "n_train_posts": int(train["item_id"].nunique()),
                "n_dropped_evaluation_posts": dropped, "reference_mean_shift": shift,
-               "reference_score_std": float(ref_scores.std()) if len(ref_scores) > 1 else None}
+               "reference_score_std": ref_std}
     common.append_metrics(out_dir, summary)
     parent = read_metadata(cfg.init)
     inputs = common.input_files(cfg.init) + [p for src in cfg.comparisons if Path(src).is_dir() for p in sorted(Path(src).glob("*.parquet"))]
@@ -303,6 +306,7 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
         **{k: v for k, v in summary.items() if k != "step"}, "training_labels": labels,
         "labeler_kinds": sorted(train["labeler_kind"].unique()), "eval_split_excluded": cfg.eval_split,
         "world_size": d.world, "replica_digests": digests, "contract": contract.to_dict(), "init": str(cfg.init),
+        "no_eos_rule": f"{NO_EOS_SDS:g} SD of reference scores below their mean (0)",
     })
     common.shutdown_distributed(d)
     return out_dir
