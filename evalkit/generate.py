@@ -255,15 +255,15 @@ def _policy_info(policy: Policy, model) -> tuple[str, int]:
 def _best_of_n(model, tok, reward_model, queries, seeds, spec: dict, dec: Decoding, contract, prefill_chunk: int):
     """N samples per query at the spec's temperature (the one sampling loop, ``train.common.sample``); each is scored
     in the contract's canonical form, an unfinished one gets the contract's no-EOS score; the best is kept."""
-    from evalkit.train.common import response_text, sample, score_summaries
+    from evalkit.train.common import best_index, response_text, sample, score_summaries
 
     n, temperature = int(spec["n"]), float(spec.get("temperature", 0.7))
     cand_queries = [q for q in queries for _ in range(n)]
     cand_seeds = [derive_seed("best-of-n", s, j) for s in seeds for j in range(n)]
     cands = sample(model, tok, cand_queries, contract, temperature, cand_seeds, batch_size=len(cand_queries), prefill_chunk=prefill_chunk)
     scores = score_summaries(reward_model, tok, cand_queries, [response_text(tok, ids) for ids, _ in cands], contract, batch_size=32)
-    scores = torch.where(torch.tensor([fin for _, fin in cands]), scores, torch.full_like(scores, contract.no_eos_score)).view(len(queries), n)
-    best = scores.argmax(1).tolist()
+    best = [best_index(scores[q * n: (q + 1) * n], [fin for _, fin in cands[q * n: (q + 1) * n]], contract.no_eos_score)
+            for q in range(len(queries))]
     picked = [cands[q * n + b] for q, b in enumerate(best)]
     # decode_batch's (ids, hit_eos): the kept candidate's own EOS flag
     eos = tok.eos_token_id

@@ -51,12 +51,13 @@ def best_of_n(cfg: BestOfNConfig, items: pd.DataFrame) -> pd.DataFrame:
     seeds = [derive_seed("best-of-n", cfg.policy, it["item_id"], cfg.seed, k) for it in records for k in range(cfg.n)]
     samples = common.sample(policy, tok, queries, contract, cfg.temperature, seeds)
     texts = [common.response_text(tok, ids) for ids, _ in samples]
-    scores = common.score_summaries(rm, tok, queries, texts, contract)
-    scores = torch.where(torch.tensor([fin for _, fin in samples]), scores, torch.full_like(scores, contract.no_eos_score))
+    raw = common.score_summaries(rm, tok, queries, texts, contract)
+    done = [fin for _, fin in samples]
+    scores = torch.where(torch.tensor(done), raw, torch.full_like(raw, contract.no_eos_score))
     rows = []
     for i, item in enumerate(records):
         block = scores[i * cfg.n: (i + 1) * cfg.n]
-        best = int(block.argmax())
+        best = common.best_index(raw[i * cfg.n: (i + 1) * cfg.n], done[i * cfg.n: (i + 1) * cfg.n], contract.no_eos_score)
         for k in range(cfg.n):
             ids, fin = samples[i * cfg.n + k]
             rows.append({"item_id": item["item_id"], "sample_idx": k, "text": texts[i * cfg.n + k], "score": float(block[k]),

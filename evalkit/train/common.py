@@ -358,6 +358,13 @@ def score_summaries(reward_model, tok, queries: list[list[int]], texts: list[str
     return out
 
 
+def best_index(scores: torch.Tensor, is_finished: list[bool], no_eos_score: float) -> int:
+    """Best-of-N's pick: the highest score under the contract (an unfinished candidate scores ``no_eos_score``), ties
+    (e.g. every candidate unfinished) broken by the reward model's own score."""
+    keys = [(float(s) if fin else no_eos_score, float(s)) for s, fin in zip(scores, is_finished)]
+    return max(range(len(keys)), key=lambda i: keys[i])
+
+
 def sample(model, tok, queries: list[list[int]], contract, temperature: float, seeds: list[int], batch_size: int = 32,
            prefill_chunk: int = 16) -> list[tuple[list[int], bool]]:
     """Completions from ``evalkit.generate.decode_batch`` (the one sampling loop), with the contract's stop rule;
