@@ -16,6 +16,7 @@ a re-run skips the ``gen_id``s already there, so a killed run loses at most the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -101,8 +102,10 @@ def postprocess(text: str) -> str:
 
 # ------------------------------------------------------------------------------------------------------- decoding
 
+@functools.lru_cache(maxsize=8)
 def newline_token_ids(tok) -> torch.Tensor:
-    """Ids of every token whose text contains a newline (generation stops after one)."""
+    """Ids of every token whose text contains a newline (generation stops after one); computed once per tokenizer
+    (it decodes the whole vocabulary)."""
     texts = tok.batch_decode([[i] for i in range(len(tok))])
     ids = [i for i, text in enumerate(texts) if "\n" in text]
     return torch.tensor(ids, dtype=torch.long)
@@ -255,15 +258,11 @@ def _policy_info(policy: Policy, model) -> tuple[str, int]:
 def _best_of_n(model, tok, reward_model, queries, seeds, spec: dict, dec: Decoding, contract, prefill_chunk: int):
     """N samples per query at the spec's temperature (the one sampling loop, ``train.common.sample``); each is scored
     in the contract's canonical form, an unfinished one gets the contract's no-EOS score; the best is kept."""
-    from evalkit.train.common import best_index, response_text, sample, score_summaries
+    from evalkit.train.common import best_of_n_candidates
 
     n, temperature = int(spec["n"]), float(spec.get("temperature", 0.7))
-    cand_queries = [q for q in queries for _ in range(n)]
     cand_seeds = [derive_seed("best-of-n", s, j) for s in seeds for j in range(n)]
-    cands = sample(model, tok, cand_queries, contract, temperature, cand_seeds, batch_size=len(cand_queries), prefill_chunk=prefill_chunk)
-    scores = score_summaries(reward_model, tok, cand_queries, [response_text(tok, ids) for ids, _ in cands], contract, batch_size=32)
-    best = [best_index(scores[q * n: (q + 1) * n], [fin for _, fin in cands[q * n: (q + 1) * n]], contract.no_eos_score)
-            for q in range(len(queries))]
+    cands, _, best = best_of_n_candidates(model, tok, reward_model, queries, cand_seeds, n, temperature, contract, prefill_chunk)
     picked = [cands[q * n + b] for q, b in enumerate(best)]
     # decode_batch's (ids, hit_eos): the kept candidate's own EOS flag
     eos = tok.eos_token_id

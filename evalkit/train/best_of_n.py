@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from evalkit.contract import read_contract, same_lineage
 from evalkit.errors import EvalkitError
@@ -47,21 +46,16 @@ def best_of_n(cfg: BestOfNConfig, items: pd.DataFrame) -> pd.DataFrame:
     policy = load_causal_lm(cfg.policy).eval()
     rm = RewardModel.load(cfg.reward_model).eval()
     records = items.to_dict("records")
-    queries = [common.encode_query(tok, it, contract.max_query_tokens) for it in records for _ in range(cfg.n)]
+    queries = [common.encode_query(tok, it, contract.max_query_tokens) for it in records]
     seeds = [derive_seed("best-of-n", cfg.policy, it["item_id"], cfg.seed, k) for it in records for k in range(cfg.n)]
-    samples = common.sample(policy, tok, queries, contract, cfg.temperature, seeds)
-    texts = [common.response_text(tok, ids) for ids, _ in samples]
-    raw = common.score_summaries(rm, tok, queries, texts, contract)
-    done = [fin for _, fin in samples]
-    scores = torch.where(torch.tensor(done), raw, torch.full_like(raw, contract.no_eos_score))
+    samples, raw, best = common.best_of_n_candidates(policy, tok, rm, queries, seeds, cfg.n, cfg.temperature, contract)
     rows = []
     for i, item in enumerate(records):
-        block = scores[i * cfg.n: (i + 1) * cfg.n]
-        best = common.best_index(raw[i * cfg.n: (i + 1) * cfg.n], done[i * cfg.n: (i + 1) * cfg.n], contract.no_eos_score)
         for k in range(cfg.n):
             ids, fin = samples[i * cfg.n + k]
-            rows.append({"item_id": item["item_id"], "sample_idx": k, "text": texts[i * cfg.n + k], "score": float(block[k]),
-                         "finished": fin, "n_tokens": len(ids), "is_best": k == best})
+            score = float(raw[i * cfg.n + k]) if fin else contract.no_eos_score
+            rows.append({"item_id": item["item_id"], "sample_idx": k, "text": common.response_text(tok, ids), "score": score,
+                         "finished": fin, "n_tokens": len(ids), "is_best": k == best[i]})
     return pd.DataFrame(rows)
 
 

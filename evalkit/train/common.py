@@ -277,13 +277,20 @@ def broadcast_object(obj: Any, d: Dist) -> Any:
 
 # ------------------------------------------------------------------------------------------------- parameters
 
+LAYER_ATTRS = ("layers", "h", "blocks")  # the block stack: Llama/Gemma, GPT-2, others
+NORM_ATTRS = ("norm", "ln_f", "final_layernorm")  # the final norm after it
+
+
+def _attr(base: torch.nn.Module, names: tuple[str, ...], kind: type) -> str | None:
+    return next((n for n in names if isinstance(getattr(base, n, None), kind)), None)
+
+
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The stack of transformer blocks of a causal LM or backbone (GPT-2 ``h``, Llama/Gemma ``layers``)."""
     base = getattr(model, "base_model", model)
-    for name in ("layers", "h", "blocks"):
-        layers = getattr(base, name, None)
-        if isinstance(layers, torch.nn.ModuleList):
-            return layers
+    name = _attr(base, LAYER_ATTRS, torch.nn.ModuleList)
+    if name:
+        return getattr(base, name)
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
     if not lists:
         raise EvalkitError(f"{type(model).__name__}: no stack of transformer blocks found")
@@ -292,10 +299,8 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 def final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
     base = getattr(model, "base_model", model)
-    for name in ("norm", "ln_f", "final_layernorm"):
-        if isinstance(getattr(base, name, None), torch.nn.Module):
-            return getattr(base, name)
-    return None
+    name = _attr(base, NORM_ATTRS, torch.nn.Module)
+    return getattr(base, name) if name else None
 
 
 def freeze_lower_layers(model: torch.nn.Module, trainable_layers: int, extra: tuple[torch.nn.Module, ...] = ()) -> dict:
@@ -365,6 +370,18 @@ def best_index(scores: torch.Tensor, is_finished: list[bool], no_eos_score: floa
     return max(range(len(keys)), key=lambda i: keys[i])
 
 
+def best_of_n_candidates(model, tok, reward_model, queries: list[list[int]], seeds: list[int], n: int, temperature: float,
+                         contract, prefill_chunk: int = 16) -> tuple[list[tuple[list[int], bool]], torch.Tensor, list[int]]:
+    """N samples per query (``seeds``: one per candidate, query-major), their RM scores in the canonical form and the
+    index of each query's kept candidate (``best_index``). Returns (candidates as (ids, finished), raw scores, best)."""
+    cand_queries = [q for q in queries for _ in range(n)]
+    cands = sample(model, tok, cand_queries, contract, temperature, seeds, batch_size=len(cand_queries), prefill_chunk=prefill_chunk)
+    raw = score_summaries(reward_model, tok, cand_queries, [response_text(tok, ids) for ids, _ in cands], contract, batch_size=32)
+    best = [best_index(raw[q * n: (q + 1) * n], [fin for _, fin in cands[q * n: (q + 1) * n]], contract.no_eos_score)
+            for q in range(len(queries))]
+    return cands, raw, best
+
+
 def sample(model, tok, queries: list[list[int]], contract, temperature: float, seeds: list[int], batch_size: int = 32,
            prefill_chunk: int = 16) -> list[tuple[list[int], bool]]:
     """Completions from ``evalkit.generate.decode_batch`` (the one sampling loop), with the contract's stop rule;
@@ -424,10 +441,10 @@ def response_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, q_len: int, 
 # ---------------------------------------------------------------------------------------------- shared frozen trunk
 
 def _layers_attr(base: torch.nn.Module) -> str:
-    for name in ("layers", "h", "blocks"):
-        if isinstance(getattr(base, name, None), torch.nn.ModuleList):
-            return name
-    raise EvalkitError(f"{type(base).__name__}: no stack of transformer blocks found")
+    name = _attr(base, LAYER_ATTRS, torch.nn.ModuleList)
+    if name is None:
+        raise EvalkitError(f"{type(base).__name__}: no stack of transformer blocks found")
+    return name
 
 
 class _Swap:
@@ -498,5 +515,9 @@ class SharedTrunk:
         base = getattr(self.model, "base_model", self.model)
         name = _layers_attr(base)
         layers = getattr(base, name)
-        with _Swap(base, **{name: torch.nn.ModuleList(list(layers)[: len(layers) - self.k]), "norm": torch.nn.Identity()}):
+        swaps = {name: torch.nn.ModuleList(list(layers)[: len(layers) - self.k])}
+        norm = _attr(base, NORM_ATTRS, torch.nn.Module)
+        if norm:
+            swaps[norm] = torch.nn.Identity()
+        with _Swap(base, **swaps):
             return base(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).last_hidden_state
