@@ -89,49 +89,41 @@ def data_import_openai(files: tuple[str, ...], out_dir: str, force: bool) -> Non
 @cli.command("run")
 @click.argument("study", type=click.Path(), default="studies/default")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a study.toml value, e.g. data.split=valid1.")
+@click.option("--quick", is_flag=True, help="The spec's small profile (study.quick overrides), written to <out_dir>-quick.")
 @click.option("--force", is_flag=True, help="Redo stages even when their outputs are up to date.")
-def run(study: str, overrides: tuple[str, ...], force: bool) -> None:
-    """Run a study end to end: data and released labels, generations, tasks, simulated judgments (when the study
-    asks for them) and the report."""
+def run(study: str, overrides: tuple[str, ...], quick: bool, force: bool) -> None:
+    """Run a study end to end: train its ladder, generate with every policy on its items (and transfer items), build
+    the tasks, label them (the simulated panel when the study asks for it) and write the report. Re-running skips
+    what is up to date; an interrupted run resumes."""
     from evalkit.config import load_study
-    from evalkit.data import load_gpt2_tokenizer, format_query
-    from evalkit.pipeline import prepare_study_data, study_items_of
+    from evalkit.pipeline import run_study
 
-    cfg = load_study(study, list(overrides))
-    res = prepare_study_data(cfg, force=force)
-    t = res.tables
-    click.echo(f"study {cfg.id}: {cfg.study.title}")
-    click.echo(f"  tables in {res.out_dir} ({'up to date' if res.skipped else 'written'}): "
-               + ", ".join(f"{n} {len(df)}" for n, df in t.items()))
-    study_items = study_items_of(cfg)
-    click.echo(f"  study items ({cfg.data.dataset} {cfg.data.split}): {len(study_items)}; labelers in released data: "
-               f"{t['judgments']['labeler_id'].nunique()}; human judgments: {len(t['judgments'])}")
-    by_policy = t["generations"].groupby(["policy_id", "policy_kind"]).size()
-    click.echo("  summaries per policy: " + ", ".join(f"{p} ({k}) {n}" for (p, k), n in by_policy.items()))
-    _print_preferred(t, cfg.data.split)
-    if cfg.policies or cfg.generate.baselines:
-        from evalkit.pipeline import generate_for_study
+    import logging
 
-        _quiet_hf()
-        gens = generate_for_study(cfg, study_items)
-        click.echo(f"  generations in {cfg.out_dir / 'generations'}: " + ", ".join(
-            f"{p} {len(g)} (mean {g['text'].str.len().mean():.0f} chars)" for p, g in gens.groupby("policy_id")))
-    if cfg.study.simulate:
-        from evalkit.pipeline import report_study, simulate_study
+    cfg = load_study(study, list(overrides), quick=quick)
+    _quiet_hf()
+    progress = logging.getLogger("evalkit")  # the trainers' progress lines (stage, step, loss) under the run's own lines
+    if not progress.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("  %(asctime)s %(message)s", "%H:%M:%S"))
+        progress.addHandler(handler)
+        progress.setLevel(logging.INFO)
+    click.echo(f"study {cfg.id}: {cfg.study.title}" + (" (--quick profile)" if quick else ""))
+    result = run_study(cfg, force=force, echo=click.echo)
+    if result.get("policies"):
+        click.echo(f"  policies: {', '.join(result['policies'])}")
+    if "report" not in result:
+        return
+    click.echo(f"report: {result['report']}")
+    for h in result.get("headline") or []:
+        from evalkit.report.build import params_label
 
-        built, sim, model = simulate_study(cfg)
-        c = model.calibration
-        click.echo(f"  study: {len(built['tasks'])} tasks ({', '.join(f'{k} {v}' for k, v in sorted(built['roles'].items()))}) "
-                   f"answered by the SIMULATED panel ({c['held_out_agreement_majority']:.1%} held-out agreement with real "
-                   f"labelers; theirs with each other {c['human_human_agreement']:.1%})")
-        paths = report_study(cfg)
-        click.echo(f"  report: {paths['html']}")
-    if len(study_items):
-        first = study_items.iloc[0].to_dict()
-        tok = load_gpt2_tokenizer()
-        query = format_query(first, tok)
-        click.echo(f"  example query ({len(tok.encode(query))} GPT-2 tokens):\n" + "\n".join("    " + line for line in query.splitlines()))
-        click.echo(f"    reference: {first['reference']}")
+        click.echo(f"  {h['policy_kind']:10s} {params_label(h['n_params']):>6s} ({h['policy_id']}): {h['rate']:.1%} preferred to the "
+                   f"reference [{h['boot_low']:.1%}, {h['boot_high']:.1%}], n={h['n']}")
+    if not result.get("headline"):
+        click.echo("  (no policy kind at two sizes: no size headline; see the report's rates)")
+    times = ", ".join(f"{k} {v.get('seconds', 0):.0f}s" + (" (cached)" if v.get("skipped") else "") for k, v in result["stages"].items() if "seconds" in v)
+    click.echo(f"  stage times: {times}; this run {result.get('seconds', 0):.0f}s; manifest {result['run_json']}")
 
 
 @cli.command("generate")
@@ -148,9 +140,10 @@ def run(study: str, overrides: tuple[str, ...], force: bool) -> None:
 @click.option("--seed", type=int, default=None)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--max-query-tokens", type=click.IntRange(min=16), default=None, help="Default: each checkpoint's contract; more is an error.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None, help="Weights' dtype while decoding (default float32).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for generations.parquet.")
 def generate_cmd(study, dataset, split, path, n_items, policies, baselines, temperature, top_p, samples, seed, batch_size,
-                 max_query_tokens, out_dir) -> None:
+                 max_query_tokens, dtype, out_dir) -> None:
     """Summaries from checkpoints (and baselines) for a dataset split → generations.parquet; re-running resumes."""
     _quiet_hf()
     from evalkit.config import StudyConfig, load_study
@@ -171,7 +164,8 @@ def generate_cmd(study, dataset, split, path, n_items, policies, baselines, temp
         raise EvalkitError("nothing to generate: give --policy FOLDER or --baseline NAME (or a study with [[policies]])")
     dec = Decoding(temperature=g.temperature if temperature is None else temperature, top_p=g.top_p if top_p is None else top_p,
                    n_samples=g.n_samples if samples is None else samples, seed=g.seed if seed is None else seed,
-                   max_query_tokens=(g.max_query_tokens or None) if max_query_tokens is None else max_query_tokens)
+                   max_query_tokens=(g.max_query_tokens or None) if max_query_tokens is None else max_query_tokens,
+                   dtype=dtype or g.dtype)
     table = generate(items, chosen, out_dir, dec, base, batch_size=batch_size or g.batch_size)
     click.echo(f"{out_dir}/generations.parquet: {len(table)} rows")
     for (pid, kind), grp in table.groupby(["policy_id", "policy_kind"]):
@@ -423,20 +417,14 @@ def train_ppo_cmd(policy: str, reward_model: str, out_dir: str, overrides: tuple
 @_SET
 def train_ladder_cmd(out_dir: str, preset: str, bases: str | None, depths: str | None, overrides: tuple[str, ...]) -> None:
     """Pretrained → SFT → RM → PPO (+ best-of-N) at every size, each measured on held-out posts; re-running resumes."""
-    from dataclasses import asdict
-
-    from evalkit.train.ladder import LadderConfig, format_summary, ladder_config, run_ladder
+    from evalkit.train.ladder import format_summary, ladder_config, run_ladder
 
     try:
         sizes = tuple(int(x) for x in depths.split(",")) if depths else None
     except ValueError:
         raise EvalkitError(f"--depths {depths!r}: expected comma-separated integers, e.g. 2,4,6") from None
     names = tuple(b.strip() for b in bases.split(",") if b.strip()) if bases else None
-    cfg = ladder_config(preset, sizes, names)
-    if overrides:
-        raw = {k: v for k, v in asdict(cfg).items() if k != "tokenizer"}
-        cfg = _config(LadderConfig, raw, overrides)
-        cfg = cfg.__class__(**{**cfg.__dict__, "tokenizer": ladder_config(preset).tokenizer})
+    cfg = ladder_config(preset, sizes, names, overrides)
     summary = run_ladder(cfg, out_dir)
     for line in format_summary(summary["summary"]):
         click.echo(line)

@@ -23,6 +23,26 @@ class DataConfig:
     split: str = "valid2"
     path: str | None = None  # a user's own file; the bundled data when unset
     n_items: int = 0  # 0 = every item of the split
+    transfer: str = ""  # a second dataset the same policies summarise out of domain (cnndm), compared with its reference
+    transfer_split: str = "valid2"  # CNN/DM: no split is trained on; valid2 has 86 articles
+    transfer_items: int = 80  # the first N items by id (0 = all)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``evalkit run``'s training stage (``[[train]]``, repeatable): a ladder (``evalkit train ladder``) whose policies
+    enter the study by name.
+
+    Policies are named ``<kind>-<size>`` (``sft-d2``, ``ppo-smollm2``, ``bo4-smollm2``); sizes are ``d<depth>`` for
+    from-scratch models and the real base's name otherwise.
+    """
+
+    preset: str = ""  # a ladder preset: tiny, default, smollm2-cpu, smollm2
+    bases: tuple[str, ...] = ()  # default: the preset's
+    depths: tuple[int, ...] = ()  # default: the preset's
+    kinds: tuple[str, ...] = ("pretrained", "sft", "ppo", "best_of_n")  # which of the ladder's policies enter the study
+    set: tuple[str, ...] = ()  # ladder field overrides, e.g. ["sft_steps=20", "eval_posts=50"]
+    out_dir: str = ""  # default: <study out_dir>/ladder-<hash of the ladder config>
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,7 @@ class GenerateConfig:
     n_samples: int = 1
     seed: int = 0
     batch_size: int = 64
+    dtype: str = "float32"  # or bfloat16 (faster on CPUs with AVX512-BF16 and on GPUs)
     max_query_tokens: int = 0  # 0: each checkpoint's recorded contract (a longer query than it was trained on is an error)
     baselines: tuple[str, ...] = ("ref",)
 
@@ -98,6 +119,7 @@ class StudyMeta:
     seed: int = 0
     out_dir: str = ""  # default: runs/<id>
     simulate: bool = False  # evalkit run: answer the tasks with the simulated panel and write the report
+    quick: tuple[str, ...] = ()  # overrides applied by `evalkit run --quick` (a small profile; its own out_dir)
 
 
 @dataclass(frozen=True)
@@ -105,6 +127,7 @@ class StudyConfig:
     study: StudyMeta = field(default_factory=StudyMeta)
     data: DataConfig = field(default_factory=DataConfig)
     released: ReleasedConfig = field(default_factory=ReleasedConfig)
+    train: tuple[TrainConfig, ...] = ()  # [[train]]: one ladder each (e.g. from scratch and the real-weights base)
     policies: tuple[PolicyConfig, ...] = ()
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     design: DesignConfig = field(default_factory=DesignConfig)
@@ -192,24 +215,40 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], cls: type) -> dic
             raise EvalkitError(f"--set {item!r}: expected section.key=value")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
-        target_cls, hints = cls, typing.get_type_hints(cls)
-        for part in parts[:-1]:
-            if part not in hints or not dataclasses.is_dataclass(hints[part]):
+        hints = typing.get_type_hints(cls)
+        node = raw
+        i = 0
+        while i < len(parts) - 1:
+            part = parts[i]
+            tp = hints.get(part)
+            inner = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple and typing.get_args(tp) else None
+            if inner is not None and dataclasses.is_dataclass(inner):  # [[array]] of tables: section.INDEX.key
+                entries = node.get(part, [])
+                index = parts[i + 1] if i + 1 < len(parts) - 1 else ""
+                if not index.isdigit() or int(index) >= len(entries):
+                    raise EvalkitError(f"--set {key}: expected {part}.N.key with N below {len(entries)} (the [[{part}]] entries)")
+                node[part] = entries = [dict(e) for e in entries]
+                node = entries[int(index)]
+                hints = typing.get_type_hints(inner)
+                i += 2
+                continue
+            if tp is None or not dataclasses.is_dataclass(tp):
                 raise EvalkitError(f"--set {key}: unknown section '{part}'; known: {', '.join(n for n, t in hints.items() if dataclasses.is_dataclass(t))}")
-            target_cls = hints[part]
-            hints = typing.get_type_hints(target_cls)
+            hints = typing.get_type_hints(tp)
+            node = node.setdefault(part, {})
+            i += 1
         leaf = parts[-1]
         if leaf not in hints:
             raise EvalkitError(f"--set {key}: unknown key '{leaf}'; known: {', '.join(hints)}")
-        node = raw
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
         node[leaf] = _parse_override(value.strip(), hints[leaf], key)
     return raw
 
 
-def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
-    """Load ``study.toml`` (or the folder holding it), apply overrides and check names and types."""
+def load_study(path: str | Path, overrides: list[str] | None = None, quick: bool = False) -> StudyConfig:
+    """Load ``study.toml`` (or the folder holding it), apply overrides and check names and types.
+
+    ``quick``: first apply the spec's own ``study.quick`` overrides (a small profile of the same study, written to
+    ``<out_dir>-quick``), then ``overrides``."""
     path = Path(path)
     if path.is_dir():
         path = path / "study.toml"
@@ -219,10 +258,27 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
         raw = tomllib.loads(path.read_text("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise EvalkitError(f"{path}: invalid TOML ({exc})") from None
+    if quick:
+        spec = from_mapping(StudyConfig, raw, str(path))
+        if not spec.study.quick:
+            raise EvalkitError(f"{path}: --quick needs a study.quick list of overrides; this spec has none")
+        raw = apply_overrides(raw, list(spec.study.quick), StudyConfig)
     raw = apply_overrides(raw, list(overrides or []), StudyConfig)
     cfg = from_mapping(StudyConfig, raw, str(path))
     if not cfg.study.id:
         cfg = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, id=path.parent.name))
+    if quick:
+        cfg = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, out_dir=str(cfg.out_dir) + "-quick"))
     if cfg.data.n_items < 0:
         raise EvalkitError(f"{path}: data.n_items is {cfg.data.n_items}; expected 0 (all) or a positive count")
+    if cfg.data.transfer_items < 0:
+        raise EvalkitError(f"{path}: data.transfer_items is {cfg.data.transfer_items}; expected 0 (all) or a positive count")
+    if cfg.data.transfer not in ("", "tldr", "cnndm") or (cfg.data.transfer and cfg.data.transfer == cfg.data.dataset):
+        raise EvalkitError(f"{path}: data.transfer is {cfg.data.transfer!r}; expected empty or the other dataset (tldr, cnndm)")
+    for i, t in enumerate(cfg.train):
+        bad = [k for k in t.kinds if k not in ("pretrained", "sft", "ppo", "best_of_n")]
+        if bad:
+            raise EvalkitError(f"{path}: train[{i}].kinds has {bad[0]!r}; expected some of pretrained, sft, ppo, best_of_n")
+        if not t.preset:
+            raise EvalkitError(f"{path}: train[{i}] has no preset; expected one of tiny, default, smollm2-cpu, smollm2, ...")
     return dataclasses.replace(cfg, path=str(path))

@@ -19,6 +19,7 @@ from evalkit.config import StudyConfig
 from evalkit.data import bundled_path, comparison_batch, load_items, load_openai_comparisons, load_openai_ppo_summaries
 from evalkit.data.bundled import CNNDM_CSV, TLDR_CSV
 from evalkit.data.openai import merge_tables
+from evalkit.errors import EvalkitError
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +100,90 @@ def prepare_study_data(cfg: StudyConfig, force: bool = False) -> StageResult:
     return StageResult(out_dir, tables, skipped=False)
 
 
+def transfer_items_of(cfg: StudyConfig) -> pd.DataFrame:
+    """The out-of-domain items the same policies summarise (``[data] transfer``), or an empty frame."""
+    if not cfg.data.transfer:
+        return artifacts.empty_table("items")
+    items = load_items(cfg.data.transfer, cfg.data.transfer_split)
+    if cfg.data.transfer_items:
+        items = items.sort_values("item_id").head(cfg.data.transfer_items)
+    return items.drop(columns=[c for c in items.columns if c == "source_id"]).reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------------------- training
+
+LADDER_POLICY_PREFIX = {"pretrained": "pretrained", "sft": "sft", "ppo": "ppo"}  # best-of-N: bo<N>
+
+
+def study_ladders(cfg: StudyConfig) -> list[tuple]:
+    """Each ``[[train]]`` ladder as ``(TrainConfig, LadderConfig, folder)``. A folder is keyed by a hash of its ladder
+    config, so a changed spec trains anew and never reuses checkpoints trained under other settings."""
+    from evalkit.train.ladder import STAGES, config_digest, ladder_config
+
+    def stages(kinds: set[str]) -> str:  # SFT and an RM under PPO and best-of-N
+        return ",".join(s for s in STAGES if s in kinds or (s in ("sft", "rm") and kinds & {"ppo", "best_of_n"}))
+
+    out = []
+    for t in cfg.train:
+        ladder = ladder_config(t.preset, t.depths or None, t.bases or None, (*t.set, f"stages={stages(set(t.kinds))}"))
+        out.append((t, ladder, Path(t.out_dir) if t.out_dir else cfg.out_dir / f"ladder-{config_digest(ladder)}"))
+    return out
+
+
+def train_for_study(cfg: StudyConfig, echo=print) -> list[dict]:
+    """Run (or resume) the study's ladders; each summary's ``ran`` lists the stages that ran this time."""
+    from evalkit.train.ladder import format_summary, run_ladder
+
+    summaries = []
+    for _, ladder, out in study_ladders(cfg):
+        summary = run_ladder(ladder, out)
+        for line in format_summary(summary["summary"]) if summary.get("ran") else []:
+            echo("  " + line)
+        summaries.append({**summary, "out_dir": out})
+    return summaries
+
+
+def study_policies(cfg: StudyConfig) -> list:
+    """Every checkpoint policy of the study: the ladder's (named ``<kind>-<size>``) then ``[[policies]]``."""
+    from evalkit.generate import Policy
+    from evalkit.train.best_of_n import read_best_of_n
+    from evalkit.train.ladder import ladder_checkpoints
+
+    policies = []
+    for t, ladder, out in study_ladders(cfg):
+        for row in ladder_checkpoints(ladder, out):
+            if row["kind"] not in t.kinds:
+                continue
+            prefix = f"bo{read_best_of_n(row['checkpoint'])['n']}" if row["kind"] == "best_of_n" else LADDER_POLICY_PREFIX[row["kind"]]
+            policies.append(Policy(f"{prefix}-{row['size']}", row["checkpoint"]))
+    policies += [Policy.from_config(p) for p in cfg.policies]
+    ids = [p.policy_id for p in policies]
+    dup = next((i for i in ids if ids.count(i) > 1), None)
+    if dup:
+        raise EvalkitError(f"{cfg.path}: policy id {dup!r} is used twice (ladder policies are named <kind>-<size>)")
+    return policies
+
+
+def study_reward_models(cfg: StudyConfig) -> list[str]:
+    """The ladder's reward models (for accuracy vs size) plus any the report section names."""
+    from evalkit.train.ladder import size_names
+
+    rms = [str(out / n / "rm") for _, ladder, out in study_ladders(cfg) for n in size_names(ladder) if (out / n / "rm" / "manifest.json").is_file()]
+    return rms + [r for r in cfg.report.reward_models if r not in rms]
+
+
 def generate_for_study(cfg: StudyConfig, items: pd.DataFrame, progress: bool = False) -> pd.DataFrame:
-    """The study's policies ([[policies]]) and baselines ([generate].baselines) on its items → ``<out>/generations``."""
-    from evalkit.generate import Decoding, Policy, generate
+    """The study's policies (ladder and [[policies]]) and baselines ([generate].baselines) on its items and on its
+    transfer items → ``<out>/generations``."""
+    from evalkit.generate import Decoding, generate
 
     g = cfg.generate
-    policies = [Policy.from_config(p) for p in cfg.policies]
-    dec = Decoding(temperature=g.temperature, top_p=g.top_p, n_samples=g.n_samples, seed=g.seed, max_query_tokens=g.max_query_tokens or None)
+    policies = study_policies(cfg)
+    transfer = transfer_items_of(cfg)
+    if len(transfer):
+        items = pd.concat([items, transfer], ignore_index=True)
+    dec = Decoding(temperature=g.temperature, top_p=g.top_p, n_samples=g.n_samples, seed=g.seed, max_query_tokens=g.max_query_tokens or None,
+                   dtype=g.dtype)
     return generate(items, policies, cfg.out_dir / "generations", dec, g.baselines, batch_size=g.batch_size, progress=progress)
 
 
@@ -140,8 +218,6 @@ def simulate_study(cfg: StudyConfig, seed: int = 0):
 def report_study(cfg: StudyConfig, out_dir: str | Path | None = None) -> dict[str, Path]:
     """``evalkit report``: the study's judgments (or the released comparisons it names) → ``reports/<id>/``."""
     from evalkit.data import comparison_batch, load_openai_comparisons
-    from evalkit.errors import EvalkitError
-    from evalkit.generate import Policy
     from evalkit.models import read_metadata
     from evalkit.report.build import build_report
     from evalkit.study.exchange import load_study_tables
@@ -159,11 +235,133 @@ def report_study(cfg: StudyConfig, out_dir: str | Path | None = None) -> dict[st
     else:
         raise EvalkitError(f"{cfg.path}: report.source {r.source!r}; expected study or released")
     policy_kl = {}
-    for policy in map(Policy.from_config, cfg.policies):  # PPO: the KL measured in training; best-of-N: log N - (N-1)/N
+    for policy in study_policies(cfg):  # PPO: the KL measured in training; best-of-N: log N - (N-1)/N
         spec = read_best_of_n(policy.checkpoint) if Path(policy.checkpoint).is_dir() else None
         kl = spec["kl_from_sft"] if spec else read_metadata(policy.checkpoint).get("final_kl")
         if kl is not None:
             policy_kl[policy.policy_id] = float(kl)
+    import warnings
+
     out = Path(out_dir or f"reports/{cfg.id}")
-    return build_report(tables, out, cfg.study.title or cfg.id, r.baselines, r.split or None, r.n_boot, cfg.study.seed,
-                        config=cfg.to_dict(), reward_models=r.reward_models, policy_kl=policy_kl)
+    with warnings.catch_warnings():  # separated or rank-deficient fits are said in the report's words, not as warnings
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.filterwarnings("ignore", module="statsmodels")
+        return build_report(tables, out, cfg.study.title or cfg.id, r.baselines, r.split or None, r.n_boot, cfg.study.seed,
+                            config=cfg.to_dict(), reward_models=tuple(study_reward_models(cfg)), policy_kl=policy_kl,
+                            primary_dataset=cfg.data.dataset)
+
+
+# ------------------------------------------------------------------------------------------------------- evalkit run
+
+RUN_STAGES = ("data", "train", "generate", "build", "labels", "report")
+
+
+def _study_files(cfg: StudyConfig) -> list[Path]:
+    folder = cfg.out_dir / "study"
+    return [folder / f"{n}.parquet" for n in ("tasks", "generations", "items")]
+
+
+def run_study(cfg: StudyConfig, force: bool = False, echo=print) -> dict:
+    """``evalkit run``: every stage the spec declares, in order — study data → ladder training → generation (study
+    items and transfer items) → study build → labels (the simulated panel when ``simulate``) → report.
+
+    Each stage is keyed by its config and the hashes of its inputs, recorded in ``<out>/run.json`` with its timing when
+    it finishes; a re-run skips stages whose key and outputs are unchanged, and an interrupted run resumes (training
+    and generation also resume inside the stage: finished checkpoints and written generation parts are kept).
+    """
+    import json
+    import time
+
+    run_path = cfg.out_dir / "run.json"
+    try:
+        previous = json.loads(run_path.read_text("utf-8")).get("stages", {}) if run_path.is_file() else {}
+    except json.JSONDecodeError:
+        previous = {}
+    record: dict[str, dict] = {}
+    started = time.perf_counter()
+    result: dict = {"stages": record, "run_json": run_path}
+
+    def step(name: str, config: dict, inputs: list[Path], done, fn):
+        key = artifacts.fingerprint(json.loads(json.dumps(config, default=str)), artifacts.describe_inputs([p for p in inputs if Path(p).is_file()]))
+        prev = previous.get(name, {})
+        if not force and prev.get("key") == key and done():
+            record[name] = {**prev, "skipped": True}
+            echo(f"[{name}] up to date (skipped; took {prev.get('seconds', 0):.0f}s when it ran)")
+            return None
+        echo(f"[{name}] running ({RUN_STAGES.index(name) + 1}/{len(RUN_STAGES)}; {time.perf_counter() - started:.0f}s elapsed)")
+        t0 = time.perf_counter()
+        out = fn()
+        record[name] = {"key": key, "seconds": round(time.perf_counter() - t0, 1), "skipped": False}
+        artifacts.write_json(run_path, {"study": cfg.id, "stages": {**previous, **record}})
+        return out
+
+    spec = cfg.to_dict()
+    res = prepare_study_data(cfg, force=force)
+    record["data"] = {"skipped": res.skipped, "seconds": round(time.perf_counter() - started, 1)}
+    echo(f"[data] {'up to date' if res.skipped else 'written'}: {res.out_dir}")
+
+    ladders = study_ladders(cfg)
+    if ladders:
+        step("train", {"ladders": [[json.loads(json.dumps(lc, default=lambda o: o.__dict__)), str(d)] for _, lc, d in ladders]}, [],
+             lambda: all(_ladder_complete(d) for _, _, d in ladders), lambda: train_for_study(cfg, echo))
+        result["ladder_dirs"] = [d for _, _, d in ladders]
+
+    report_dir = Path(f"reports/{cfg.id}") if not str(cfg.out_dir).endswith("-quick") else Path(f"reports/{cfg.id}-quick")
+    if cfg.report.source == "released":  # a report on the released labels alone: nothing to generate or label
+        return _run_report(cfg, step, report_dir, [], result, started)
+    items = study_items_of(cfg)
+    policies = study_policies(cfg)
+    gen_path = cfg.out_dir / "generations" / "generations.parquet"
+    if policies or cfg.generate.baselines:
+        from evalkit.generate import checkpoint_fingerprint
+
+        gen_key = {"generate": spec["generate"], "data": spec["data"],
+                   "policies": [[p.policy_id, p.checkpoint, checkpoint_fingerprint(p.checkpoint)] for p in policies]}
+        step("generate", gen_key, [], gen_path.is_file, lambda: generate_for_study(cfg, items, progress=True))
+    result["policies"] = [p.policy_id for p in policies]
+
+    if not gen_path.is_file():
+        echo("no generations: declare [[policies]], a [train] ladder or [generate].baselines to build a study")
+        return result
+    from evalkit.study.build import build_study
+
+    build_key = {"stage": "study-build", **spec}
+    step("build", build_key, [gen_path], lambda: all(p.is_file() for p in _study_files(cfg)), lambda: build_study(cfg))
+    judgments = cfg.out_dir / "study" / "judgments.parquet"
+    if cfg.study.simulate:
+        step("labels", {"simulate": True, "seed": 0}, _study_files(cfg), judgments.is_file, lambda: answer_with_panel(cfg))
+    elif not judgments.is_file():
+        result["waiting_for_labels"] = True
+        echo(f"[labels] the study is built in {cfg.out_dir / 'study'} and has no judgments yet. Collect them with "
+             f"`evalkit study serve {cfg.path}` (labelers in a browser) or `evalkit study export` / `evalkit study import`, "
+             f"or set study.simulate = true for a dry run; then run `evalkit run {cfg.path}` again for the report.")
+        return result
+    return _run_report(cfg, step, report_dir, [*_study_files(cfg), judgments], result, started)
+
+
+def _run_report(cfg: StudyConfig, step, report_dir: Path, inputs: list[Path], result: dict, started: float) -> dict:
+    import time
+
+    spec = cfg.to_dict()
+    rms = study_reward_models(cfg)
+    report_key = {"report": spec["report"], "study": spec["study"], "released": spec["released"], "rms": rms, "out": str(report_dir)}
+    if cfg.report.source == "released":
+        inputs = [comparison_batch(b) for b in cfg.released.comparisons]
+    paths = step("report", report_key, [*inputs, *[Path(r) / "manifest.json" for r in rms]],
+                 lambda: (report_dir / "report.html").is_file() and (report_dir / "manifest.json").is_file(),
+                 lambda: report_study(cfg, report_dir))
+    manifest = artifacts.read_manifest(report_dir) or {}
+    result["report"] = report_dir / "report.html"
+    result["headline"] = (paths or {}).get("headline") if paths else manifest.get("headline", [])
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def _ladder_complete(ladder_dir: Path) -> bool:
+    import json
+
+    path = ladder_dir / "ladder.json"
+    try:
+        return path.is_file() and "summary" in json.loads(path.read_text("utf-8"))
+    except json.JSONDecodeError:
+        return False

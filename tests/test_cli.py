@@ -66,22 +66,6 @@ def test_bad_inputs_exit_2_and_keep_stored_tables(tmp_path):
     assert_one_line_error(run_cli("data", "show", "reddit"), "unknown dataset 'reddit'", "tldr")
 
 
-def test_run_default_study(tmp_path):
-    out = tmp_path / "run"
-    proc = run_cli("run", "studies/default", "--set", f"study.out_dir={out}", check=True)
-    assert "sup4_6b " in proc.stdout and "30/85" in proc.stdout
-    assert "SUBREDDIT: r/" in proc.stdout
-    for name in ("items", "generations", "tasks", "judgments"):
-        assert (out / "data" / f"{name}.parquet").is_file()
-    assert "answered by the SIMULATED panel" in proc.stdout and (ROOT / "reports" / "default" / "report.html").is_file()
-    report = (ROOT / "reports" / "default" / "report.md").read_text()
-    assert "Labels: SIMULATED labels." in report and "| openai-ppo-1.3b | external |" in report and "qc-" not in report
-    gens = pd.read_parquet(out / "data" / "generations.parquet")
-    assert (gens["policy_id"] == "openai-ppo-1.3b").sum() > 100
-    again = run_cli("run", "studies/default", "--set", f"study.out_dir={out}", check=True)
-    assert "up to date" in again.stdout
-
-
 def test_run_rejects_bad_overrides(tmp_path):
     assert_one_line_error(run_cli("run", "studies/default", "--set", "data.n_items=many"), "data.n_items=many", "expected int")
     assert_one_line_error(run_cli("run", "studies/default", "--set", "data.colour=red"), "unknown key 'colour'")

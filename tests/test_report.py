@@ -18,7 +18,8 @@ def test_openai_released_report(tmp_path):
                 "| pretrain_6b_t.7 | pretrained | 6700000000 | 22 | 73 |", "| sup4_ppo_rm4_t.7 | ppo | 1300000000 | 598 | 832 |"):
         assert row in md, row
     assert "Labeler–labeler agreement: 73.1% over 1007 pairs" in md
-    assert "not fitted — the tldr comparisons cover 1 model size(s)" in md  # degenerate input, said in words
+    assert "not fitted — no tldr policy kind is measured at two or more sizes" in md  # degenerate input, said in words
+    assert "leaves out sft: measured at one size only" in md and "No policy kind has two sizes in the tldr" in md
     assert "imported human labels" in md and "nan" not in md.lower()
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and not re.search(r"src=['\"](?!data:)", html)

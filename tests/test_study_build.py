@@ -8,7 +8,7 @@ from conftest import baseline_study, run_cli
 from evalkit import artifacts
 from evalkit.study.build import build_study
 
-SETTINGS = ["design.sentinel_policy=lead3", "design.items_per_policy=80", "labelers.count=8", "design.batch_size=30"]
+SETTINGS = ["data.n_items=0", "design.sentinel_policy=lead3", "design.items_per_policy=80", "labelers.count=8", "design.batch_size=30"]
 
 
 @pytest.fixture(scope="module")

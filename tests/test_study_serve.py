@@ -148,7 +148,7 @@ def test_sigkill_loses_no_acknowledged_judgment(tmp_path):
     import hmac
     import threading
 
-    settings = ["labelers.count=1", "design.items_per_policy=250", "design.overlap_fraction=0", "design.gold_fraction=0",
+    settings = ["labelers.count=1", "data.n_items=0", "design.items_per_policy=250", "design.overlap_fraction=0", "design.gold_fraction=0",
                 "design.attention_fraction=0", "design.batch_size=1000"]
     cfg, db = make_study(tmp_path, *settings)
     with sqlite3.connect(db) as conn:

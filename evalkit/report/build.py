@@ -28,6 +28,8 @@ from evalkit.errors import EvalkitError  # noqa: E402
 
 log = logging.getLogger(__name__)
 
+KIND_LABELS = {"pretrained": "pretrained (zero-shot)", "sft": "SFT", "ppo": "PPO (RLHF)", "best_of_n": "best-of-N",
+               "external": "external", "ref": "reference", "lead3": "lead-3"}
 KIND_WORDS = {"human": "human labels", "imported": "imported human labels (OpenAI release)", "simulated": "SIMULATED labels",
               "llm": "LLM-judge labels"}
 
@@ -44,6 +46,10 @@ class Report:
     def text(self, md: str) -> None:
         self.md.append(md + "\n")
         self.html.append("<p>" + html.escape(md) + "</p>")
+
+    def bullets(self, lines: list[str]) -> None:
+        self.md.append("\n".join(f"- {line}" for line in lines) + "\n")
+        self.html.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>")
 
     def heading(self, text: str) -> None:
         self.md.append(f"## {text}\n")
@@ -92,7 +98,8 @@ def label_source(judgments: pd.DataFrame) -> str:
 def _rates_figure(rates: pd.DataFrame, dataset: str, baseline: str, source: str):
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rates) + 1.5))
     y = np.arange(len(rates))
-    ax.errorbar(rates["rate"], y, xerr=[rates["rate"] - rates["wilson_low"], rates["wilson_high"] - rates["rate"]],
+    # clipped at 0: at 0 or n wins the Wilson bound can miss the rate by a rounding error
+    ax.errorbar(rates["rate"], y, xerr=[np.maximum(rates["rate"] - rates["wilson_low"], 0), np.maximum(rates["wilson_high"] - rates["rate"], 0)],
                 fmt="o", capsize=3)
     ax.axvline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_yticks(y, [f"{p} (n={n})" for p, n in zip(rates["policy_id"], rates["n"])])
@@ -103,23 +110,87 @@ def _rates_figure(rates: pd.DataFrame, dataset: str, baseline: str, source: str)
 
 
 def _size_figure(raw: pd.DataFrame, controlled: pd.DataFrame | None, points: pd.DataFrame, dataset: str, source: str):
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for kind, g in raw.groupby("policy_kind"):
-        line, = ax.plot(g["n_params"], g["predicted"], label=f"{kind} (raw)")
+        line, = ax.plot(g["n_params"], g["predicted"], label=f"{KIND_LABELS.get(kind, kind)} (raw)")
         ax.fill_between(g["n_params"], g["ci_low"], g["ci_high"], alpha=0.15, color=line.get_color())
         if controlled is not None:
             c = controlled[controlled["policy_kind"] == kind]
-            ax.plot(c["n_params"], c["predicted"], ls="--", color=line.get_color(), label=f"{kind} (length-controlled)")
+            ax.plot(c["n_params"], c["predicted"], ls="--", color=line.get_color(), label=f"{KIND_LABELS.get(kind, kind)} (length-controlled)")
         p = points[points["policy_kind"] == kind]
         ax.scatter(p["n_params"], p["rate"], color=line.get_color(), s=12 + p["n"] / 4)
+        for r in p.itertuples():
+            ax.annotate(f"n={r.n}", (r.n_params, r.rate), fontsize=7, xytext=(4, -10), textcoords="offset points")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log")
     ax.set_xlabel("model size (parameters)")
     ax.set_ylabel("fraction preferred to the reference")
     ax.set_ylim(0, 1)
     ax.set_title(f"{dataset}: preference vs size (95% CI, item-clustered SE), n={int(points['n'].sum())} — {source}", fontsize=10)
-    ax.legend(fontsize=8, title="dots: observed rate per policy (area ∝ n)", title_fontsize=7)
+    ax.legend(fontsize=8, title="dots: observed rate per policy (area ∝ n)", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     return fig
+
+
+def params_label(n: float | None) -> str:
+    """1.3B, 135M, 6.1M."""
+    if n is None or pd.isna(n) or not np.isfinite(float(n)):
+        return "-"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            v = n / scale
+            return f"{v:.3g}{unit}"
+    return f"{int(n)}"
+
+
+def _headline(rep: "Report", d: pd.DataFrame, dataset: str, baseline: str, source: str, n_boot: int, seed: int) -> list[dict]:
+    """The paper's Figure 1 first: fraction preferred to the baseline vs size, per kind with ≥ 2 sizes, raw and at equal
+    length, item-clustered CIs, n per point; a sentence per kind at its largest size. Returns the headline numbers."""
+    rep.heading(f"Headline: {dataset} summaries preferred to {baseline}, by model size")
+    sizes = d.dropna(subset=["n_params"]).groupby("policy_kind")["n_params"].nunique()
+    kinds = sorted(sizes[sizes >= 2].index)
+    if not kinds:
+        rep.text(f"No policy kind has two sizes in the {dataset} comparisons, so there is no size curve; the per-policy rates follow.")
+        return []
+    ds = d[d["policy_kind"].isin(kinds)]
+    rates = preference_rates(ds, n_boot=n_boot, rng=np.random.default_rng(seed))
+    raw = size_curve(ds)
+    has_len = bool(((ds["len_policy"] > 0) & (ds["len_baseline"] > 0)).any())
+    controlled = size_curve(ds, length=True) if has_len else None
+    headline = []
+    for kind in kinds:
+        top = rates[rates["policy_kind"] == kind].sort_values("n_params").iloc[-1]
+        low = rates[rates["policy_kind"] == kind].sort_values("n_params").iloc[0]
+        headline.append({"policy_kind": kind, "policy_id": top["policy_id"], "n_params": float(top["n_params"]),
+                         "rate": float(top["rate"]), "boot_low": float(top["boot_low"]), "boot_high": float(top["boot_high"]),
+                         "n": int(top["n"]), "smallest_rate": float(low["rate"]), "smallest_n_params": float(low["n_params"])})
+    rep.text(f"Labels: {source}. At each kind's largest size, the fraction of comparisons in which its summary was "
+             f"preferred to {baseline} (95% item-clustered bootstrap interval), and the same at its smallest size:")
+    rep.bullets([f"{KIND_LABELS.get(h['policy_kind'], h['policy_kind'])} {params_label(h['n_params'])} ({h['policy_id']}): "
+                 f"{h['rate']:.1%} [{h['boot_low']:.1%}, {h['boot_high']:.1%}], n={h['n']}; at "
+                 f"{params_label(h['smallest_n_params'])}: {h['smallest_rate']:.1%}" for h in headline])
+    title_source = "SIMULATED panel" if "SIMULATED" in source else source
+    rep.figure(_size_figure(raw, controlled, rates, dataset, title_source), f"figure1_{dataset}",
+               f"{dataset}: fraction preferred to {baseline} vs model size (log parameters) per kind; solid raw, dashed at "
+               f"equal length; bands: 95% CI with item-clustered SE; dots: observed rate, n beside each; {source}")
+    return headline
+
+
+def _samples(rep: "Report", tables: dict[str, pd.DataFrame], dataset: str) -> None:
+    """One post and every policy's summary of it, so a reader sees what the numbers are about."""
+    gens = tables["generations"]
+    gens = gens[(gens["dataset"] == dataset) & ~gens["policy_id"].str.startswith("qc-")]
+    if gens.empty:
+        return
+    counts = gens.groupby("item_id")["policy_id"].nunique()
+    item_id = sorted(counts[counts == counts.max()].index)[0]
+    item = tables["items"].set_index("item_id").loc[item_id]
+    rows = gens[gens["item_id"] == item_id].sort_values(["policy_kind", "n_params", "policy_id"]).drop_duplicates("policy_id")
+    rep.heading("Sample summaries: one post, every policy")
+    body = str(item["body"])
+    rep.text(f"{dataset} item {item_id}" + (f" — {item['title']}" if isinstance(item.get("title"), str) and item["title"] else "")
+             + ": " + (body[:600] + " …" if len(body) > 600 else body))
+    rep.table(pd.DataFrame({"policy": rows["policy_id"], "kind": rows["policy_kind"], "size": rows["n_params"].map(params_label),
+                            "summary": rows["text"].map(lambda t: t if t else "(empty)")}))
 
 
 def _likert_figure(likert: pd.DataFrame, means: pd.DataFrame, source: str):
@@ -136,7 +207,8 @@ def _likert_figure(likert: pd.DataFrame, means: pd.DataFrame, source: str):
 
 def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: str, baselines: tuple[str, ...] = ("ref",),
                  split: str | None = "valid2", n_boot: int = 1000, seed: int = 0, config: dict | None = None,
-                 reward_models: tuple[str, ...] = (), policy_kl: dict[str, float] | None = None) -> dict[str, Path]:
+                 reward_models: tuple[str, ...] = (), policy_kl: dict[str, float] | None = None,
+                 primary_dataset: str | None = None) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -145,8 +217,17 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
     if judg.empty:
         raise EvalkitError("no judgments to report on")
     source = label_source(judg)
+    headline: list[dict] = []
+    if baselines:
+        comp = comparisons(tables, baseline=baselines[0])
+        comp = comp[comp["split"] == split] if split else comp
+        datasets = list(comp["dataset"].unique())
+        first = primary_dataset if primary_dataset in datasets else (sorted(datasets)[0] if datasets else None)
+        if first is not None:
+            headline = _headline(rep, comp[comp["dataset"] == first], first, baselines[0], source, n_boot, seed)
+            _samples(rep, tables, first)
     rep.text(f"Labels: {source}. {len(judg)} judgments by {judg['labeler_id'].nunique()} labelers"
-             + (f"; split {split} only." if split else "."))
+             + (f"; preference rates on split {split} only." if split else "."))
 
     for baseline in baselines:
         comp = comparisons(tables, baseline=baseline)
@@ -156,7 +237,8 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
         if comp.empty:
             rep.text(f"No comparisons with {baseline} in this data.")
             continue
-        for dataset, d in comp.groupby("dataset"):
+        groups = sorted(comp.groupby("dataset"), key=lambda g: (g[0] != primary_dataset, g[0]))  # the study's dataset first
+        for dataset, d in groups:
             rates = preference_rates(d, n_boot=n_boot, rng=rng)
             rep.text(f"{dataset}: fraction of comparisons in which the policy's summary was preferred to {baseline}, with a "
                      f"Wilson interval and an item-clustered bootstrap interval ({n_boot} replicates).")
@@ -166,21 +248,25 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
             zero = rates[(rates["wins"] == 0) | (rates["wins"] == rates["n"])]
             for r in zero.itertuples():
                 rep.text(f"Note: {r.policy_id} won {r.wins} of {r.n}; its rate sits at a bound and only the interval is informative.")
-            # preference vs size
-            sized = d.dropna(subset=["n_params"])
-            if sized["n_params"].nunique() < 2:
-                rep.text(f"Preference vs size: not fitted — the {dataset} comparisons cover "
-                         f"{sized['n_params'].nunique()} model size(s); the size model needs at least two.")
+            # preference vs size, on the kinds measured at two or more sizes (one size leaves its slope unidentified)
+            kinds_at = d.dropna(subset=["n_params"]).groupby("policy_kind")["n_params"].nunique()
+            one_size = sorted(kinds_at[kinds_at < 2].index)
+            ds = d[d["policy_kind"].isin(kinds_at[kinds_at >= 2].index)]
+            if one_size:
+                rep.text(f"Preference vs size leaves out {', '.join(one_size)}: measured at one size only, a size slope "
+                         "for it is not identified.")
+            if ds.empty:
+                rep.text(f"Preference vs size: not fitted — no {dataset} policy kind is measured at two or more sizes.")
             else:
-                raw = size_curve(d)
-                has_len = bool((d["len_policy"] > 0).any())
-                controlled = size_curve(d, length=True) if has_len else None
-                rep.figure(_size_figure(raw, controlled, rates, dataset, source), f"size_{baseline}_{dataset}",
+                raw = size_curve(ds)
+                has_len = bool((ds["len_policy"] > 0).any())
+                controlled = size_curve(ds, length=True) if has_len else None
+                rep.figure(_size_figure(raw, controlled, rates[rates["policy_kind"].isin(ds["policy_kind"])], dataset, source), f"size_{baseline}_{dataset}",
                            f"{dataset}: predicted preference vs size per policy kind, raw and at equal length; {source}")
-                clusters = d["item_id"].nunique()
-                rep.fits.append(fit_table(size_fit(d), f"size:{dataset}:{baseline}", clusters))
+                clusters = ds["item_id"].nunique()
+                rep.fits.append(fit_table(size_fit(ds), f"size:{dataset}:{baseline}", clusters))
                 if has_len:
-                    rep.fits.append(fit_table(size_fit(d, length=True), f"size+length:{dataset}:{baseline}", clusters))
+                    rep.fits.append(fit_table(size_fit(ds, length=True), f"size+length:{dataset}:{baseline}", clusters))
             empty = int((d["len_policy"].fillna(0) <= 0).sum() + (d["len_baseline"].fillna(0) <= 0).sum())
             if (d["len_policy"] > 0).any():
                 table, result = length_controlled(d)
@@ -218,8 +304,9 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
             rep.text("None of the policies with a known KL from SFT has comparisons with the baseline.")
     manifest = artifacts.build_manifest("report", dict(config or {}, title=title, baselines=list(baselines), split=split,
                                                        n_boot=n_boot), seeds={"bootstrap": seed},
-                                        outputs={"figures": len(rep.figures), "fits": sum(len(f) for f in rep.fits)})
-    return rep.write(manifest)
+                                        outputs={"figures": len(rep.figures), "fits": sum(len(f) for f in rep.fits)},
+                                        extra={"headline": headline})
+    return {**rep.write(manifest), "headline": headline}
 
 
 def _pairwise_agreement(rep: Report, tables: dict[str, pd.DataFrame]) -> None:

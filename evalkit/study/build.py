@@ -56,13 +56,17 @@ def _task(study_id: str, kind: str, item_id: str, first: str, second: str | None
             "is_swapped": swapped, "role": role, "expected": expected, "unit_id": unit}
 
 
-def build_tasks(cfg: StudyConfig, generations: pd.DataFrame, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The study's tasks and the generations they show (the QC summaries added)."""
+def build_tasks(cfg: StudyConfig, generations: pd.DataFrame, items: pd.DataFrame, dataset: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The study's tasks and the generations they show (the QC summaries added).
+
+    ``dataset``: the study's own dataset by default; the transfer dataset gets pairwise tasks against the same baseline
+    for every policy that summarised it, ``min(items_per_policy, transfer_items)`` items each."""
     design = cfg.design
     study_id = cfg.id
-    key = f"{cfg.id}:{cfg.study.seed}"  # every seeded choice derives from the study and its seed
-    dataset = cfg.data.dataset
-    kind = design.kind or ("likert" if dataset == "cnndm" else "pairwise")
+    transfer = dataset is not None and dataset != cfg.data.dataset
+    dataset = dataset or cfg.data.dataset
+    key = f"{cfg.id}:{cfg.study.seed}" + (f":{dataset}" if transfer else "")  # every seeded choice derives from the study and its seed
+    kind = "pairwise" if transfer else design.kind or ("likert" if dataset == "cnndm" else "pairwise")
     if kind not in artifacts.TASK_KINDS:
         raise EvalkitError(f"{cfg.path}: design.kind {kind!r}; expected pairwise or likert")
     gens = generations[generations["dataset"] == dataset]
@@ -70,8 +74,8 @@ def build_tasks(cfg: StudyConfig, generations: pd.DataFrame, items: pd.DataFrame
     baseline = design.baseline
     if kind == "pairwise" and baseline not in known:
         raise EvalkitError(f"{cfg.path}: baseline policy {baseline!r} has no generations; known: {', '.join(known) or 'none'}")
-    policies = list(design.policies) or [p for p in known if p != baseline]
-    for p in policies + ([design.sentinel_policy] if design.sentinel_policy else []):
+    policies = [p for p in design.policies if p in known] if transfer and design.policies else list(design.policies) or [p for p in known if p != baseline]
+    for p in policies + ([design.sentinel_policy] if design.sentinel_policy and not transfer else []):
         if p not in known:
             raise EvalkitError(f"{cfg.path}: unknown policy {p!r}; known: {', '.join(known)}")
     if not policies:
@@ -95,9 +99,10 @@ def build_tasks(cfg: StudyConfig, generations: pd.DataFrame, items: pd.DataFrame
     common = set.intersection(*item_sets.values()) & (base_items if base_items is not None else set.intersection(*item_sets.values()))
     order = sorted(common)
     rng_for(key, "items").shuffle(order)
-    chosen = order[: design.items_per_policy]
-    if len(chosen) < design.items_per_policy:
-        log.warning("only %d items have generations from every policy (asked for %d)", len(chosen), design.items_per_policy)
+    wanted = design.items_per_policy if not transfer else min(design.items_per_policy, cfg.data.transfer_items or design.items_per_policy)
+    chosen = order[:wanted]
+    if len(chosen) < wanted:
+        log.warning("only %d %s items have generations from every policy (asked for %d)", len(chosen), dataset, wanted)
     if not chosen:
         raise EvalkitError(f"{cfg.path}: no item has generations from every policy ({', '.join(policies)})")
     for policy in policies:
@@ -160,7 +165,7 @@ def build_tasks(cfg: StudyConfig, generations: pd.DataFrame, items: pd.DataFrame
         size = max(1, design.batch_size)
         for b, start in enumerate(range(0, len(own), size)):
             batch = [{**t, "batch": b} for t in own[start: start + size]]
-            if design.sentinel_policy and kind == "pairwise":
+            if design.sentinel_policy and kind == "pairwise" and not transfer:
                 for k in range(design.sentinels_per_batch):
                     item_id = chosen[int(rng_for(key, "sentinel", labeler, b, k).integers(len(chosen)))]
                     if (design.sentinel_policy, item_id) in by.index:
@@ -189,8 +194,18 @@ def build_study(cfg: StudyConfig) -> dict[str, object]:
     if not gen_path.is_file():
         raise EvalkitError(f"no generations at {gen_path}; run `evalkit generate` (or `evalkit run`) first, or set design.generations")
     generations = artifacts.read_table(gen_path, "generations")
+    from evalkit.pipeline import transfer_items_of
+
     items = study_items_of(cfg)
     tasks, shown = build_tasks(cfg, generations, items)
+    transfer = transfer_items_of(cfg)
+    if len(transfer) and (generations["dataset"] == cfg.data.transfer).any():
+        t_tasks, t_shown = build_tasks(cfg, generations, transfer, cfg.data.transfer)
+        t_tasks["batch"] += int(tasks["batch"].max()) + 1  # the transfer batches follow the main ones
+        tasks = pd.concat([tasks, t_tasks], ignore_index=True)
+        shown = artifacts.conform(pd.concat([shown, t_shown], ignore_index=True).drop_duplicates("gen_id"), "generations")
+        shown = shown.sort_values("gen_id").reset_index(drop=True)
+        items = pd.concat([items, transfer], ignore_index=True)
     out = cfg.out_dir / "study"
     artifacts.write_table(tasks, out / "tasks.parquet", "tasks")
     artifacts.write_table(shown, out / "generations.parquet", "generations")

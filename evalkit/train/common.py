@@ -167,10 +167,21 @@ def start_run(out_dir: Path, cfg: Any, resume: bool) -> tuple[Dist, dict | None]
     return d, state
 
 
+_last_progress: dict[str, float] = {}
+
+
 def append_metrics(out_dir: Path, row: dict) -> None:
+    """One metrics row; also a progress log line (``evalkit`` logger, INFO) at most every 15 s per folder."""
+    import time
+
     with open(out_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(row, default=float) + "\n")
         fh.flush()
+    key, now = str(out_dir), time.monotonic()
+    if "step" in row and now - _last_progress.get(key, 0.0) >= 15:
+        _last_progress[key] = now
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k in ("step", "loss", "val_loss", "accuracy"))
+        log.info("%s/%s: %s", Path(out_dir).parent.name, Path(out_dir).name, shown)
 
 
 def read_metrics(folder: str | Path) -> list[dict]:

@@ -59,6 +59,7 @@ class LadderConfig:
     best_of_n: int = 16
     eval_posts: int = 200
     bon_eval_posts: int = 200
+    stages: tuple[str, ...] = STAGES  # which stages to train (SFT, RM follow when a later stage needs them)
     seed: int = 0
 
 
@@ -100,13 +101,17 @@ def run_ladder(cfg: LadderConfig, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     names = size_names(cfg)
     path = out_dir / "ladder.json"
-    timings: dict[str, float] = json.loads(path.read_text()).get("timings_s", {}) if path.is_file() else {}
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    timings: dict[str, float] = previous.get("timings_s", {})
     config = json.loads(json.dumps(cfg, default=lambda o: o.__dict__))
+    ran: list[str] = []
 
     def stage(name: str, folder: Path, fn) -> Path:
         if _done(folder):
             log.info("%s: complete, skipping", folder)
             return folder
+        ran.append(name)
+        log.info("ladder %s: %s (stage %d of %d here)", out_dir.name, name, len(ran), len(names) * len(cfg.stages))
         t0 = time.perf_counter()
         fn()
         timings[name] = round(time.perf_counter() - t0, 1)
@@ -132,24 +137,33 @@ def run_ladder(cfg: LadderConfig, out_dir: str | Path) -> dict:
         else:
             pre = stage(f"{name}/import", d / "pretrained", lambda: import_base(base_gguf(name, out_dir), d / "pretrained", cfg.eval_posts))
             layers = real
+        wanted = set(cfg.stages)
+        if not wanted & {"sft", "rm", "ppo", "best_of_n"}:
+            continue
         sup = stage(f"{name}/sft", d / "sft", lambda: sft(SFTConfig(
             init=str(pre), steps=cfg.sft_steps, batch_size=cfg.sft_batch, lr=cfg.sft_lr, trainable_layers=layers,
             eval_posts=cfg.eval_posts, seed=cfg.seed), d / "sft"))
         rm = stage(f"{name}/rm", d / "rm", lambda: train_reward_model(RewardConfig(
             init=str(sup), comparisons=cfg.comparisons, epochs=cfg.rm_epochs, lr=cfg.rm_lr, max_pairs=cfg.rm_max_pairs,
-            trainable_layers=layers, seed=cfg.seed), d / "rm"))
-        stage(f"{name}/ppo", d / "ppo", lambda: ppo(PPOConfig(
-            policy=str(sup), reward_model=str(rm), iterations=cfg.ppo_iterations, rollouts=cfg.ppo_rollouts,
-            minibatch_size=cfg.ppo_minibatch, lr=cfg.ppo_lr, trainable_layers=layers, eval_posts=cfg.eval_posts,
-            seed=cfg.seed), d / "ppo"))
-        if read_best_of_n(d / "best_of_n") is None or "quality" not in read_best_of_n(d / "best_of_n"):
+            trainable_layers=layers, seed=cfg.seed), d / "rm")) if wanted & {"rm", "ppo", "best_of_n"} else None
+        if rm is None:
+            continue
+        if "ppo" in wanted:
+            stage(f"{name}/ppo", d / "ppo", lambda: ppo(PPOConfig(
+                policy=str(sup), reward_model=str(rm), iterations=cfg.ppo_iterations, rollouts=cfg.ppo_rollouts,
+                minibatch_size=cfg.ppo_minibatch, lr=cfg.ppo_lr, trainable_layers=layers, eval_posts=cfg.eval_posts,
+                seed=cfg.seed), d / "ppo"))
+        if "best_of_n" in wanted and (read_best_of_n(d / "best_of_n") is None or "quality" not in read_best_of_n(d / "best_of_n")):
             t0 = time.perf_counter()
+            ran.append(f"{name}/best_of_n")
             write_best_of_n(d / "best_of_n", sup, rm, cfg.best_of_n)
             measure_best_of_n(d / "best_of_n", cfg.bon_eval_posts, cfg.seed)
             timings[f"{name}/best_of_n"] = round(time.perf_counter() - t0, 1)
+    if not ran and previous.get("config") == config and "summary" in previous:
+        return {**previous, "ran": []}  # nothing changed: the summary (which rescores with each RM) stands
     summary = {"config": config, "timings_s": timings, "summary": ladder_summary(out_dir, names)}
     artifacts.write_json(path, summary)
-    return summary
+    return {**summary, "ran": ran}
 
 
 def import_base(gguf: Path, out_dir: Path, eval_posts: int) -> Path:
@@ -260,13 +274,47 @@ def format_summary(rows: list[dict]) -> list[str]:
     return lines
 
 
-def ladder_config(preset: str, depths: tuple[int, ...] | None = None, bases: tuple[str, ...] | None = None) -> LadderConfig:
+def ladder_config(preset: str, depths: tuple[int, ...] | None = None, bases: tuple[str, ...] | None = None,
+                  overrides: tuple[str, ...] | list[str] = ()) -> LadderConfig:
+    """A preset with its sizes and ``key=value`` field overrides (type-checked) applied."""
+    from dataclasses import asdict
+
+    from evalkit.config import apply_overrides, from_mapping
+
     if preset not in PRESETS:
         raise EvalkitError(f"unknown ladder preset {preset!r}; known: {', '.join(PRESETS)}")
     cfg = PRESETS[preset]
     if depths:
-        cfg = replace(cfg, depths=depths)
+        cfg = replace(cfg, depths=tuple(depths))
     if bases:
-        cfg = replace(cfg, bases=bases)
-        size_names(cfg)
+        cfg = replace(cfg, bases=tuple(bases))
+    if overrides:
+        raw = {k: v for k, v in asdict(cfg).items() if k != "tokenizer"}
+        cfg = replace(from_mapping(LadderConfig, apply_overrides(raw, list(overrides), LadderConfig), "ladder"), tokenizer=cfg.tokenizer)
+    bad = [s for s in cfg.stages if s not in STAGES]
+    if bad:
+        raise EvalkitError(f"ladder stages has {bad[0]!r}; expected some of {', '.join(STAGES)}")
+    if any(d < 1 for d in cfg.depths):
+        raise EvalkitError(f"ladder depths {list(cfg.depths)}: expected positive integers")
+    size_names(cfg)
     return cfg
+
+
+def config_digest(cfg: LadderConfig) -> str:
+    """A short hash of everything that shapes the ladder's checkpoints (its folder name in a study)."""
+    from evalkit.seeds import stable_hash
+
+    return stable_hash(json.dumps(json.loads(json.dumps(cfg, default=lambda o: o.__dict__)), sort_keys=True))[:10]
+
+
+def ladder_checkpoints(cfg: LadderConfig, out_dir: str | Path) -> list[dict]:
+    """Every policy a finished ladder offers: ``{"kind", "size", "checkpoint"}`` in ladder order."""
+    out_dir = Path(out_dir)
+    rows = []
+    for name in size_names(cfg):
+        for kind in ("pretrained", "sft", "ppo", "best_of_n"):
+            folder = out_dir / name / kind
+            done = read_best_of_n(folder) is not None if kind == "best_of_n" else _done(folder)
+            if kind in cfg.stages and done:
+                rows.append({"kind": kind, "size": name, "checkpoint": str(folder)})
+    return rows

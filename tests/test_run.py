@@ -1,0 +1,195 @@
+"""`evalkit run`: every stage a spec declares (train → generate → build → label → report), cached and resumable."""
+
+import json
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from evalkit.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def invoke(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_default_study_quick_profile_end_to_end(tmp_path, monkeypatch):
+    """The default study's --quick profile trains both ladders, generates on TL;DR and CNN/DM, builds, simulates and
+    reports with the size figure first; a re-run skips every stage and changes nothing."""
+    monkeypatch.chdir(tmp_path)
+    out = invoke("run", ROOT / "studies/default", "--quick")
+    run_dir, report = tmp_path / "runs/default-quick", tmp_path / "reports/default-quick"
+    for name in ("pretrained-d1", "sft-d1", "ppo-d2", "bo2-d2", "pretrained-smollm2"):
+        assert name in out
+    gens = pd.read_parquet(run_dir / "generations/generations.parquet")
+    assert set(gens["dataset"]) == {"tldr", "cnndm"}
+    assert {"ref", "lead3", "openai-ppo-1.3b", "sft-d2"} <= set(gens["policy_id"])
+    tasks = pd.read_parquet(run_dir / "study/tasks.parquet")
+    assert set(tasks["item_id"].str.split("-").str[0]) == {"tldr", "cnndm"}
+    # the report opens with the paper's Figure 1: preference vs size, with its numbers and whose labels they are
+    md = (report / "report.md").read_text()
+    sections = [line for line in md.splitlines() if line.startswith("## ")]
+    assert sections[0].startswith("## Headline: tldr summaries preferred to ref, by model size")
+    first = md.split("## ")[1]
+    assert "SIMULATED" in first and "preferred to ref" in first and "], n=" in first and "![" in first
+    assert (report / "figure1_tldr.png").is_file() and "Sample summaries" in sections[1]
+    headline = [line for line in out.splitlines() if "preferred to the reference [" in line]
+    assert len(headline) >= 3
+    stages = json.loads((run_dir / "run.json").read_text())["stages"]
+    assert set(stages) == {"data", "train", "generate", "build", "labels", "report"} and all(s["seconds"] >= 0 for s in stages.values())
+
+    before = {p: p.read_bytes() for p in [run_dir / "generations/generations.parquet", run_dir / "study/judgments.parquet", report / "report.md"]}
+    again = invoke("run", ROOT / "studies/default", "--quick")
+    for stage in ("train", "generate", "build", "labels", "report"):
+        assert f"[{stage}] up to date" in again
+    assert {p: p.read_bytes() for p in before} == before
+
+
+SPEC = """
+[study]
+id = "resume"
+seed = 3
+simulate = true
+out_dir = "{out}"
+
+[data]
+n_items = 8
+transfer = "cnndm"
+transfer_items = 4
+
+[released]
+comparisons = []
+
+[[train]]
+preset = "tiny"
+depths = [1]
+set = ["pretrain_steps=10", "sft_steps=4", "ppo_iterations=3", "ppo_rollouts=4", "ppo_minibatch=4", "best_of_n=2",
+       "eval_posts=4", "bon_eval_posts=4", "rm_max_pairs=16"]
+
+[generate]
+batch_size = 3
+baselines = ["ref", "lead3"]
+
+[design]
+items_per_policy = 8
+
+[labelers]
+count = 3
+"""
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _fail_on_call(monkeypatch, module, name, n, caller):
+    """``module.name`` raises on its n-th call from module ``caller`` (as if the process were killed there)."""
+    import sys
+
+    real = getattr(module, name)
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += sys._getframe(1).f_globals.get("__name__") == caller
+        if calls["n"] == n:
+            raise Interrupted(f"{name} call {n}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def _tables(run_dir: Path) -> dict[str, pd.DataFrame]:
+    """Generations and judgments by what they are about (gen ids hash the checkpoint's own manifest, which differs
+    between two training runs by its timestamps)."""
+    gens = pd.read_parquet(run_dir / "generations/generations.parquet")
+    judg = pd.read_parquet(run_dir / "study/judgments.parquet")
+    tasks = pd.read_parquet(run_dir / "study/tasks.parquet")
+    label = gens.set_index("gen_id")["policy_id"]
+    judg = judg.merge(tasks[["task_id", "item_id", "gen_id_left", "gen_id_right", "role"]], on="task_id")
+    judg = pd.DataFrame({"item_id": judg["item_id"], "labeler_id": judg["labeler_id"], "role": judg["role"],
+                         "left": judg["gen_id_left"].map(label), "right": judg["gen_id_right"].map(label),
+                         "preferred": judg["preferred"]})
+    return {"generations": gens[["policy_id", "item_id", "sample_idx", "text"]].sort_values(["policy_id", "item_id"]).reset_index(drop=True),
+            "judgments": judg.dropna(subset=["left"]).sort_values(list(judg.columns)).reset_index(drop=True)}
+
+
+def test_run_interrupted_mid_ppo_and_mid_generation_resumes_to_equal_tables(tmp_path, monkeypatch):
+    import importlib
+
+    from evalkit.train import common
+
+    gen_module = importlib.import_module("evalkit.generate")  # the module (evalkit.generate is also the function)
+
+    monkeypatch.chdir(tmp_path)
+    specs = {}
+    for name in ("whole", "broken"):
+        specs[name] = tmp_path / f"{name}.toml"
+        specs[name].write_text(SPEC.format(out=tmp_path / name))
+    invoke("run", specs["whole"])
+
+    with monkeypatch.context() as m:  # the second PPO rollout fails: training stops mid-PPO
+        _fail_on_call(m, common, "sample", 2, "evalkit.train.ppo")
+        with pytest.raises(Interrupted):
+            CliRunner().invoke(cli, ["run", str(specs["broken"])], catch_exceptions=False)
+    assert not (tmp_path / "broken/generations").exists()
+    with monkeypatch.context() as m:  # PPO resumes and finishes; generation stops after its first batches
+        _fail_on_call(m, gen_module, "decode_batch", 4, "evalkit.generate")
+        with pytest.raises(Interrupted):
+            CliRunner().invoke(cli, ["run", str(specs["broken"])], catch_exceptions=False)
+    parts = list((tmp_path / "broken/generations" / gen_module.PARTS_DIR).glob("*.parquet"))
+    assert parts and not (tmp_path / "broken/generations/generations.parquet").exists()
+    out = invoke("run", specs["broken"])
+    assert "[train] up to date" in out
+    whole, broken = _tables(tmp_path / "whole"), _tables(tmp_path / "broken")
+    pd.testing.assert_frame_equal(whole["generations"], broken["generations"])
+    pd.testing.assert_frame_equal(whole["judgments"], broken["judgments"])
+
+
+def test_run_stops_for_labels_when_not_simulated(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "study.toml"
+    spec.write_text(textwrap.dedent(f"""
+        [study]
+        id = "real-labels"
+        out_dir = "{tmp_path / 'run'}"
+        [data]
+        n_items = 6
+        [released]
+        comparisons = []
+        [generate]
+        baselines = ["ref", "openai-ppo-1.3b"]
+        [design]
+        items_per_policy = 6
+        """))
+    out = invoke("run", spec)
+    assert "has no judgments yet" in out and "evalkit study serve" in out and "report:" not in out
+    assert (tmp_path / "run/study/tasks.parquet").is_file()
+
+
+def test_released_study_runs_through_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = invoke("run", ROOT / "studies/openai_released", "--set", "report.n_boot=50")
+    assert "report: reports/openai_released/report.html" in out
+    assert (tmp_path / "reports/openai_released/report.md").is_file()
+
+
+def test_quick_needs_a_profile_and_train_overrides_are_checked(tmp_path):
+    from evalkit.config import load_study
+    from evalkit.errors import EvalkitError
+
+    spec = tmp_path / "study.toml"
+    spec.write_text("[study]\nid = 'x'\n")
+    with pytest.raises(EvalkitError, match="--quick needs a study.quick"):
+        load_study(spec, quick=True)
+    with pytest.raises(EvalkitError, match=r"train.N.key with N below 2"):
+        load_study(ROOT / "studies/default", ["train.5.preset=tiny"])
+    with pytest.raises(EvalkitError, match="train\\[0\\].kinds has 'rlhf'"):
+        load_study(ROOT / "studies/default", ["train.0.kinds=rlhf"])
+    cfg = load_study(ROOT / "studies/default", ["train.1.kinds=pretrained"])
+    assert cfg.train[1].kinds == ("pretrained",) and cfg.train[0].kinds == ("pretrained", "sft", "ppo", "best_of_n")
