@@ -190,27 +190,37 @@ def decode_batch(model, tok, queries: list[list[int]], dec: Decoding, seeds: lis
     generators = [torch.Generator().manual_seed(s) for s in seeds] if dec.temperature > 0 else None
     past, mask, next_pos, logits = _prefill(model, queries, pad, prefill_chunk, dec.max_new_tokens)
     device = mask.device
+    active = list(range(len(queries)))  # the query index of each row still in the decode batch
     done = torch.zeros(len(queries), dtype=torch.bool, device=device)
-    hit_eos = torch.zeros(len(queries), dtype=torch.bool, device=device)
+    hit_eos = [False] * len(queries)
     produced: list[list[int]] = [[] for _ in queries]
     stop_ids = (stop_ids if stop_ids is not None else torch.tensor([], dtype=torch.long)).to(device)
     for _ in range(dec.max_new_tokens):
         # sampling draws from each row's own CPU generator, so a sample does not depend on the device or its batch-mates
         token = _pick(logits.float().cpu(), dec, generators).to(device)
-        token_list = token.tolist()
-        for i in torch.nonzero(~done).flatten().tolist():
-            produced[i].append(token_list[i])
+        token_list, was_done = token.tolist(), done.tolist()
         is_eos = token == tok.eos_token_id
-        hit_eos |= is_eos & ~done
+        for row, (i, finished) in enumerate(zip(active, was_done)):
+            if not finished:
+                produced[i].append(token_list[row])
+                hit_eos[i] = token_list[row] == tok.eos_token_id
         done |= is_eos | torch.isin(token, stop_ids)
         if bool(done.all()):
             break
+        if int(done.sum()) * 4 >= len(active):  # finished rows leave the batch (when a quarter of it is done)
+            keep = ~done
+            for layer in past.layers:
+                layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+            kept = keep.tolist()
+            active = [i for i, k in zip(active, kept) if k]
+            generators = [g for g, k in zip(generators, kept) if k] if generators is not None else None
+            mask, next_pos, token, done = mask[keep], next_pos[keep], token[keep], done[keep]
         token = token.masked_fill(done, pad)
         mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, cache=past, use_cache=True)
         past, logits = out.cache, out.logits[:, -1]
         next_pos = next_pos + 1
-    return [(p, bool(h)) for p, h in zip(produced, hit_eos.tolist())]
+    return [(p, bool(h)) for p, h in zip(produced, hit_eos)]
 
 
 # ------------------------------------------------------------------------------------------------------ baselines
