@@ -18,3 +18,13 @@ def test_analysis_notebook_executes(tmp_path):
     assert "'cnndm:sup4_6b_ppo_rm4_6b_kl14': {'wins': 38, 'n': 74}" in outputs
     assert (tmp_path / "analysis_main_figure.png").stat().st_size > 1000
     assert not any(o.get("output_type") == "error" for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_readme_notebook_snippet_runs_as_written(capsys):
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"From a notebook.*?```python\n(.*?)```", readme, re.S).group(1)
+    exec(compile(block, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert re.search(r"sup4_6b\s+30\s+85\s+0\.35", out), out  # the released count: 30 of 85

@@ -6,6 +6,9 @@ import numpy as np
 import pandas as pd
 
 
+SMALL_N = 20  # judgments: fewer, and a policy's estimate is listed apart as "too few judgments"
+
+
 def pairwise_view(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Pairwise judgments with the unordered pair of generations, the winner and the side chosen."""
     tasks, judg = tables["tasks"], tables["judgments"]
@@ -105,11 +108,169 @@ def bradley_terry(tables: dict[str, pd.DataFrame], n_boot: int = 200, rng: np.ra
     boots = []
     for _ in range(n_boot):
         sample = rng.choice(items, size=len(items), replace=True)
-        boots.append(fit(pd.concat([groups[i] for i in sample], ignore_index=True)))
-    boots = np.array(boots)
+        d = pd.concat([groups[i] for i in sample], ignore_index=True)
+        est = fit(d)
+        absent = [index[p] for p in others if not ((d["a"] == p) | (d["b"] == p)).any()]
+        est[absent] = np.nan  # a policy missing from a resample has no estimate there (not 0, the anchor's value)
+        boots.append(est)
+    boots = np.array(boots).reshape(len(boots), len(others))
     n_of = pd.concat([df["a"], df["b"]]).value_counts()
-    out = [{"policy_id": anchor, "strength": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": int(n_of.get(anchor, 0))}]
+    out = [{"policy_id": anchor, "strength": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": int(n_of.get(anchor, 0)),
+            "small_n": bool(n_of.get(anchor, 0) < SMALL_N)}]
     for p, k in index.items():
-        out.append({"policy_id": p, "strength": float(point[k]), "ci_low": float(np.quantile(boots[:, k], 0.025)),
-                    "ci_high": float(np.quantile(boots[:, k], 0.975)), "n": int(n_of.get(p, 0))})
-    return pd.DataFrame(out).sort_values("strength", ascending=False).reset_index(drop=True)
+        col = boots[:, k][~np.isnan(boots[:, k])]
+        lo, hi = (float(np.quantile(col, 0.025)), float(np.quantile(col, 0.975))) if len(col) else (np.nan, np.nan)
+        out.append({"policy_id": p, "strength": float(point[k]), "ci_low": lo, "ci_high": hi, "n": int(n_of.get(p, 0)),
+                    "small_n": bool(n_of.get(p, 0) < SMALL_N)})
+    return pd.DataFrame(out).sort_values(["small_n", "strength"], ascending=[True, False]).reset_index(drop=True)
+
+
+def _placement(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Pairwise judgments of two different policies: which policy was on each side and whether the left one won."""
+    policy = tables["generations"].set_index("gen_id")["policy_id"]
+    df = pairwise_view(tables)
+    df = df.assign(left_policy=df["gen_id_left"].map(policy), right_policy=df["gen_id_right"].map(policy))
+    df = df[df["left_policy"].notna() & df["right_policy"].notna() & (df["left_policy"] != df["right_policy"])]
+    return df.assign(left_won=(df["preferred"] == "left").astype(int)).reset_index(drop=True)
+
+
+def _placement_design(df: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """+1 for the policy on the left, −1 for the one on the right; in each group of policies connected by comparisons
+    the first is the reference level (strengths are only identified within a connected group)."""
+    policies = sorted(set(df["left_policy"]) | set(df["right_policy"]))
+    parent = {p: p for p in policies}
+
+    def root(p: str) -> str:
+        while parent[p] != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    for a, b in zip(df["left_policy"], df["right_policy"]):
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    free = [p for p in policies if root(p) != p]  # a component's smallest policy is its reference
+    index = {p: i for i, p in enumerate(free)}
+    X = np.zeros((len(df), len(free)))
+    for row, (a, b) in enumerate(zip(df["left_policy"], df["right_policy"])):
+        if a in index:
+            X[row, index[a]] += 1
+        if b in index:
+            X[row, index[b]] -= 1
+    return X, policies
+
+
+def position_effect(tables: dict[str, pd.DataFrame], level: float = 0.95) -> dict:
+    """Position bias adjusted for which policy sits on each side.
+
+    The naive left rate confounds position with policy when one policy is shown first more often. The model:
+    logit P(left chosen) = b + s(policy on the left) − s(policy on the right) (Bradley–Terry with a side effect); ``b``
+    is the position effect, reported as P(left) between two equal summaries, σ(b), with a 95% CI from item-clustered
+    standard errors.
+    """
+    import statsmodels.api as sm
+    from scipy.stats import norm
+
+    df = _placement(tables)
+    naive = float(df["left_won"].mean()) if len(df) else float("nan")
+    # policies with very few judgments (often won all or none) make the fit singular and say nothing about sides
+    counts = pd.concat([df["left_policy"], df["right_policy"]]).value_counts()
+    rare = set(counts[counts < 10].index)
+    df = df[~df["left_policy"].isin(rare) & ~df["right_policy"].isin(rare)]
+    X, _ = _placement_design(df) if len(df) else (np.zeros((0, 0)), [])
+    X = np.column_stack([np.ones(len(df)), X])
+    if len(df) < 10 or np.linalg.matrix_rank(X) < X.shape[1]:  # e.g. every policy always shown on the same side
+        return {"naive_left_rate": naive, "adjusted_left_rate": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
+                "log_odds": float("nan"), "std_err": float("nan"), "n": len(df), "n_clusters": int(df["item_id"].nunique())}
+    groups = df["item_id"].astype("category").cat.codes.to_numpy()
+    res = sm.GLM(df["left_won"].to_numpy(), X, family=sm.families.Binomial()).fit(cov_type="cluster", cov_kwds={"groups": groups})
+    b, se = float(res.params[0]), float(res.bse[0])
+    z = norm.ppf(0.5 + level / 2)
+
+    def sig(v: float) -> float:
+        return float(1 / (1 + np.exp(-v)))
+
+    return {"naive_left_rate": naive, "adjusted_left_rate": sig(b), "ci_low": sig(b - z * se), "ci_high": sig(b + z * se),
+            "log_odds": b, "std_err": se, "n": len(df), "n_clusters": int(df["item_id"].nunique())}
+
+
+def labeler_position(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per labeler: the naive left rate and the left rate in excess of what the policies on each side predict
+    (a policy-only Bradley–Terry fit), so a labeler shown the stronger policy first is not called biased."""
+    import statsmodels.api as sm
+
+    df = _placement(tables)
+    if df.empty:
+        return pd.DataFrame(columns=["labeler_id", "left_rate", "left_excess"])
+    X, _ = _placement_design(df)
+    if X.shape[1]:
+        fitted = sm.GLM(df["left_won"].to_numpy(), X, family=sm.families.Binomial()).fit_regularized(alpha=1e-6, L1_wt=0.0)
+        expected = 1 / (1 + np.exp(-(X @ np.asarray(fitted.params))))
+    else:
+        expected = np.full(len(df), 0.5)
+    df = df.assign(excess=df["left_won"] - expected)
+    return df.groupby("labeler_id").agg(left_rate=("left_won", "mean"), left_excess=("excess", "mean")).reset_index()
+
+
+def agreement_with_ci(tables: dict[str, pd.DataFrame], n_boot: int = 1000, rng: np.random.Generator | None = None) -> dict:
+    """Labeler–labeler agreement with a 95% interval from resampling items (pairs of one item are not independent)."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    df = pairwise_view(tables)
+    per_item = []
+    for item, g in df.groupby("item_id"):
+        agree = total = 0
+        for _, p in g.groupby("pair"):
+            winners, labs = list(p["preferred_gen_id"]), list(p["labeler_id"])
+            for i in range(len(winners)):
+                for j in range(i + 1, len(winners)):
+                    if labs[i] != labs[j]:
+                        total += 1
+                        agree += winners[i] == winners[j]
+        if total:
+            per_item.append((agree, total))
+    if not per_item:
+        return {"agreement": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n_pairs": 0, "n_items": 0}
+    counts = np.array(per_item, dtype=float)
+    k = len(counts)
+    w = rng.multinomial(k, np.full(k, 1 / k), size=n_boot)
+    boot = (w @ counts[:, 0]) / np.maximum(w @ counts[:, 1], 1)
+    return {"agreement": float(counts[:, 0].sum() / counts[:, 1].sum()), "ci_low": float(np.quantile(boot, 0.025)),
+            "ci_high": float(np.quantile(boot, 0.975)), "n_pairs": int(counts[:, 1].sum()), "n_items": k}
+
+
+def oriented_by_policy(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Pairwise judgments with ``first_won``: whether the summary of the policy that sorts first won (ties in policy:
+    the generation id). The orientation is fixed by the policies, not by the ids' hash order, so alpha is too."""
+    policy = tables["generations"].set_index("gen_id")["policy_id"]
+    df = pairwise_view(tables)
+    key_l = list(zip(df["gen_id_left"].map(policy).fillna(""), df["gen_id_left"]))
+    key_r = list(zip(df["gen_id_right"].map(policy).fillna(""), df["gen_id_right"]))
+    first = [a[1] if a <= b else b[1] for a, b in zip(key_l, key_r)]
+    return df.assign(first_won=(df["preferred_gen_id"] == pd.Series(first, index=df.index)).astype(int))
+
+
+def cohen_kappa(a, b, clusters=None, n_boot: int = 1000, rng: np.random.Generator | None = None) -> dict:
+    """Cohen's kappa of two binary raters on the same pairs, with a 95% interval from resampling ``clusters``."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+
+    def kappa(x: np.ndarray, y: np.ndarray) -> float:
+        po = float(np.mean(x == y))
+        px, py = float(np.mean(x)), float(np.mean(y))
+        pe = px * py + (1 - px) * (1 - py)
+        return (po - pe) / (1 - pe) if pe < 1 else float("nan")
+
+    if len(a) == 0:
+        return {"kappa": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "agreement": float("nan"), "n": 0}
+    rng = rng if rng is not None else np.random.default_rng(0)
+    groups = np.asarray(clusters) if clusters is not None else np.arange(len(a))
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == k) for k in range(len(uniq))]
+    boots = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[k] for k in rng.integers(0, len(uniq), len(uniq))])
+        boots.append(kappa(a[idx], b[idx]))
+    boots = np.array(boots)
+    boots = boots[np.isfinite(boots)]
+    lo, hi = (float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))) if len(boots) else (float("nan"), float("nan"))
+    return {"kappa": kappa(a, b), "ci_low": lo, "ci_high": hi, "agreement": float(np.mean(a == b)), "n": len(a)}

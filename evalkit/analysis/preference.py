@@ -25,11 +25,14 @@ LENGTH_TERM = "log_len_ratio"
 def comparisons(tables: dict[str, pd.DataFrame], baseline: str = "ref", judge_kinds: tuple[str, ...] | None = None) -> pd.DataFrame:
     """One row per pairwise judgment of some policy against ``baseline`` (DESIGN.md's comparisons view)."""
     tasks, judg, gens, items = tables["tasks"], tables["judgments"], tables["generations"], tables["items"]
-    if judge_kinds is not None:
-        judg = judg[judg["labeler_kind"].isin(judge_kinds)]
+    if judge_kinds is None:  # an LLM judge is never pooled with people unless asked (judge_kinds=("llm", ...))
+        kinds = set(judg["labeler_kind"].dropna())
+        judge_kinds = tuple(kinds - {"llm"}) if kinds - {"llm"} else tuple(kinds)
+    judg = judg[judg["labeler_kind"].isin(judge_kinds)]
     g = gens.set_index("gen_id")
-    # gold and attention tasks have a planted answer: they measure labelers, not policies
-    measured = tasks[~tasks["role"].isin(["gold", "attention"])]
+    # gold and attention tasks have a planted answer: they measure labelers, not policies; sentinel pairs recur in
+    # every batch to watch for drift and would weigh their policy's items many times over
+    measured = tasks[~tasks["role"].isin(["gold", "attention", "sentinel"])]
     df = judg.dropna(subset=["preferred_gen_id"]).merge(measured[["task_id", "item_id", "gen_id_left", "gen_id_right"]], on="task_id")
     left_policy, right_policy = df["gen_id_left"].map(g["policy_id"]), df["gen_id_right"].map(g["policy_id"])
     df = df[(left_policy == baseline) ^ (right_policy == baseline)].copy()
@@ -46,6 +49,19 @@ def comparisons(tables: dict[str, pd.DataFrame], baseline: str = "ref", judge_ki
         "dataset": policy_gen.map(g["dataset"]).to_numpy(), "split": df["item_id"].map(split).to_numpy(),
     })
     return artifacts.conform(out, "comparisons")
+
+
+def require_comparisons(df, where: str) -> None:
+    """A clear error when something other than the comparisons frame is passed (e.g. the tables dict)."""
+    if isinstance(df, dict):
+        raise EvalkitError(f"{where} expects the comparisons DataFrame, got a dict of tables "
+                           f"({', '.join(map(str, df))}); pass evalkit.analysis.comparisons(tables) instead")
+    if not isinstance(df, pd.DataFrame):
+        raise EvalkitError(f"{where} expects the comparisons DataFrame, got {type(df).__name__}")
+    missing = [c for c in ("policy_id", "item_id", "outcome") if c not in df.columns]
+    if missing:
+        raise EvalkitError(f"{where} expects the comparisons DataFrame (evalkit.analysis.comparisons(tables)); "
+                           f"this frame has no column {missing[0]!r}")
 
 
 def wilson(wins: np.ndarray, n: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
@@ -78,6 +94,7 @@ def cluster_bootstrap_rates(df: pd.DataFrame, group: str = "policy_id", cluster:
 
 def preference_rates(df: pd.DataFrame, n_boot: int = 1000, rng: np.random.Generator | None = None) -> pd.DataFrame:
     """Per policy: wins, n, rate, Wilson 95% interval and item-clustered bootstrap 95% interval."""
+    require_comparisons(df, "preference_rates")
     if df.empty:
         raise EvalkitError("no comparisons with the baseline to analyse")
     agg = df.groupby("policy_id", sort=True).agg(policy_kind=("policy_kind", "first"), n_params=("n_params", "first"),
@@ -88,6 +105,7 @@ def preference_rates(df: pd.DataFrame, n_boot: int = 1000, rng: np.random.Genera
 
 
 def _prepare(df: pd.DataFrame, length: bool) -> pd.DataFrame:
+    require_comparisons(df, "the size and length models")
     d = df.dropna(subset=["n_params"]).copy()
     if d.empty:
         raise EvalkitError("no comparisons of policies with a known size (n_params)")
@@ -116,10 +134,21 @@ def size_fit(df: pd.DataFrame, length: bool = False, cluster: str | tuple[str, s
     kinds = d["policy_kind"].nunique()
     if d["n_params"].nunique() < 2:
         raise EvalkitError("preference vs size needs policies of at least two sizes; this data has one")
+    check_sizes_per_kind(d)
     formula = SIZE_FORMULA if kinds > 1 else SIZE_FORMULA_ONE_KIND
     if length:
         formula += f" + {LENGTH_TERM}"
     return _glm(formula, d, cluster)
+
+
+def check_sizes_per_kind(d: pd.DataFrame) -> None:
+    """Each kind's own size slope needs that kind at two sizes or more; otherwise the GLM is rank-deficient and
+    statsmodels returns arbitrary coefficients with NaN standard errors."""
+    sizes = d.groupby("policy_kind")["n_params"].nunique()
+    one = sorted(sizes[sizes < 2].index)
+    if one:
+        raise EvalkitError(f"preference vs size: kind(s) {', '.join(one)} are measured at one size only, so their size "
+                           "slope is not identified; leave them out (each kind needs two sizes or more)")
 
 
 def fit_table(result, analysis: str, n_clusters: int) -> pd.DataFrame:
@@ -149,23 +178,41 @@ def size_curve(df: pd.DataFrame, length: bool = False, points: int = 25, cluster
     return pd.concat(rows, ignore_index=True)
 
 
+EXTRAPOLATION_LOG_RATIO = 0.3  # |mean log length ratio| beyond which "at equal length" is an extrapolation (±35%)
+
+
 def length_controlled(df: pd.DataFrame, cluster: str | tuple[str, str] = "item_id") -> pd.DataFrame:
-    """Per policy: raw rate and the rate predicted at equal length (log ratio 0), from a GLM with a policy term."""
-    d = _prepare(df.assign(n_params=df["n_params"].fillna(1)), length=True)
-    if d["policy_id"].nunique() > 1:
-        formula = f"outcome ~ C(policy_id) + {LENGTH_TERM}"
-    else:
-        formula = f"outcome ~ {LENGTH_TERM}"
-    result = _glm(formula, d, cluster)
+    """Per policy: raw rate (every comparison) and the rate predicted at equal length (log ratio 0), from a GLM with a
+    policy term, fitted on the comparisons where both summaries are non-empty.
+
+    Said explicitly per policy: ``n_empty`` (comparisons with an empty summary: in the raw rate, outside the length
+    model, whose log ratio is undefined for them); ``separated`` (won all or none of its non-empty comparisons: no
+    controlled estimate, and left out of the fit, whose coefficient would run to infinity); ``extrapolated`` (its mean
+    |log length ratio| exceeds 0.3, so "at equal length" lies outside most of its data).
+    """
+    require_comparisons(df, "length_controlled")
+    full = df.assign(n_params=df["n_params"].fillna(1))
+    d = _prepare(full, length=True)
+    raw = full.groupby("policy_id")["outcome"].agg(["mean", "size"])
+    separated = d.groupby("policy_id")["outcome"].nunique() < 2
+    fit_on = d[~d["policy_id"].map(separated)]
+    result = None
+    if len(fit_on):
+        formula = f"outcome ~ C(policy_id) + {LENGTH_TERM}" if fit_on["policy_id"].nunique() > 1 else f"outcome ~ {LENGTH_TERM}"
+        result = _glm(formula, fit_on, cluster)
     rows = []
-    for policy, g in d.groupby("policy_id"):
-        new = pd.DataFrame({"policy_id": [policy], LENGTH_TERM: [0.0]})
-        pred = result.get_prediction(new).summary_frame(alpha=0.05).iloc[0]
-        separated = g["outcome"].nunique() < 2  # won all or none: the GLM's estimate runs to the bound
-        rows.append({"policy_id": policy, "raw_rate": g["outcome"].mean(),
-                     "controlled_rate": np.nan if separated else pred["mean"],
-                     "ci_low": np.nan if separated else pred["mean_ci_lower"], "ci_high": np.nan if separated else pred["mean_ci_upper"],
-                     "mean_log_len_ratio": g[LENGTH_TERM].mean(), "n": len(g)})
+    for policy, (raw_rate, n_all) in raw.iterrows():
+        g = d[d["policy_id"] == policy]
+        sep = bool(separated.get(policy, True))
+        est = {"mean": np.nan, "mean_ci_lower": np.nan, "mean_ci_upper": np.nan}
+        if not sep and result is not None:
+            new = pd.DataFrame({"policy_id": [policy], LENGTH_TERM: [0.0]})
+            est = result.get_prediction(new).summary_frame(alpha=0.05).iloc[0]
+        ratio = float(g[LENGTH_TERM].mean()) if len(g) else np.nan
+        rows.append({"policy_id": policy, "raw_rate": float(raw_rate), "controlled_rate": est["mean"],
+                     "ci_low": est["mean_ci_lower"], "ci_high": est["mean_ci_upper"], "mean_log_len_ratio": ratio,
+                     "n": int(n_all), "n_empty": int(n_all - len(g)), "separated": sep,
+                     "extrapolated": bool(np.isfinite(ratio) and abs(ratio) > EXTRAPOLATION_LOG_RATIO)})
     return pd.DataFrame(rows), result
 
 
@@ -203,6 +250,7 @@ def bootstrap_size_fit(df: pd.DataFrame, n_boot: int = 1000, rng: np.random.Gene
 
     rng = rng if rng is not None else np.random.default_rng(0)
     d = _prepare(df, length=False)
+    check_sizes_per_kind(d)
     kinds = d["policy_kind"].nunique()
     formula = (SIZE_FORMULA if kinds > 1 else SIZE_FORMULA_ONE_KIND).split("~", 1)[1]
     cells = d.groupby("policy_id").agg(policy_kind=("policy_kind", "first"), log_n_params=("log_n_params", "first")).reset_index()

@@ -29,7 +29,7 @@ from evalkit.data.query import (
     parse_tldr_query,
 )
 from evalkit.data.splits import SPLIT_FRACTIONS, hash_split
-from evalkit.data.tldr import OPENAI_PPO_POLICY, load_openai_ppo_summaries, load_tldr
+from evalkit.data.tldr import OPENAI_PPO_POLICY, load_llm_judgments, load_openai_ppo_summaries, load_tldr
 from evalkit.errors import EvalkitError
 
 DATASETS = {"tldr": load_tldr, "cnndm": load_cnndm}
@@ -48,7 +48,7 @@ def load_items(dataset: str, split: str | None = None, path: str | Path | None =
 __all__ = [
     "CNNDM_TRANSFER_FORMAT", "COMPARISON_BATCHES", "DATASETS", "MAX_QUERY_TOKENS", "MAX_SUMMARY_TOKENS",
     "OPENAI_PPO_POLICY", "QUERY_FORMATS", "SPLIT_FRACTIONS", "TLDR_FORMAT", "bundled_path", "comparison_batch",
-    "format_query", "format_summary", "hash_split", "load_cnndm", "load_gpt2_tokenizer", "load_items",
+    "format_query", "format_summary", "hash_split", "load_cnndm", "load_gpt2_tokenizer", "load_items", "load_llm_judgments",
     "load_openai_comparisons", "load_openai_ppo_summaries", "load_tldr", "openai_policy_info", "parse_tldr_query",
     "preferred_to_reference", "read_openai_comparisons", "tldr_item_id",
 ]

@@ -98,8 +98,11 @@ def _item_from_info(info: dict, where: str, source: str) -> dict:
 
 
 def read_openai_comparisons(path: str | Path) -> dict[str, pd.DataFrame]:
-    """Parse one released comparison file into ``items``, ``generations``, ``tasks`` and ``judgments`` frames."""
-    path = Path(path)
+    """Parse one released comparison file (a path, or a bundled short name such as ``batch18``) into ``items``,
+    ``generations``, ``tasks`` and ``judgments`` frames."""
+    from evalkit.data.bundled import comparison_batch
+
+    path = comparison_batch(str(path)) if not Path(path).is_file() else Path(path)
     source = path.name
     stem = path.stem
     items: dict[str, dict] = {}
@@ -197,7 +200,9 @@ def merge_tables(parts: Iterable[dict[str, pd.DataFrame]]) -> dict[str, pd.DataF
 
 
 def load_openai_comparisons(paths: Iterable[str | Path]) -> dict[str, pd.DataFrame]:
-    """Read and merge several released comparison files."""
+    """Read and merge several released comparison files (paths or bundled short names: batch18, batch13, ...)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
     return merge_tables(read_openai_comparisons(p) for p in paths)
 
 

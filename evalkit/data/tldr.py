@@ -135,3 +135,50 @@ def load_openai_ppo_summaries(split: str | None = None) -> pd.DataFrame:
             "sample_idx": 0, "text": text, "n_tokens": None, "hit_eos": None,
         })
     return _frame(rows, "generations")
+
+
+LLM_JUDGE = "gpt-4"
+
+
+def load_llm_judgments(split: str | None = None) -> dict[str, pd.DataFrame]:
+    """The bundled GPT-4 verdicts on OpenAI's 1.3B RLHF summary vs the human reference as study tables: one pairwise
+    task per judged post (sides as the judge saw them: ``shuffled_index`` 0 = the RLHF summary first) and one judgment
+    by labeler ``gpt-4`` with ``labeler_kind="llm"``. Generation ids equal those of ``openai-ppo-1.3b`` and ``ref``,
+    so the same pair judged by people or by the simulated panel can be matched."""
+    from evalkit import artifacts
+    from evalkit.data.openai import _frame, imported_gen_id
+    from evalkit.seeds import stable_hash
+
+    items = load_tldr(split=split)
+    known = set(items["item_id"])
+    ppo = load_openai_ppo_summaries(split).set_index("item_id")
+    df = read_csv_columns(bundled_path("tldr/oai1b_gpt4_judged.csv"), ("query", "preferred", "shuffled_index"))
+    gens, tasks, judgments = [], [], []
+    for query, verdict, shuffled in zip(df["query"], df["preferred"], df["shuffled_index"]):
+        if verdict not in ("ours", "reference"):
+            continue
+        p = parse_tldr_query(query)
+        item_id = tldr_item_id(p["subreddit"], p["title"], p["post"])
+        if item_id not in known:
+            continue
+        item = items.set_index("item_id").loc[item_id]
+        ref_id = imported_gen_id("ref", item_id, item["reference"])
+        ppo_id = ppo.loc[item_id, "gen_id"]
+        gens.append({"gen_id": ref_id, "item_id": item_id, "dataset": "tldr", "split": item["split"], "policy_id": "ref",
+                     "policy_kind": "ref", "n_params": None, "checkpoint": None, "temperature": None, "top_p": None,
+                     "seed": None, "sample_idx": 0, "text": item["reference"], "n_tokens": None, "hit_eos": None})
+        left, right = (ppo_id, ref_id) if str(shuffled) in ("0", "0.0") else (ref_id, ppo_id)
+        task_id = "t-llm-" + stable_hash(item_id, left, right)
+        chosen = ppo_id if verdict == "ours" else ref_id
+        tasks.append({"study_id": "oai1b-gpt4-judged", "kind": "pairwise", "item_id": item_id, "gen_id_left": left,
+                      "gen_id_right": right, "is_swapped": left == ref_id, "role": "main", "expected": None,
+                      "unit_id": task_id, "labeler_id": LLM_JUDGE, "batch": 0, "task_id": task_id})
+        judgments.append({"judgment_id": "j-llm-" + stable_hash(task_id), "task_id": task_id, "labeler_id": LLM_JUDGE,
+                          "labeler_kind": "llm", "preferred": "left" if chosen == left else "right", "preferred_gen_id": chosen,
+                          "confidence": None, "overall": None, "accuracy": None, "coverage": None, "coherence": None,
+                          "note": None, "submitted_at": None, "duration_s": None, "source": "oai1b_gpt4_judged.csv"})
+    judged = {t["item_id"] for t in tasks}
+    ppo_rows = ppo.reset_index()
+    return {"items": items[items["item_id"].isin(judged)].reset_index(drop=True),
+            "generations": pd.concat([_frame(gens, "generations"), ppo_rows[ppo_rows["item_id"].isin(judged)]], ignore_index=True),
+            "tasks": artifacts.conform(pd.DataFrame(tasks), "tasks"), "judgments": artifacts.conform(pd.DataFrame(judgments), "judgments")}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import logging
+import re
 from pathlib import Path
 
 import matplotlib
@@ -21,14 +22,17 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from evalkit import artifacts  # noqa: E402
-from evalkit.analysis.agreement import bradley_terry, labeler_agreement, pairwise_view, per_labeler  # noqa: E402
+from evalkit.analysis.agreement import (SMALL_N, agreement_with_ci, bradley_terry, cohen_kappa, labeler_position,  # noqa: E402
+                                        oriented_by_policy, pairwise_view, per_labeler, position_effect)
 from evalkit.analysis.likert import krippendorff_alpha, length_adjusted_means, likert_means, likert_view  # noqa: E402
-from evalkit.analysis.preference import comparisons, fit_table, length_controlled, preference_rates, size_curve, size_fit  # noqa: E402
+from evalkit.analysis.preference import (EXTRAPOLATION_LOG_RATIO, comparisons, fit_table, length_controlled,  # noqa: E402
+                                         preference_rates, size_curve, size_fit)
 from evalkit.errors import EvalkitError  # noqa: E402
+from evalkit.seeds import rng_for  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-KIND_LABELS = {"pretrained": "pretrained (zero-shot)", "sft": "SFT", "ppo": "PPO (RLHF)", "best_of_n": "best-of-N",
+KIND_LABELS = {"pretrained": "pretrained", "sft": "SFT", "ppo": "PPO (RLHF)", "best_of_n": "best-of-N",
                "external": "external", "ref": "reference", "lead3": "lead-3"}
 KIND_WORDS = {"human": "human labels", "imported": "imported human labels (OpenAI release)", "simulated": "SIMULATED labels",
               "llm": "LLM-judge labels"}
@@ -98,13 +102,13 @@ def label_source(judgments: pd.DataFrame) -> str:
 def _rates_figure(rates: pd.DataFrame, dataset: str, baseline: str, source: str):
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rates) + 1.5))
     y = np.arange(len(rates))
-    # clipped at 0: at 0 or n wins the Wilson bound can miss the rate by a rounding error
-    ax.errorbar(rates["rate"], y, xerr=[np.maximum(rates["rate"] - rates["wilson_low"], 0), np.maximum(rates["wilson_high"] - rates["rate"], 0)],
+    # item-clustered bootstrap intervals (judgments of one item are not independent); clipped at 0 for rounding
+    ax.errorbar(rates["rate"], y, xerr=[np.maximum(rates["rate"] - rates["boot_low"], 0), np.maximum(rates["boot_high"] - rates["rate"], 0)],
                 fmt="o", capsize=3)
     ax.axvline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_yticks(y, [f"{p} (n={n})" for p, n in zip(rates["policy_id"], rates["n"])])
+    ax.set_yticks(y, [f"{p} (n={n}, {c} items)" for p, n, c in zip(rates["policy"], rates["n"], rates["n_clusters"])])
     ax.set_xlim(0, 1)
-    ax.set_xlabel(f"fraction preferred to {baseline} (95% Wilson interval)")
+    ax.set_xlabel(f"fraction preferred to {baseline} (95% item-clustered bootstrap interval)")
     ax.set_title(f"{dataset}: preferred to {baseline} — {source}", fontsize=10)
     return fig
 
@@ -152,7 +156,7 @@ def _headline(rep: "Report", d: pd.DataFrame, dataset: str, baseline: str, sourc
         rep.text(f"No policy kind has two sizes in the {dataset} comparisons, so there is no size curve; the per-policy rates follow.")
         return []
     ds = d[d["policy_kind"].isin(kinds)]
-    rates = preference_rates(ds, n_boot=n_boot, rng=np.random.default_rng(seed))
+    rates = preference_rates(ds, n_boot=n_boot, rng=rng_for(seed, "rates", baseline, dataset))
     raw = size_curve(ds)
     has_len = bool(((ds["len_policy"] > 0) & (ds["len_baseline"] > 0)).any())
     controlled = size_curve(ds, length=True) if has_len else None
@@ -173,6 +177,103 @@ def _headline(rep: "Report", d: pd.DataFrame, dataset: str, baseline: str, sourc
                f"{dataset}: fraction preferred to {baseline} vs model size (log parameters) per kind; solid raw, dashed at "
                f"equal length; bands: 95% CI with item-clustered SE; dots: observed rate, n beside each; {source}")
     return headline
+
+
+_TEMPERATURE = re.compile(r"_t(\d*\.?\d+)$")
+_TOP_P = re.compile(r"_p(\d*\.\d+)$")
+
+
+def readable_labels(rates: pd.DataFrame) -> list[str]:
+    """"SFT 6.7B, T=0.7" for policy ids such as sup4_6b_t0.7 or sft-d2: the kind, the size and the decoding named in
+    the id; the id is appended where two policies would read the same."""
+    labels = []
+    for r in rates.itertuples():
+        parts = [KIND_LABELS.get(r.policy_kind, r.policy_kind)]
+        if r.policy_kind in ("external",):
+            parts = [r.policy_id]
+        size = params_label(r.n_params)
+        if size != "-" and r.policy_kind != "external":
+            parts[0] += f" {size}"
+        t, p = _TEMPERATURE.search(r.policy_id), _TOP_P.search(r.policy_id)
+        if t:
+            parts.append(f"T={float(t.group(1)):g}")
+        if p:
+            parts.append(f"top-p={float(p.group(1)):g}")
+        labels.append(", ".join(parts))
+    counts = pd.Series(labels).value_counts()
+    return [f"{lab} [{pid}]" if counts[lab] > 1 else lab for lab, pid in zip(labels, rates["policy_id"])]
+
+
+def _judges(rep: "Report", tables: dict[str, pd.DataFrame], split: str | None, n_boot: int, seed: int, source: str) -> None:
+    """The bundled GPT-4 judge beside this study's labelers on the same posts (OpenAI's 1.3B RLHF summary vs the
+    reference), and judge–labeler agreement on the very same pairs. The judge is never pooled with the labelers."""
+    from evalkit.data.tldr import OPENAI_PPO_POLICY, load_llm_judgments
+
+    ours = comparisons(tables, baseline="ref")  # the labelers' (an LLM judge in the study is left out by default)
+    ours = ours[ours["policy_id"] == OPENAI_PPO_POLICY]
+    ours = ours[ours["split"] == split] if split else ours
+    if ours.empty:
+        return
+    llm = load_llm_judgments(split or None)
+    judge = comparisons(llm, baseline="ref")
+    shared = sorted(set(ours["item_id"]) & set(judge["item_id"]))
+    rep.heading("An LLM judge beside the labelers")
+    if not shared:
+        rep.text(f"The bundled GPT-4 verdicts cover none of this study's posts{f' in {split}' if split else ''}.")
+        return
+    rows = []
+    for who, d in ((source, ours), ("LLM judge (GPT-4, bundled verdicts)", judge)):
+        d = d[d["item_id"].isin(shared)]
+        r = preference_rates(d.assign(policy_id=OPENAI_PPO_POLICY), n_boot=n_boot, rng=rng_for(seed, "judges", who)).iloc[0]
+        rows.append({"labels": who, "preferred to ref": f"{r['rate']:.1%} [{r['boot_low']:.1%}, {r['boot_high']:.1%}]",
+                     "n": int(r["n"]), "posts": int(r["n_clusters"])})
+    rep.text(f"OpenAI's 1.3B RLHF summary vs the human reference on the {len(shared)} posts both judged; item-clustered "
+             "95% intervals. The judge's verdicts are kept apart from the labelers' everywhere else in this report.")
+    rep.table(pd.DataFrame(rows))
+    verdict = judge.set_index("item_id")["outcome"]
+    both = ours[ours["item_id"].isin(shared)]
+    k = cohen_kappa(both["outcome"].to_numpy(), both["item_id"].map(verdict).to_numpy(), both["item_id"].to_numpy(),
+                    n_boot=n_boot, rng=rng_for(seed, "judges", "kappa"))
+    rep.text(f"Judge–labeler agreement on the same pairs ({source} vs GPT-4): {k['agreement']:.1%} of {k['n']} judgments; "
+             f"Cohen's kappa {k['kappa']:.2f} [{k['ci_low']:.2f}, {k['ci_high']:.2f}] (item bootstrap).")
+
+
+PAPER_POLICIES = {"rlhf_1_3b": "sup4_ppo_rm4_t.7", "sft_12_9b": "sup4_12b_t0.7"}
+
+
+def _paper_beside(rep: "Report", tables: dict[str, pd.DataFrame], split: str | None, n_boot: int, seed: int) -> None:
+    """Released labels: our estimates next to the figures the paper publishes, with the section they come from."""
+    rows = []
+    h2h = comparisons(tables, baseline=PAPER_POLICIES["sft_12_9b"])
+    h2h = h2h[h2h["policy_id"] == PAPER_POLICIES["rlhf_1_3b"]]
+    h2h = h2h[h2h["split"] == split] if split else h2h
+    if len(h2h):
+        r = preference_rates(h2h, n_boot=n_boot, rng=rng_for(seed, "paper", "h2h")).iloc[0]
+        rows.append({"finding": "1.3B RLHF beats 12.9B SFT", "ours": f"{r['rate']:.1%} [{r['boot_low']:.1%}, {r['boot_high']:.1%}] "
+                     f"head-to-head (n={r['n']})", "paper": "61% vs 43% preferred to the reference", "source": "Sec. 4.1, Fig. 1"})
+        if (h2h["len_policy"] > 0).any():
+            table, _ = length_controlled(h2h)
+            t = table.iloc[0]
+            if np.isfinite(t["controlled_rate"]):
+                rows.append({"finding": "controlling for length lowers RLHF's rate", "ours":
+                             f"{t['raw_rate']:.1%} raw → {t['controlled_rate']:.1%} at equal length "
+                             f"({100 * (t['controlled_rate'] - t['raw_rate']):+.1f} points)",
+                             "paper": "≈ −5 points (6.7B: ≈70% → ≈65%)", "source": "App. F"})
+    for dataset, paper in (("tldr", "73 ± 2%"), ("cnndm", "66.9%")):
+        sub = restrict(tables, dataset, split)
+        if pairwise_view(sub).empty:
+            continue
+        a = agreement_with_ci(sub, n_boot=n_boot, rng=rng_for(seed, "paper", "agreement", dataset))
+        if a["n_pairs"]:
+            rows.append({"finding": f"labeler–labeler agreement ({dataset})", "ours":
+                         f"{a['agreement']:.1%} [{a['ci_low']:.1%}, {a['ci_high']:.1%}] (n={a['n_pairs']} pairs)",
+                         "paper": paper, "source": "Sec. 3.4 and App. C"})
+    if rows:
+        rep.heading("The paper beside us")
+        rep.text("Our estimates from the released labels" + (f" (split {split})" if split else "") +
+                 " next to the figures Stiennon et al. (2020) publish; the paper's preference rates are against the "
+                 "reference, ours head-to-head where the released batch has no reference.")
+        rep.table(pd.DataFrame(rows))
 
 
 def _samples(rep: "Report", tables: dict[str, pd.DataFrame], dataset: str) -> None:
@@ -211,7 +312,8 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
                  primary_dataset: str | None = None) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    # every analysis draws from its own generator (seed, analysis, dataset): an interval does not depend on what
+    # else the report contains
     rep = Report(out_dir, title)
     judg = tables["judgments"]
     if judg.empty:
@@ -226,6 +328,9 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
         if first is not None:
             headline = _headline(rep, comp[comp["dataset"] == first], first, baselines[0], source, n_boot, seed)
             _samples(rep, tables, first)
+    if set(judg["labeler_kind"].dropna()) == {"imported"}:
+        _paper_beside(rep, tables, split, n_boot, seed)
+    _judges(rep, tables, split, n_boot, seed, source)
     rep.text(f"Labels: {source}. {len(judg)} judgments by {judg['labeler_id'].nunique()} labelers"
              + (f"; preference rates on split {split} only." if split else "."))
 
@@ -239,12 +344,24 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
             continue
         groups = sorted(comp.groupby("dataset"), key=lambda g: (g[0] != primary_dataset, g[0]))  # the study's dataset first
         for dataset, d in groups:
-            rates = preference_rates(d, n_boot=n_boot, rng=rng)
-            rep.text(f"{dataset}: fraction of comparisons in which the policy's summary was preferred to {baseline}, with a "
-                     f"Wilson interval and an item-clustered bootstrap interval ({n_boot} replicates).")
-            rep.table(rates[["policy_id", "policy_kind", "n_params", "wins", "n", "rate", "wilson_low", "wilson_high", "boot_low", "boot_high"]])
+            all_rates = preference_rates(d, n_boot=n_boot, rng=rng_for(seed, "rates", baseline, dataset))
+            all_rates = all_rates.merge(d.groupby("policy_id")["len_policy"].mean().rename("mean_chars"), on="policy_id")
+            all_rates.insert(0, "policy", readable_labels(all_rates))
+            rates = all_rates[all_rates["n"] >= SMALL_N].reset_index(drop=True)
+            few = all_rates[all_rates["n"] < SMALL_N]
+            rep.text(f"{dataset}: fraction of comparisons in which the policy's summary was preferred to {baseline}, with an "
+                     f"item-clustered bootstrap interval ({n_boot} replicates) and the Wilson interval (which treats "
+                     "judgments as independent); mean summary length in characters.")
+            shown = rates.assign(size=rates["n_params"].map(params_label), mean_chars=rates["mean_chars"].round().astype("Int64"))
+            rep.table(shown[["policy", "policy_id", "size", "mean_chars", "wins", "n", "n_clusters", "rate", "boot_low", "boot_high",
+                             "wilson_low", "wilson_high"]], floatfmt="{:.3f}")
+            if len(few):
+                rep.text(f"Too few judgments (fewer than {SMALL_N}; listed here, not in the table or the figure): "
+                         + "; ".join(f"{r.policy} ({r.policy_id}): {r.wins} of {r.n}" for r in few.itertuples()) + ".")
+            if rates.empty:
+                continue
             rep.figure(_rates_figure(rates, dataset, baseline, source), f"preferred_{baseline}_{dataset}".replace(".", "_"),
-                       f"{dataset}: fraction preferred to {baseline} per policy, 95% Wilson intervals, n per policy; {source}")
+                       f"{dataset}: fraction preferred to {baseline} per policy, 95% item-clustered bootstrap intervals, n judgments and items per policy; {source}")
             zero = rates[(rates["wins"] == 0) | (rates["wins"] == rates["n"])]
             for r in zero.itertuples():
                 rep.text(f"Note: {r.policy_id} won {r.wins} of {r.n}; its rate sits at a bound and only the interval is informative.")
@@ -267,21 +384,27 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
                 rep.fits.append(fit_table(size_fit(ds), f"size:{dataset}:{baseline}", clusters))
                 if has_len:
                     rep.fits.append(fit_table(size_fit(ds, length=True), f"size+length:{dataset}:{baseline}", clusters))
-            empty = int((d["len_policy"].fillna(0) <= 0).sum() + (d["len_baseline"].fillna(0) <= 0).sum())
             if (d["len_policy"] > 0).any():
                 table, result = length_controlled(d)
-                rep.text("Length control (paper App. F): logistic regression on policy and log(length ratio), predicted at equal length"
-                         + (f"; {empty} comparison(s) with an empty summary left out." if empty else ".")
-                         + " Policies that won all or none of their comparisons get no controlled estimate.")
+                empty, sep, extra = int(table["n_empty"].sum()), table[table["separated"]], table[table["extrapolated"]]
+                rep.text("Length control (paper App. F): logistic regression on policy and log(length ratio), predicted at "
+                         "equal length. The raw rate counts every comparison"
+                         + (f"; {empty} comparison(s) with an empty summary count in it but not in the length model "
+                            "(their length ratio is undefined)" if empty else "") + "."
+                         + (f" No controlled estimate (won all or none, left out of the fit): {', '.join(sep['policy_id'])}." if len(sep) else "")
+                         + (f" Extrapolated to equal length from a mean |log length ratio| above {EXTRAPOLATION_LOG_RATIO} "
+                            f"(read with care): {', '.join(extra['policy_id'])}." if len(extra) else ""))
                 rep.table(table)
-                rep.fits.append(fit_table(result, f"length:{dataset}:{baseline}", d["item_id"].nunique()))
+                if result is not None:
+                    rep.fits.append(fit_table(result, f"length:{dataset}:{baseline}", d["item_id"].nunique()))
 
     rep.heading("Agreement and position bias")
     if pairwise_view(tables).empty:
         rep.text("No pairwise judgments: pairwise agreement and position bias are not measured.")
     else:
-        _pairwise_agreement(rep, tables)
-    _likert_and_strengths(rep, tables, source, n_boot, rng)
+        found = sorted(tables["items"]["dataset"].unique(), key=lambda ds: (ds != primary_dataset, ds))
+        _pairwise_agreement(rep, tables, split, seed, found)
+    _likert_and_strengths(rep, tables, source, n_boot, seed)
     if reward_models:
         from evalkit.analysis.rm_eval import rm_accuracy_by_size
 
@@ -309,33 +432,67 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
     return {**rep.write(manifest), "headline": headline}
 
 
-def _pairwise_agreement(rep: Report, tables: dict[str, pd.DataFrame]) -> None:
-    agree = labeler_agreement(tables)
-    if agree["n_pairs"] == 0:
-        rep.text("No pair of summaries was judged by two different labelers, so labeler–labeler agreement is not measured.")
-    else:
-        rep.text(f"Labeler–labeler agreement: {agree['agreement']:.1%} over {agree['n_pairs']} pairs of judgments of the same "
-                 f"two summaries by different labelers.")
-    per = per_labeler(tables)
-    left = (pairwise_left_rate(tables))
-    rep.text(f"Position bias: the left summary was chosen in {left:.1%} of pairwise judgments (50% = none).")
-    rep.table(per)
+def restrict(tables: dict[str, pd.DataFrame], dataset: str | None = None, split: str | None = None) -> dict[str, pd.DataFrame]:
+    """The tables limited to the tasks (and their judgments) on items of one dataset and/or split."""
+    keep = tables["items"]
+    if dataset:
+        keep = keep[keep["dataset"] == dataset]
+    if split:
+        keep = keep[keep["split"] == split]
+    tasks = tables["tasks"][tables["tasks"]["item_id"].isin(keep["item_id"])]
+    return {**tables, "tasks": tasks, "judgments": tables["judgments"][tables["judgments"]["task_id"].isin(tasks["task_id"])]}
+
+
+def _pairwise_agreement(rep: Report, tables: dict[str, pd.DataFrame], split: str | None, seed: int, datasets: list[str]) -> None:
+    """Agreement, alpha and position bias per dataset on the report's split, each with its interval."""
+    rep.text("Per dataset" + (f", split {split} only" if split else "") + ": agreement (95% interval from resampling "
+             "items), Krippendorff's alpha (which of the two summaries won, oriented by policy), and position bias "
+             "adjusted for which policy sat on each side.")
+    rows = []
+    for dataset in datasets:
+        sub = restrict(tables, dataset, split)
+        if pairwise_view(sub).empty:
+            continue
+        agree = agreement_with_ci(sub, rng=rng_for(seed, "agreement", dataset))
+        pos = position_effect(sub)
+        pv = oriented_by_policy(sub)
+        alpha = (krippendorff_alpha(pv, "pair", "labeler_id", "first_won", "nominal")
+                 if pv.groupby("pair")["labeler_id"].nunique().max() >= 2 else float("nan"))
+        rows.append({"dataset": dataset, "agreement": agree["agreement"], "agreement_low": agree["ci_low"],
+                     "agreement_high": agree["ci_high"], "n_pairs": agree["n_pairs"], "alpha": alpha,
+                     "left_chosen_adjusted": pos["adjusted_left_rate"], "left_low": pos["ci_low"], "left_high": pos["ci_high"],
+                     "left_chosen_naive": pos["naive_left_rate"], "n_judgments": pos["n"]})
+        by_source = pv.groupby("source")
+        if by_source.ngroups > 1:  # alpha per batch: a pooled alpha hides batches that differ
+            per = [{"dataset": dataset, "source": src, "alpha": krippendorff_alpha(g, "pair", "labeler_id", "first_won", "nominal"),
+                    "n_judgments": len(g)} for src, g in by_source if g.groupby("pair")["labeler_id"].nunique().max() >= 2]
+            if per:
+                rep.text(f"{dataset}: Krippendorff's alpha per batch (source file):")
+                rep.table(pd.DataFrame(per))
+    if not rows:
+        rep.text("No pairwise judgments on this split: agreement and position bias are not measured.")
+        return
+    table = pd.DataFrame(rows)
+    rep.table(table)
+    for r in table.itertuples():
+        if r.n_pairs == 0:
+            rep.text(f"{r.dataset}: no pair of summaries was judged by two different labelers, so agreement is not measured.")
+    per = per_labeler(restrict(tables, None, split))
+    per = per.merge(labeler_position(restrict(tables, None, split))[["labeler_id", "left_excess"]], on="labeler_id", how="left")
+    small = per[per["n"] < SMALL_N]
+    rep.text(f"Labelers with at least {SMALL_N} judgments (left_excess: left choices beyond what the policies on each side "
+             "predict)" + (f"; {len(small)} labelers with fewer are counted above but not listed." if len(small) else ":"))
+    rep.table(per[per["n"] >= SMALL_N])
     flagged = per[per["failed_checks"] > 0]
     if len(flagged):
         rep.text(f"Flagged (kept, not dropped): {', '.join(flagged['labeler_id'])} failed gold or attention checks.")
 
-    pv = pairwise_view(tables)
-    if pv.groupby("pair")["labeler_id"].nunique().max() >= 2:
-        first_won = (pv["preferred_gen_id"] == pv["pair"].str.split(" | ", regex=False).str[0]).astype(int)
-        alpha = krippendorff_alpha(pv.assign(first_won=first_won), "pair", "labeler_id", "first_won", "nominal")
-        rep.text(f"Krippendorff's alpha (nominal: which of the two summaries won, over pairs judged more than once): {alpha:.3f}.")
 
-
-def _likert_and_strengths(rep: Report, tables: dict[str, pd.DataFrame], source: str, n_boot: int, rng) -> None:
+def _likert_and_strengths(rep: Report, tables: dict[str, pd.DataFrame], source: str, n_boot: int, seed: int) -> None:
     likert = likert_view(tables)
     if len(likert):
         rep.heading("Likert ratings (1–7)")
-        means = likert_means(likert, n_boot=n_boot, rng=rng)
+        means = likert_means(likert, n_boot=n_boot, rng=rng_for(seed, "likert"))
         rep.text(f"Mean rating per policy with item-clustered bootstrap 95% intervals; {source}.")
         rep.table(means)
         rep.figure(_likert_figure(likert, means, source), "likert_overall_vs_length",
@@ -357,12 +514,7 @@ def _likert_and_strengths(rep: Report, tables: dict[str, pd.DataFrame], source: 
         sub = {**tables, "tasks": tables["tasks"][keep]}
         if pairwise_view(sub).empty:
             continue
-        bt = bradley_terry(sub, n_boot=min(n_boot, 200), rng=rng)
+        bt = bradley_terry(sub, n_boot=min(n_boot, 200), rng=rng_for(seed, "bradley-terry", dataset))
         rep.text(f"{dataset}: log-odds strengths with the reference at 0 (item bootstrap 95% intervals); "
                  "policies never compared with the reference's component are left out.")
         rep.table(bt)
-
-
-def pairwise_left_rate(tables: dict[str, pd.DataFrame]) -> float:
-    j = tables["judgments"].dropna(subset=["preferred"])
-    return float((j["preferred"] == "left").mean()) if len(j) else float("nan")

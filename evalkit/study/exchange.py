@@ -143,6 +143,11 @@ def _labelstudio_records(path: Path, exported) -> list[tuple[str, dict]]:
     return out
 
 
+def human_judgment_id(task_id: str, labeler_id: str) -> str:
+    """One human judgment per task and labeler, whatever its source (a file under any name, the web app)."""
+    return "j-" + stable_hash(task_id, labeler_id)
+
+
 def parse_answers(path: str | Path, tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Answers → judgments rows (swap undone); raises on the first bad row, naming its line."""
     path = Path(path)
@@ -176,7 +181,7 @@ def parse_answers(path: str | Path, tables: dict[str, pd.DataFrame]) -> pd.DataF
                 row[axis] = _int_in(rec.get(axis), 1, 7, where, axis)
             if row["overall"] is None:
                 raise EvalkitError(f"{where}: missing the overall rating (1-7)")
-        row["judgment_id"] = "j-" + stable_hash(task_id, labeler, path.name)
+        row["judgment_id"] = human_judgment_id(task_id, labeler)
         row.update(labeler_kind="human", source=path.name)
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -194,6 +199,16 @@ def import_answers(folder: str | Path, path: str | Path) -> pd.DataFrame:
     new = parse_answers(path, tables)
     target = folder / "judgments.parquet"
     old = artifacts.read_table(target, "judgments") if target.is_file() else artifacts.empty_table("judgments")
+    # the same task answered by the same labeler is one judgment: a re-import (under any file name) adds nothing,
+    # a different answer is refused rather than kept twice
+    known = old.set_index("judgment_id")
+    clash = new[new["judgment_id"].isin(known.index)]
+    for r in clash.itertuples():
+        prev = known.loc[r.judgment_id]
+        same = (prev["preferred"] == r.preferred) if isinstance(r.preferred, str) else prev["overall"] == r.overall
+        if not same:
+            raise EvalkitError(f"{path}: task {r.task_id} by {r.labeler_id} is already answered differently (from "
+                               f"{prev['source']}); nothing imported")
     merged = pd.concat([old, new[~new["judgment_id"].isin(old["judgment_id"])]], ignore_index=True)
     artifacts.write_table(merged, target, "judgments")
     return merged

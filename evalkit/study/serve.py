@@ -313,15 +313,17 @@ def collect_judgments(study_dir: str | Path) -> pd.DataFrame:
     df["preferred"] = None
     df.loc[pairwise, "preferred"] = ["left" if c < 5 else "right" for c in df.loc[pairwise, "confidence"]]
     df["preferred_gen_id"] = df["gen_id_left"].where(df["preferred"] == "left", df["gen_id_right"]).where(pairwise, None)
-    df["judgment_id"] = "j-web-" + df["task_id"]
+    from evalkit.study.exchange import human_judgment_id
+
+    df["judgment_id"] = [human_judgment_id(t, lab) for t, lab in zip(df["task_id"], df["labeler_id"])]
     df["labeler_kind"] = "human"
     df["source"] = f"web:{db.name}"
     df["submitted_at"] = pd.to_datetime(df["submitted_at"], utc=True)
     web = artifacts.conform(df.drop(columns=["gen_id_left", "gen_id_right", "kind"]), "judgments")
     target = study_dir / "judgments.parquet"
-    if target.is_file():  # keep judgments imported from elsewhere; replace the web app's own
-        old = artifacts.read_table(target, "judgments")
-        web = pd.concat([old[old["source"] != f"web:{db.name}"], web], ignore_index=True)
+    if target.is_file():  # keep judgments imported from elsewhere; replace the web app's own, and any file answer of a
+        old = artifacts.read_table(target, "judgments")  # task the same labeler also answered in the app (one per task × labeler)
+        web = pd.concat([old[(old["source"] != f"web:{db.name}") & ~old["judgment_id"].isin(web["judgment_id"])], web], ignore_index=True)
     artifacts.write_table(web, target, "judgments")
     return web
 
