@@ -427,4 +427,19 @@ def up_to_date(out_dir: str | os.PathLike, config: Mapping, inputs: Iterable[str
         return False
     if manifest.get("fingerprint") != fingerprint(config, describe_inputs(inputs)):
         return False
-    return all((Path(out_dir) / name).is_file() for name in outputs)
+    return all(readable(Path(out_dir) / name) for name in outputs)
+
+
+def readable(path: Path) -> bool:
+    """The file exists and is whole: a Parquet footer that parses, JSON that loads (a truncated write fails both)."""
+    if not path.is_file():
+        return False
+    try:
+        if path.suffix == ".parquet":
+            pq.ParquetFile(path).metadata
+        elif path.suffix == ".json":
+            json.loads(path.read_text("utf-8"))
+    except Exception:  # noqa: BLE001 - any failure to parse means "not whole"
+        log.warning("%s is damaged; it will be made again", path)
+        return False
+    return True

@@ -182,13 +182,14 @@ def study() -> None:
 @study.command("build")
 @click.argument("study_path", metavar="STUDY", type=click.Path(), default="studies/default")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a study.toml value, e.g. design.items_per_policy=50.")
-def study_build(study_path: str, overrides: tuple[str, ...]) -> None:
+@click.option("--archive", is_flag=True, help="If labels were already collected, move the old study aside (judgments exported) and rebuild.")
+def study_build(study_path: str, overrides: tuple[str, ...], archive: bool) -> None:
     """Generations → tasks.parquet: balanced items, seeded left/right swaps, overlap, gold, attention and sentinels."""
     from evalkit.config import load_study
     from evalkit.study.build import build_study
 
     cfg = load_study(study_path, list(overrides))
-    res = build_study(cfg)
+    res = build_study(cfg, archive=archive)
     tasks = res["tasks"]
     click.echo(f"{res['out_dir']}/tasks.parquet: {len(tasks)} tasks for {tasks['labeler_id'].nunique()} labelers "
                f"({', '.join(f'{k} {v}' for k, v in sorted(res['roles'].items()))}); "
@@ -235,8 +236,25 @@ def study_serve(study_path: str, host: str, port: int, threads: int, overrides: 
     from evalkit.config import load_study
     from evalkit.study.serve import init_db, links, serve
 
+    import ipaddress
+    import socket
+
     cfg = load_study(study_path, list(overrides))
     folder = cfg.out_dir / "study"
+    if not (folder / "tasks.parquet").is_file():
+        raise EvalkitError(f"no tasks at {folder / 'tasks.parquet'}; run `evalkit study build {study_path}` first")
+    try:
+        addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]
+    except (socket.gaierror, UnicodeError):
+        raise EvalkitError(f"--host {host!r}: not an address this machine can serve on (e.g. 127.0.0.1)") from None
+    with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as probe:
+        try:
+            probe.bind((addr, port))
+        except OSError as exc:
+            raise EvalkitError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); choose another port") from None
+    if not ipaddress.ip_address(addr).is_loopback:
+        click.echo(f"warning: serving plain HTTP on {host}: labelers' secret links and answers cross the network "
+                   "unencrypted. Put a TLS reverse proxy in front (README: 'Serving labelers over a network').", err=True)
     db = init_db(folder)
     instructions = Path(cfg.path).parent / "instructions.md"
     for name, url in links(db, f"http://{host}:{port}").items():
@@ -288,6 +306,11 @@ def study_power(p1: float, p2: float, alpha: float, power_: float, per_item: int
     """Judgments per policy needed to detect a difference in preference rates."""
     from evalkit.study.simulate import required_judgments
 
+    for name, value in (("--alpha", alpha), ("--power", power_)):
+        if not (0 < value < 1):
+            raise EvalkitError(f"{name} {value}: expected a probability strictly between 0 and 1")
+    if not 0 <= icc <= 1:
+        raise EvalkitError(f"--icc {icc}: expected a correlation between 0 and 1")
     n = required_judgments(p1, p2, alpha, power_, design_effect=1 + (per_item - 1) * icc)
     click.echo(f"{n} judgments per policy to tell {p1:.0%} from {p2:.0%} (alpha {alpha}, power {power_}, "
                f"{per_item} per item, ICC {icc})")
@@ -309,9 +332,11 @@ def report_cmd(study_path: str, out_dir: str | None, overrides: tuple[str, ...])
 
 def _config(cls, fixed: dict, overrides: tuple[str, ...]):
     """A trainer config from required options plus ``--set key=value`` overrides (type-checked)."""
-    from evalkit.config import apply_overrides, from_mapping
+    from evalkit.config import apply_overrides, check_values, from_mapping
 
-    return from_mapping(cls, apply_overrides(dict(fixed), list(overrides), cls), cls.__name__)
+    cfg = from_mapping(cls, apply_overrides(dict(fixed), list(overrides), cls), cls.__name__)
+    check_values(cfg, "--set")
+    return cfg
 
 
 def _quiet_hf() -> None:
@@ -451,9 +476,13 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # a bad option or argument: one line, like every other error
+        hint = f" (see `evalkit {exc.ctx.command_path.split(' ', 1)[1] if exc.ctx and ' ' in exc.ctx.command_path else ''} --help`)"
+        click.echo(f"evalkit: error: {exc.format_message()}{hint}".replace("`evalkit  --help`", "`evalkit --help`").splitlines()[0], err=True)
+        sys.exit(2)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        click.echo(f"evalkit: error: {exc.format_message()}".splitlines()[0], err=True)
+        sys.exit(exc.exit_code if exc.exit_code else 2)
     except EvalkitError as exc:
         click.echo(f"evalkit: error: {exc}".splitlines()[0], err=True)
         sys.exit(exc.exit_code)

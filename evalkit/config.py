@@ -179,7 +179,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def from_mapping(cls: type, mapping: Mapping[str, Any], where: str) -> Any:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and mistyped values."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "path"]
+    # StudyConfig.path records where the spec came from and is not a key of the file; every other "path" is a key
+    names = [f.name for f in dataclasses.fields(cls) if not (cls is StudyConfig and f.name == "path")]
     unknown = [k for k in mapping if k not in names]
     if unknown:
         raise EvalkitError(f"{where}: unknown key '{unknown[0]}'; known: {', '.join(names)}")
@@ -244,6 +245,106 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], cls: type) -> dic
     return raw
 
 
+POSITIVE = {"steps", "iterations", "epochs", "batch_size", "rollouts", "minibatch_size", "ppo_epochs", "n", "depth",
+            "seq_len", "pretrain_steps", "pretrain_seq_len", "pretrain_batch", "sft_steps", "sft_batch", "rm_epochs",
+            "ppo_iterations", "ppo_rollouts", "ppo_minibatch", "best_of_n", "max_query_tokens", "max_summary_tokens"}
+
+
+def check_values(cfg, where: str) -> None:
+    """Trainer and ladder configs: counts that must be positive are, rates are finite and positive, nothing is
+    negative or NaN (a negative step count would otherwise train nothing and say it succeeded)."""
+    import math
+
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise EvalkitError(f"{where}: {f.name} is {v}; expected a finite number")
+        if f.name in POSITIVE and v < 1:
+            raise EvalkitError(f"{where}: {f.name} is {v}; expected a positive integer")
+        if (f.name == "lr" or f.name.endswith("_lr")) and v <= 0:
+            raise EvalkitError(f"{where}: {f.name} is {v}; expected a learning rate above 0")
+        if f.name == "vocab_size" and v < 300:
+            raise EvalkitError(f"{where}: vocab_size is {v}; expected at least 300 (256 bytes plus merges and specials)")
+        if v < 0 and f.name not in ("seed",):
+            raise EvalkitError(f"{where}: {f.name} is {v}; expected 0 or more")
+
+
+def validate_study(cfg: StudyConfig, where: Path) -> None:
+    """Cheap checks of every value a later stage would trip on, so a bad spec fails before any work is done."""
+    import math
+
+    from evalkit.data.splits import check_split
+
+    d, g, design, rep = cfg.data, cfg.generate, cfg.design, cfg.report
+    for item in cfg.study.quick:
+        if "=" not in item:
+            raise EvalkitError(f"{where}: study.quick has {item!r}; expected section.key=value overrides")
+
+    def bad(key: str, value, expected: str) -> None:
+        raise EvalkitError(f"{where}: {key} is {value!r}; expected {expected}")
+
+    if d.dataset not in ("tldr", "cnndm"):
+        raise EvalkitError(f"{where}: unknown dataset {d.dataset!r}; known: tldr, cnndm")
+    try:
+        check_split(d.split or None)
+        check_split(d.transfer_split or None)
+    except EvalkitError as exc:
+        raise EvalkitError(f"{where}: data: {exc}") from None
+    if d.path is not None and not Path(d.path).is_file():
+        raise EvalkitError(f"{where}: data.path {d.path!r} is not a file; expected your own TL;DR or CNN/DM data file")
+    for key in ("items_per_policy", "batch_size", "overlap_labelers"):
+        if getattr(design, key) < 1:
+            bad(f"design.{key}", getattr(design, key), "a positive integer")
+    if design.sentinels_per_batch < 0:
+        bad("design.sentinels_per_batch", design.sentinels_per_batch, "0 or more")
+    for key in ("overlap_fraction", "gold_fraction", "attention_fraction"):
+        v = getattr(design, key)
+        if not (math.isfinite(v) and 0 <= v <= 1):
+            bad(f"design.{key}", v, "a fraction in [0, 1]")
+    if design.kind not in ("", "pairwise", "likert"):
+        raise EvalkitError(f"{where}: design.kind {design.kind!r}; expected pairwise or likert")
+    if cfg.labelers.count < 1 and not cfg.labelers.ids:
+        bad("labelers.count", cfg.labelers.count, "at least 1")
+    if len(set(cfg.labelers.ids)) != len(cfg.labelers.ids) or any(not i.strip() for i in cfg.labelers.ids):
+        raise EvalkitError(f"{where}: labelers.ids {list(cfg.labelers.ids)}: expected distinct, non-empty ids")
+    if g.batch_size < 1:
+        bad("generate.batch_size", g.batch_size, "a positive integer")
+    if g.max_query_tokens < 0:
+        bad("generate.max_query_tokens", g.max_query_tokens, "0 (each checkpoint's contract) or a token count")
+    from evalkit.generate import BASELINES, Decoding
+
+    Decoding(temperature=g.temperature, top_p=g.top_p, n_samples=g.n_samples, seed=g.seed,
+             max_query_tokens=g.max_query_tokens or None, dtype=g.dtype).check()
+    for name in g.baselines:
+        if name not in BASELINES:
+            raise EvalkitError(f"{where}: unknown baseline {name!r} in generate.baselines; known: {', '.join(BASELINES)}")
+    ids = []
+    for i, p in enumerate(cfg.policies):
+        if not p.checkpoint.strip():
+            raise EvalkitError(f"{where}: policies[{i}] has no checkpoint; expected a checkpoint folder (any HF causal LM)")
+        if not Path(p.checkpoint).is_dir():
+            raise EvalkitError(f"{where}: policies[{i}].checkpoint {p.checkpoint!r} is not a folder; expected a checkpoint folder")
+        ids.append(p.id or Path(p.checkpoint).name)
+    dup = next((i for i in ids if ids.count(i) > 1), None)
+    if dup:
+        raise EvalkitError(f"{where}: policy id {dup!r} is used twice")
+    if rep.n_boot < 1:
+        bad("report.n_boot", rep.n_boot, "a positive number of bootstrap replicates")
+    if rep.source not in ("study", "released"):
+        raise EvalkitError(f"{where}: report.source {rep.source!r}; expected study or released")
+    from evalkit.data import comparison_batch
+
+    for name in cfg.released.comparisons:
+        comparison_batch(name)
+    for i, t in enumerate(cfg.train):
+        if t.preset:
+            from evalkit.train.ladder import ladder_config
+
+            ladder_config(t.preset, t.depths or None, t.bases or None, t.set)
+
+
 def load_study(path: str | Path, overrides: list[str] | None = None, quick: bool = False) -> StudyConfig:
     """Load ``study.toml`` (or the folder holding it), apply overrides and check names and types.
 
@@ -256,8 +357,13 @@ def load_study(path: str | Path, overrides: list[str] | None = None, quick: bool
         raise EvalkitError(f"no study spec at {path}; expected a folder with study.toml or the file itself")
     try:
         raw = tomllib.loads(path.read_text("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise EvalkitError(f"{path}: not UTF-8 text (byte {exc.start}); save the spec as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise EvalkitError(f"{path}: invalid TOML ({exc})") from None
+    for item in (raw.get("study") or {}).get("quick") or []:
+        if not isinstance(item, str) or "=" not in item:
+            raise EvalkitError(f"{path}: study.quick has {item!r}; expected section.key=value overrides")
     if quick:
         spec = from_mapping(StudyConfig, raw, str(path))
         if not spec.study.quick:
@@ -275,6 +381,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None, quick: bool
         raise EvalkitError(f"{path}: data.transfer_items is {cfg.data.transfer_items}; expected 0 (all) or a positive count")
     if cfg.data.transfer not in ("", "tldr", "cnndm") or (cfg.data.transfer and cfg.data.transfer == cfg.data.dataset):
         raise EvalkitError(f"{path}: data.transfer is {cfg.data.transfer!r}; expected empty or the other dataset (tldr, cnndm)")
+    validate_study(cfg, path)
     for i, t in enumerate(cfg.train):
         bad = [k for k in t.kinds if k not in ("pretrained", "sft", "ppo", "best_of_n")]
         if bad:

@@ -299,11 +299,18 @@ def _best_of_n(model, tok, reward_model, queries, seeds, spec: dict, dec: Decodi
 
 
 def _read_parts(out_dir: Path) -> pd.DataFrame:
+    """Every generation written so far (part files and the last table). An unreadable file — a truncated write from
+    another tool, a damaged disk — is moved aside as ``*.corrupt`` with a warning, and its rows are made again."""
     parts = sorted((out_dir / PARTS_DIR).glob("part-*.parquet"))
-    frames = [artifacts.read_table(p, "generations") for p in parts]
     final = out_dir / "generations.parquet"
-    if final.is_file():
-        frames.append(artifacts.read_table(final, "generations"))
+    frames = []
+    for path in [*parts, *([final] if final.is_file() else [])]:
+        try:
+            frames.append(artifacts.read_table(path, "generations"))
+        except EvalkitError as exc:
+            aside = path.with_name(path.name + ".corrupt")
+            path.replace(aside)
+            log.warning("%s; moved aside to %s, its generations will be made again", exc, aside.name)
     if not frames:
         return artifacts.empty_table("generations")
     return pd.concat(frames, ignore_index=True).drop_duplicates("gen_id").reset_index(drop=True)

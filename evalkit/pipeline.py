@@ -187,6 +187,22 @@ def generate_for_study(cfg: StudyConfig, items: pd.DataFrame, progress: bool = F
     return generate(items, policies, cfg.out_dir / "generations", dec, g.baselines, batch_size=g.batch_size, progress=progress)
 
 
+def read_judgments(target: Path) -> pd.DataFrame:
+    """A study's judgments. A damaged file (unreadable Parquet) is kept, renamed ``judgments.parquet.corrupt``, with a
+    warning, and the study continues without it: simulated answers are made again, the web app's can be collected
+    again (`evalkit study collect`), and imported files imported again."""
+    from evalkit.errors import EvalkitError as _E
+
+    try:
+        return artifacts.read_table(target, "judgments")
+    except _E as exc:
+        aside = target.with_name(target.name + ".corrupt")
+        target.replace(aside)
+        log.warning("%s; kept as %s. Answers collected by the web app can be collected again with `evalkit study "
+                    "collect`; imported answer files must be imported again", exc, aside)
+        return artifacts.empty_table("judgments")
+
+
 def answer_with_panel(cfg: StudyConfig, seed: int = 0):
     """Answer the study's built tasks with the calibrated simulated panel; its judgments (marked simulated) replace
     earlier simulated ones in ``judgments.parquet`` and keep every other judgment."""
@@ -200,7 +216,7 @@ def answer_with_panel(cfg: StudyConfig, seed: int = 0):
     sim = simulate_judgments(model, tables, seed)
     target = folder / "judgments.parquet"
     if target.is_file():
-        old = artifacts.read_table(target, "judgments")
+        old = read_judgments(target)
         sim = pd.concat([old[old["labeler_kind"] != "simulated"], sim], ignore_index=True)
     artifacts.write_table(sim, target, "judgments")
     return sim, model
@@ -224,14 +240,17 @@ def report_study(cfg: StudyConfig, out_dir: str | Path | None = None) -> dict[st
     from evalkit.train.best_of_n import read_best_of_n
 
     r = cfg.report
+    inputs: list[Path] = []
     if r.source == "released":
-        tables = load_openai_comparisons([comparison_batch(b) for b in cfg.released.comparisons])
+        inputs = [comparison_batch(b) for b in cfg.released.comparisons]
+        tables = load_openai_comparisons(inputs)
     elif r.source == "study":
         tables = load_study_tables(cfg.out_dir / "study")
         target = cfg.out_dir / "study" / "judgments.parquet"
         if not target.is_file():
             raise EvalkitError(f"no judgments at {target}; collect, import or simulate some first")
         tables["judgments"] = artifacts.read_table(target, "judgments")
+        inputs = [cfg.out_dir / "study" / f"{n}.parquet" for n in ("items", "generations", "tasks", "judgments")]
     else:
         raise EvalkitError(f"{cfg.path}: report.source {r.source!r}; expected study or released")
     policy_kl = {}
@@ -248,7 +267,7 @@ def report_study(cfg: StudyConfig, out_dir: str | Path | None = None) -> dict[st
         warnings.filterwarnings("ignore", module="statsmodels")
         return build_report(tables, out, cfg.study.title or cfg.id, r.baselines, r.split or None, r.n_boot, cfg.study.seed,
                             config=cfg.to_dict(), reward_models=tuple(study_reward_models(cfg)), policy_kl=policy_kl,
-                            primary_dataset=cfg.data.dataset)
+                            primary_dataset=cfg.data.dataset, inputs=tuple(inputs))
 
 
 # ------------------------------------------------------------------------------------------------------- evalkit run
@@ -281,17 +300,21 @@ def run_study(cfg: StudyConfig, force: bool = False, echo=print) -> dict:
     started = time.perf_counter()
     result: dict = {"stages": record, "run_json": run_path}
 
-    def step(name: str, config: dict, inputs: list[Path], done, fn):
+    def whole(outputs: list[Path], hashes: dict) -> bool:  # outputs as this run left them (not truncated or edited)
+        return all(p.is_file() and hashes.get(str(p)) == artifacts.sha256_file(p) for p in outputs)
+
+    def step(name: str, config: dict, inputs: list[Path], done, fn, outputs: list[Path] = ()):
         key = artifacts.fingerprint(json.loads(json.dumps(config, default=str)), artifacts.describe_inputs([p for p in inputs if Path(p).is_file()]))
         prev = previous.get(name, {})
-        if not force and prev.get("key") == key and done():
+        if not force and prev.get("key") == key and done() and whole(list(outputs), prev.get("outputs", {})):
             record[name] = {**prev, "skipped": True}
             echo(f"[{name}] up to date (skipped; took {prev.get('seconds', 0):.0f}s when it ran)")
             return None
         echo(f"[{name}] running ({RUN_STAGES.index(name) + 1}/{len(RUN_STAGES)}; {time.perf_counter() - started:.0f}s elapsed)")
         t0 = time.perf_counter()
         out = fn()
-        record[name] = {"key": key, "seconds": round(time.perf_counter() - t0, 1), "skipped": False}
+        record[name] = {"key": key, "seconds": round(time.perf_counter() - t0, 1), "skipped": False,
+                        "outputs": {str(p): artifacts.sha256_file(p) for p in outputs if Path(p).is_file()}}
         artifacts.write_json(run_path, {"study": cfg.id, "stages": {**previous, **record}})
         return out
 
@@ -317,7 +340,7 @@ def run_study(cfg: StudyConfig, force: bool = False, echo=print) -> dict:
 
         gen_key = {"generate": spec["generate"], "data": spec["data"],
                    "policies": [[p.policy_id, p.checkpoint, checkpoint_fingerprint(p.checkpoint)] for p in policies]}
-        step("generate", gen_key, [], gen_path.is_file, lambda: generate_for_study(cfg, items, progress=True))
+        step("generate", gen_key, [], gen_path.is_file, lambda: generate_for_study(cfg, items, progress=True), [gen_path])
     result["policies"] = [p.policy_id for p in policies]
 
     if not gen_path.is_file():
@@ -326,10 +349,11 @@ def run_study(cfg: StudyConfig, force: bool = False, echo=print) -> dict:
     from evalkit.study.build import build_study
 
     build_key = {"stage": "study-build", **spec}
-    step("build", build_key, [gen_path], lambda: all(p.is_file() for p in _study_files(cfg)), lambda: build_study(cfg))
+    step("build", build_key, [gen_path], lambda: all(p.is_file() for p in _study_files(cfg)), lambda: build_study(cfg),
+         _study_files(cfg))
     judgments = cfg.out_dir / "study" / "judgments.parquet"
     if cfg.study.simulate:
-        step("labels", {"simulate": True, "seed": 0}, _study_files(cfg), judgments.is_file, lambda: answer_with_panel(cfg))
+        step("labels", {"simulate": True, "seed": 0}, _study_files(cfg), judgments.is_file, lambda: answer_with_panel(cfg), [judgments])
     elif not judgments.is_file():
         result["waiting_for_labels"] = True
         echo(f"[labels] the study is built in {cfg.out_dir / 'study'} and has no judgments yet. Collect them with "
@@ -349,7 +373,8 @@ def _run_report(cfg: StudyConfig, step, report_dir: Path, inputs: list[Path], re
         inputs = [comparison_batch(b) for b in cfg.released.comparisons]
     paths = step("report", report_key, [*inputs, *[Path(r) / "manifest.json" for r in rms]],
                  lambda: (report_dir / "report.html").is_file() and (report_dir / "manifest.json").is_file(),
-                 lambda: report_study(cfg, report_dir))
+                 lambda: report_study(cfg, report_dir),
+                 [report_dir / n for n in ("report.html", "report.md", "fits.parquet", "manifest.json")])
     manifest = artifacts.read_manifest(report_dir) or {}
     result["report"] = report_dir / "report.html"
     result["headline"] = (paths or {}).get("headline") if paths else manifest.get("headline", [])

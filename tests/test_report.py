@@ -36,6 +36,8 @@ def test_openai_released_report(tmp_path):
     assert length.loc["log_len_ratio", "estimate"] > 0 and length.loc["log_len_ratio", "n_clusters"] > 500
     manifest = artifacts.read_manifest(out)
     assert manifest["config"]["baselines"] == ["ref", "sup4_12b_t0.7"] and manifest["outputs"]["figures"] == 3
+    assert sorted(i["path"].rsplit("/", 1)[-1] for i in manifest["inputs"]) == ["batch0_cnndm.json", "batch13.json", "batch18.json"]
+    assert all(len(i["sha256"]) == 64 for i in manifest["inputs"])
 
 
 def test_length_control_lowers_the_rlhf_head_to_head(tmp_path):

@@ -25,7 +25,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     path = existing_file(path)
     seen = False
     with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+        for lineno, line in _utf8_lines(fh, path):
             if not line.strip():
                 continue
             try:
@@ -38,6 +38,28 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             yield lineno, obj
     if not seen:
         raise EvalkitError(f"{path}: no records (only blank lines)")
+
+
+def _utf8_lines(fh, path):
+    lineno = 0
+    try:
+        for lineno, line in enumerate(fh, start=1):
+            yield lineno, line
+    except UnicodeDecodeError as exc:
+        raise EvalkitError(f"{path}:{lineno + 1}: not UTF-8 text (byte {exc.start} of its block); save the file as UTF-8") from None
+
+
+def read_text_utf8(path: Path) -> str:
+    try:
+        return Path(path).read_text("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EvalkitError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
+
+
+def require_str(obj: dict, key: str, where: str, allow_none: bool = False) -> None:
+    value = obj.get(key)
+    if not isinstance(value, str) and not (allow_none and value is None):
+        raise EvalkitError(f"{where}: field '{key}' is {value!r}; expected a string")
 
 
 def require_keys(obj: dict, keys: Sequence[str], where: str) -> None:

@@ -78,6 +78,8 @@ def imported_gen_id(policy_id: str, item_id: str, text: str) -> str:
 
 def _item_from_info(info: dict, where: str, source: str) -> dict:
     if "article" in info:
+        if not isinstance(info["article"], str):
+            raise EvalkitError(f"{where}: info.article is {info['article']!r:.60}; expected a string")
         return {
             "item_id": cnndm_item_id(info.get("id"), info["article"]),
             "dataset": "cnndm",
@@ -87,6 +89,9 @@ def _item_from_info(info: dict, where: str, source: str) -> dict:
             "source": source,
         }
     require_keys(info, ("post", "title", "subreddit"), f"{where}: info")
+    for key in ("post", "title", "subreddit"):
+        if not isinstance(info[key], str):
+            raise EvalkitError(f"{where}: info.{key} is {info[key]!r:.60}; expected a string")
     return {
         "item_id": tldr_item_id(info["subreddit"], info["title"], info["post"]),
         "dataset": "tldr",
@@ -119,7 +124,11 @@ def read_openai_comparisons(path: str | Path) -> dict[str, pd.DataFrame]:
         if choice not in (0, 1):
             raise EvalkitError(f"{where}: field 'choice' is {choice!r}; expected 0 or 1")
         for s in summaries:
+            if not isinstance(s, dict):
+                raise EvalkitError(f"{where}: a summary is {s!r:.60}; expected an object with text and policy")
             require_keys(s, ("text", "policy"), f"{where}: summary")
+            if not isinstance(s["text"], str) or not isinstance(s["policy"], str) or not s["policy"]:
+                raise EvalkitError(f"{where}: summary text {s['text']!r:.40} / policy {s['policy']!r}: expected strings")
         split = rec.get("split")
         try:
             split = check_split(split) if split else None
@@ -127,6 +136,8 @@ def read_openai_comparisons(path: str | Path) -> dict[str, pd.DataFrame]:
             raise EvalkitError(f"{where}: {exc}") from None
         if split is None:
             raise EvalkitError(f"{where}: missing field 'split'; expected train, valid1 or valid2")
+        if rec.get("extra") is not None and not isinstance(rec["extra"], dict):
+            raise EvalkitError(f"{where}: field 'extra' is {rec['extra']!r:.60}; expected an object")
         confidence = (rec.get("extra") or {}).get("confidence")
         if confidence is not None and (not isinstance(confidence, int) or not 1 <= confidence <= 9):
             raise EvalkitError(f"{where}: extra.confidence is {confidence!r}; expected an integer 1-9")

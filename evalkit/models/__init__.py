@@ -89,7 +89,15 @@ def write_metadata(folder: str | Path, **fields) -> dict:
 
 def read_metadata(folder: str | Path) -> dict:
     path = Path(folder) / METADATA_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EvalkitError(f"{path}: not readable JSON ({exc}); restore it or re-make the checkpoint") from None
+    if not isinstance(meta, dict):
+        raise EvalkitError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def _check_folder(folder: str | Path) -> Path:
@@ -126,8 +134,9 @@ def load_causal_lm(folder: str | Path, dtype=torch.float32):
     folder = _check_folder(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
-    except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
-        raise EvalkitError(f"{folder}: not a loadable causal LM checkpoint ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # noqa: BLE001 - truncated safetensors, bad config: one line naming the folder
+        raise EvalkitError(f"{folder}: not a loadable causal LM checkpoint ({type(exc).__name__}: "
+                           f"{(str(exc).splitlines() or [''])[0][:200]})") from None
     return model
 
 
@@ -138,6 +147,9 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
         raise EvalkitError(f"no GGUF file at {gguf_file}")
+    with open(gguf_file, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise EvalkitError(f"{gguf_file}: not a GGUF file (it does not start with the GGUF magic bytes)")
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file() and read_metadata(out_dir).get("imported_from") == str(gguf_file) and "contract" in read_metadata(out_dir):
         return out_dir

@@ -153,7 +153,14 @@ def _headline(rep: "Report", d: pd.DataFrame, dataset: str, baseline: str, sourc
     sizes = d.dropna(subset=["n_params"]).groupby("policy_kind")["n_params"].nunique()
     kinds = sorted(sizes[sizes >= 2].index)
     if not kinds:
-        rep.text(f"No policy kind has two sizes in the {dataset} comparisons, so there is no size curve; the per-policy rates follow.")
+        rates = preference_rates(d, n_boot=n_boot, rng=rng_for(seed, "rates", baseline, dataset))
+        rates = rates[rates["n"] >= SMALL_N].sort_values("rate", ascending=False)
+        rates.insert(0, "policy", readable_labels(rates))
+        rep.text(f"No policy kind has two sizes in the {dataset} comparisons, so there is no size curve. The main "
+                 f"comparison — the fraction of comparisons in which each policy's summary was preferred to {baseline} "
+                 f"(95% item-clustered interval; {source}):")
+        rep.bullets([f"{r.policy} ({r.policy_id}): {r.rate:.1%} [{r.boot_low:.1%}, {r.boot_high:.1%}], n={r.n}"
+                     for r in rates.itertuples()])
         return []
     ds = d[d["policy_kind"].isin(kinds)]
     rates = preference_rates(ds, n_boot=n_boot, rng=rng_for(seed, "rates", baseline, dataset))
@@ -309,7 +316,7 @@ def _likert_figure(likert: pd.DataFrame, means: pd.DataFrame, source: str):
 def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: str, baselines: tuple[str, ...] = ("ref",),
                  split: str | None = "valid2", n_boot: int = 1000, seed: int = 0, config: dict | None = None,
                  reward_models: tuple[str, ...] = (), policy_kl: dict[str, float] | None = None,
-                 primary_dataset: str | None = None) -> dict[str, Path]:
+                 primary_dataset: str | None = None, inputs: tuple[str | Path, ...] = ()) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # every analysis draws from its own generator (seed, analysis, dataset): an interval does not depend on what
@@ -426,7 +433,8 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
         else:
             rep.text("None of the policies with a known KL from SFT has comparisons with the baseline.")
     manifest = artifacts.build_manifest("report", dict(config or {}, title=title, baselines=list(baselines), split=split,
-                                                       n_boot=n_boot), seeds={"bootstrap": seed},
+                                                       n_boot=n_boot), inputs=[p for p in inputs if Path(p).is_file()],
+                                        seeds={"bootstrap": seed, "per_analysis": "derive_seed(seed, analysis, dataset)"},
                                         outputs={"figures": len(rep.figures), "fits": sum(len(f) for f in rep.fits)},
                                         extra={"headline": headline})
     return {**rep.write(manifest), "headline": headline}

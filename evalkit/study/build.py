@@ -186,9 +186,61 @@ def build_tasks(cfg: StudyConfig, generations: pd.DataFrame, items: pd.DataFrame
     return df, shown
 
 
-def build_study(cfg: StudyConfig) -> dict[str, object]:
-    """Read the study's generations and items, build tasks, write ``<out>/study/{tasks,generations,items}.parquet``."""
+def collected_labels(folder: Path) -> int:
+    """Judgments by people (or imported) in a built study: the web app's database and judgments.parquet, not the
+    simulated panel's (which a rebuild simply re-makes)."""
+    import sqlite3
+
+    n = 0
+    db = folder / "labels.sqlite"
+    if db.is_file():
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+                n += conn.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise EvalkitError(f"{db}: not a readable labels database ({exc}); move it aside or restore it") from None
+    target = folder / "judgments.parquet"
+    if target.is_file():
+        from evalkit.pipeline import read_judgments
+
+        judg = read_judgments(target)
+        n += int((judg["labeler_kind"] != "simulated").sum())
+    return n
+
+
+def archive_study(folder: Path) -> Path:
+    """Move a built study aside (``study.archived-<UTC time>``) after writing the web app's judgments to
+    judgments.parquet there, so nothing collected is lost."""
+    import datetime as _dt
+    import shutil
+
+    if (folder / "labels.sqlite").is_file():
+        from evalkit.study.serve import collect_judgments
+
+        collect_judgments(folder)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dest = folder.with_name(f"{folder.name}.archived-{stamp}")
+    shutil.move(str(folder), dest)
+    return dest
+
+
+def build_study(cfg: StudyConfig, archive: bool = False) -> dict[str, object]:
+    """Read the study's generations and items, build tasks, write ``<out>/study/{tasks,generations,items}.parquet``.
+
+    A study whose labels were already collected (the web app's database or imported answers) is not rebuilt over:
+    that would mix stale tasks with new ones. ``archive`` moves it aside first, its judgments exported."""
     from evalkit.pipeline import study_items_of
+
+    out = cfg.out_dir / "study"
+    n_labels = collected_labels(out) if out.is_dir() else 0
+    if n_labels and not archive:
+        raise EvalkitError(f"{out} already holds {n_labels} collected judgment(s); rebuilding would mix stale tasks with "
+                           "new ones. Re-run with --archive to move it aside (judgments exported there) or use another study.out_dir")
+    if n_labels and archive:
+        log.warning("archived the labelled study to %s", archive_study(out))
+    else:  # an unlabelled database of the old tasks (the app re-creates it) and simulated answers to them (re-made)
+        for name in ("labels.sqlite", "labels.sqlite-wal", "labels.sqlite-shm", "judgments.parquet"):
+            (out / name).unlink(missing_ok=True)
 
     gen_path = Path(cfg.design.generations) if cfg.design.generations else cfg.out_dir / "generations" / "generations.parquet"
     if not gen_path.is_file():
@@ -206,7 +258,6 @@ def build_study(cfg: StudyConfig) -> dict[str, object]:
         shown = artifacts.conform(pd.concat([shown, t_shown], ignore_index=True).drop_duplicates("gen_id"), "generations")
         shown = shown.sort_values("gen_id").reset_index(drop=True)
         items = pd.concat([items, transfer], ignore_index=True)
-    out = cfg.out_dir / "study"
     artifacts.write_table(tasks, out / "tasks.parquet", "tasks")
     artifacts.write_table(shown, out / "generations.parquet", "generations")
     artifacts.write_table(items[items["item_id"].isin(tasks["item_id"])].reset_index(drop=True), out / "items.parquet", "items")

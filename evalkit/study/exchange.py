@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -106,15 +107,16 @@ def _records(path: Path) -> list[tuple[str, dict]]:
     from evalkit.data.io import existing_file, iter_jsonl
 
     path = existing_file(path)
+    from evalkit.data.io import read_text_utf8
+
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or "task_id" not in reader.fieldnames or "labeler_id" not in reader.fieldnames:
-                raise EvalkitError(f"{path}: missing column 'task_id' or 'labeler_id'; expected task_id, labeler_id, confidence or {', '.join(LIKERT_AXES)}")
-            return [(f"{path}:{i}", dict(r)) for i, r in enumerate(reader, start=2)]
+        reader = csv.DictReader(io.StringIO(read_text_utf8(path), newline=""))
+        if not reader.fieldnames or "task_id" not in reader.fieldnames or "labeler_id" not in reader.fieldnames:
+            raise EvalkitError(f"{path}: missing column 'task_id' or 'labeler_id'; expected task_id, labeler_id, confidence or {', '.join(LIKERT_AXES)}")
+        return [(f"{path}:{i}", dict(r)) for i, r in enumerate(reader, start=2)]
     if path.suffix.lower() == ".json":
         try:
-            exported = json.loads(path.read_text("utf-8"))
+            exported = json.loads(read_text_utf8(path))
         except json.JSONDecodeError as exc:
             raise EvalkitError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno})") from None
         return _labelstudio_records(path, exported)
@@ -123,12 +125,19 @@ def _records(path: Path) -> list[tuple[str, dict]]:
 
 def _labelstudio_records(path: Path, exported) -> list[tuple[str, dict]]:
     if not isinstance(exported, list):
-        raise EvalkitError(f"{path}: expected Label Studio's JSON export (a list of tasks)")
+        raise EvalkitError(f"{path}: expected Label Studio's JSON export (a list of tasks), got {type(exported).__name__}")
     by_label = {v: k for k, v in CONFIDENCE_LABELS.items()}
     out = []
     for i, task in enumerate(exported):
-        data = task.get("data") or {}
-        for j, ann in enumerate(task.get("annotations") or []):
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            raise EvalkitError(f"{path}: task {i} has no 'data' object; expected Label Studio's JSON export")
+        data = task["data"]
+        annotations = task.get("annotations") or []
+        if not isinstance(annotations, list) or not all(isinstance(a, dict) for a in annotations):
+            raise EvalkitError(f"{path}: task {i}: 'annotations' should be a list of objects, got {annotations!r:.60}")
+        for j, ann in enumerate(annotations):
+            if not isinstance(ann.get("result") or [], list) or not all(isinstance(r, dict) for r in ann.get("result") or []):
+                raise EvalkitError(f"{path}: task {i} annotation {j}: 'result' should be a list of objects")
             rec = {"task_id": data.get("task_id"), "labeler_id": str(ann.get("completed_by") or data.get("labeler_id") or ""),
                    "submitted_at": ann.get("created_at"), "duration_s": ann.get("lead_time")}
             for res in ann.get("result") or []:
@@ -141,6 +150,27 @@ def _labelstudio_records(path: Path, exported) -> list[tuple[str, dict]]:
                     rec["note"] = " ".join(value["text"])
             out.append((f"{path}: task {i} annotation {j}", rec))
     return out
+
+
+def _duration(value, where: str) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise EvalkitError(f"{where}: duration_s is {value!r}; expected seconds, a finite number of 0 or more")
+    return seconds
+
+
+def _timestamp(value, where: str):
+    if value is None or value == "":
+        return None
+    stamp = pd.to_datetime(value, utc=True, errors="coerce")
+    if pd.isna(stamp):
+        raise EvalkitError(f"{where}: submitted_at is {value!r}; expected an ISO 8601 time, e.g. 2026-11-30T10:00:00Z")
+    return stamp
 
 
 def human_judgment_id(task_id: str, labeler_id: str) -> str:
@@ -168,7 +198,7 @@ def parse_answers(path: str | Path, tables: dict[str, pd.DataFrame]) -> pd.DataF
             raise EvalkitError(f"{where}: missing labeler_id")
         task = tasks.loc[task_id]
         row = {"task_id": task_id, "labeler_id": labeler, "note": (str(rec.get("note") or "").strip() or None),
-               "submitted_at": rec.get("submitted_at") or None, "duration_s": rec.get("duration_s") or None,
+               "submitted_at": _timestamp(rec.get("submitted_at"), where), "duration_s": _duration(rec.get("duration_s"), where),
                "preferred": None, "preferred_gen_id": None, "confidence": None, **{a: None for a in LIKERT_AXES}}
         if task["kind"] == "pairwise":
             confidence = _int_in(rec.get("confidence"), 1, 9, where, "confidence")

@@ -19,6 +19,9 @@ import hashlib
 import hmac
 import html
 import logging
+import math
+import os
+import re
 import secrets
 import sqlite3
 import threading
@@ -68,9 +71,15 @@ def init_db(study_dir: str | Path) -> Path:
     study_dir = Path(study_dir)
     tables = load_study_tables(study_dir)
     db = study_dir / DB_FILE
-    conn = connect(db)
+    db.touch(mode=0o600)  # every labeler's token and the CSRF secret live here: owner-only
+    os.chmod(db, 0o600)
     try:
+        conn = connect(db)
         conn.executescript(SCHEMA)
+    except sqlite3.DatabaseError as exc:
+        raise EvalkitError(f"{db}: not a usable labels database ({exc}); move it aside (its answers may be recoverable "
+                           "with the sqlite3 tool) or rebuild the study") from None
+    try:
         conn.execute("BEGIN IMMEDIATE")
         for key in ("secret", "admin_token"):
             conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, secrets.token_urlsafe(24)))
@@ -133,6 +142,39 @@ LIKERT_FORM = """
 if(e.key==='Enter'){{e.preventDefault();document.getElementById('answer').requestSubmit();}}}});</script>"""
 
 
+def _inline_hash(block: str, tag: str) -> str:
+    import base64
+
+    content = re.search(rf"<{tag}>(.*?)</{tag}>", block, re.S).group(1)
+    return "'sha256-" + base64.b64encode(hashlib.sha256(content.encode()).digest()).decode() + "'"
+
+
+# a strict policy: no inline code runs but the pages' own two scripts and style block, named by their hashes
+CSP = ("default-src 'none'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'; "
+       f"style-src {_inline_hash(PAGE.format(title='', body=''), 'style')}; "
+       f"script-src {_inline_hash(PAIRWISE_FORM.format(left='', right='', csrf='', shown_at='', scale=''), 'script')} "
+       f"{_inline_hash(LIKERT_FORM.format(left='', csrf='', shown_at='', scales=''), 'script')}")
+FAILED_TOKEN_LIMIT = 30
+MAX_DURATION_S = 24 * 3600.0
+
+
+def same(a: str, b: str) -> bool:
+    """Constant-time comparison of two strings of any characters (``hmac.compare_digest`` on str rejects non-ASCII)."""
+    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
+
+
+def answer_duration(shown_at: str, now: float) -> float | None:
+    """Seconds from showing the task to the answer, from the page's ``shown_at``; None when it is not a time this
+    server could have written (not a number, not finite, in the future, or more than a day ago)."""
+    try:
+        shown = float(shown_at)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(shown) or shown > now + 1 or now - shown > MAX_DURATION_S:
+        return None
+    return max(0.0, now - shown)
+
+
 def _esc(text) -> str:
     return html.escape(text or "", quote=True)
 
@@ -153,6 +195,7 @@ class LabelingApp:
             conn.close()
         self.instructions = instructions or INSTRUCTIONS_FALLBACK
         self.write_lock = threading.Lock()
+        self.failures: dict[str, list[float]] = {}
 
     # -- plumbing
     def __call__(self, environ, start_response):
@@ -164,13 +207,26 @@ class LabelingApp:
         data = body.encode("utf-8")
         headers = [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(data))),
                    ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
-                   ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; form-action 'self'"),
-                   *headers]
+                   ("Cache-Control", "no-store"),  # pages carry the labeler's secret link and CSRF tokens
+                   ("Content-Security-Policy", CSP), *headers]
         start_response(status, headers)
         return [data]
 
     def page(self, title: str, body: str) -> str:
         return PAGE.format(title=_esc(title), body=body)
+
+    def allowed(self, environ) -> bool:
+        """At most FAILED_TOKEN_LIMIT wrong tokens per client address per minute (guessing links is throttled)."""
+        now = time.monotonic()
+        hits = [t for t in self.failures.get(environ.get("REMOTE_ADDR", ""), []) if now - t < 60]
+        self.failures[environ.get("REMOTE_ADDR", "")] = hits
+        return len(hits) < FAILED_TOKEN_LIMIT
+
+    def failed(self, environ) -> None:
+        self.failures.setdefault(environ.get("REMOTE_ADDR", ""), []).append(time.monotonic())
+
+    def too_many(self):
+        return "429 Too Many Requests", [("Retry-After", "60")], self.page("Too many requests", "<p>Too many wrong links; wait a minute.</p>")
 
     def not_found(self):
         return "404 Not Found", [], self.page("Not found", "<p>Not found.</p>")
@@ -183,13 +239,21 @@ class LabelingApp:
         method = environ.get("REQUEST_METHOD", "GET")
         parts = [p for p in path.split("/") if p]
         if len(parts) == 2 and parts[0] == "admin" and method == "GET":
-            return self.admin(parts[1]) if hmac.compare_digest(parts[1], self.admin_token) else self.not_found()
+            if not self.allowed(environ):
+                return self.too_many()
+            if same(parts[1], self.admin_token):
+                return self.admin(parts[1])
+            self.failed(environ)
+            return self.not_found()
         if len(parts) < 2 or parts[0] != "l":
             return self.not_found()
+        if not self.allowed(environ):
+            return self.too_many()
         conn = connect(self.db)
         try:
             row = conn.execute("SELECT labeler_id FROM labelers WHERE token=?", (parts[1],)).fetchone()
             if row is None:
+                self.failed(environ)
                 return self.not_found()
             labeler, token = row[0], parts[1]
             if len(parts) == 2 and method == "GET":
@@ -253,7 +317,7 @@ class LabelingApp:
         except ValueError:
             size = 0
         form = {k: v[0] for k, v in parse_qs(environ["wsgi.input"].read(min(size, 1 << 16)).decode("utf-8", "replace")).items()}
-        if not hmac.compare_digest(form.get("csrf", ""), self.csrf(token, task_id)):
+        if not same(form.get("csrf", ""), self.csrf(token, task_id)):
             return "403 Forbidden", [], self.page("Forbidden", "<p>Invalid form token.</p>")
         values = {"confidence": None, **{a: None for a in LIKERT_AXES}}
         try:
@@ -268,19 +332,22 @@ class LabelingApp:
                         raise ValueError
         except (KeyError, ValueError):
             return "400 Bad Request", [], self.page("Incomplete", "<p>Please answer every scale.</p>")
-        try:
-            duration = max(0.0, time.time() - float(form.get("shown_at", "")))
-        except ValueError:
-            duration = None
+        duration = answer_duration(form.get("shown_at", ""), time.time())
         note = (form.get("note") or "").strip()[:4000] or None
         # one writer at a time inside the process: SQLite's busy handler would otherwise back off in sleeps of up
         # to 100 ms under contention, which is what a labeler's p99 latency would feel
+        answer = (values["confidence"], values["overall"], values["accuracy"], values["coverage"], values["coherence"])
         with self.write_lock:
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute("INSERT OR IGNORE INTO judgments VALUES (?,?,?,?,?,?,?,?,?,?)",
-                         (task_id, labeler, values["confidence"], values["overall"], values["accuracy"], values["coverage"],
-                          values["coherence"], note, datetime.now(timezone.utc).isoformat(), duration))
+            prev = conn.execute("SELECT confidence, overall, accuracy, coverage, coherence FROM judgments WHERE task_id=?",
+                                (task_id,)).fetchone()
+            if prev is None:
+                conn.execute("INSERT INTO judgments VALUES (?,?,?,?,?,?,?,?,?,?)",
+                             (task_id, labeler, *answer, note, datetime.now(timezone.utc).isoformat(), duration))
             conn.execute("COMMIT")
+        if prev is not None and tuple(prev) != answer:  # a second, different answer is not silently dropped
+            return "409 Conflict", [], self.page("Already answered", "<p>This task was already answered; your first answer "
+                                                 f"is kept. <a href='/l/{token}/next'>Continue</a></p>")
         # acknowledged only now, after the commit: always a redirect (to the next task, or to the "done" page)
         status, headers, body = self.next_task(conn, labeler, token)
         return ("303 See Other", [("Location", f"/l/{token}/next")], "") if status.startswith("200") else (status, headers, body)
@@ -333,4 +400,6 @@ def serve(study_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, thre
     from waitress import serve as waitress_serve
 
     app = LabelingApp(study_dir, instructions)
-    waitress_serve(app, host=host, port=port, threads=threads, ident="evalkit", connection_limit=200, channel_timeout=30)
+    # idle or slow clients must not lock labelers out: many sockets allowed, idle ones closed after 10 s
+    waitress_serve(app, host=host, port=port, threads=threads, ident="evalkit", connection_limit=900, channel_timeout=10,
+                   cleanup_interval=5)

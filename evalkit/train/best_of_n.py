@@ -90,7 +90,12 @@ def read_best_of_n(folder: str | Path) -> dict | None:
     path = Path(folder) / SPEC_FILE
     if not path.is_file():
         return None
-    spec = json.loads(path.read_text())
+    try:
+        spec = json.loads(path.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EvalkitError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(spec, dict):
+        raise EvalkitError(f"{path}: expected a JSON object with policy, reward_model and n; got {type(spec).__name__}")
     for key in ("policy", "reward_model", "n"):
         if key not in spec:
             raise EvalkitError(f"{path}: missing field '{key}'")

@@ -291,6 +291,9 @@ def ladder_config(preset: str, depths: tuple[int, ...] | None = None, bases: tup
     if overrides:
         raw = {k: v for k, v in asdict(cfg).items() if k != "tokenizer"}
         cfg = replace(from_mapping(LadderConfig, apply_overrides(raw, list(overrides), LadderConfig), "ladder"), tokenizer=cfg.tokenizer)
+    from evalkit.config import check_values
+
+    check_values(cfg, "ladder")
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad:
         raise EvalkitError(f"ladder stages has {bad[0]!r}; expected some of {', '.join(STAGES)}")
