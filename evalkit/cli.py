@@ -248,6 +248,7 @@ def study_serve(study_path: str, host: str, port: int, threads: int, overrides: 
     except (socket.gaierror, UnicodeError):
         raise EvalkitError(f"--host {host!r}: not an address this machine can serve on (e.g. 127.0.0.1)") from None
     with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as waitress does: a restart right after a kill
         try:
             probe.bind((addr, port))
         except OSError as exc:

@@ -89,7 +89,7 @@ def test_manifest_and_up_to_date(tmp_path):
     manifest = artifacts.build_manifest("demo", config, inputs=[src], seeds={"s": 3})
     out = tmp_path / "out"
     out.mkdir()
-    (out / "t.parquet").write_bytes(b"x")
+    pd.DataFrame({"a": [1]}).to_parquet(out / "t.parquet")
     artifacts.write_manifest(out, manifest)
     m = json.loads((out / "manifest.json").read_text())
     for key in ("artifact", "schema_version", "evalkit_version", "git", "created_at", "config", "seeds", "inputs", "packages"):
@@ -100,5 +100,8 @@ def test_manifest_and_up_to_date(tmp_path):
     assert artifacts.up_to_date(out, config, [src], ["t.parquet"])
     assert not artifacts.up_to_date(out, {**config, "k": 2}, [src], ["t.parquet"])
     assert not artifacts.up_to_date(out, config, [src], ["missing.parquet"])
+    (out / "t.parquet").write_bytes((out / "t.parquet").read_bytes()[:20])  # truncated: not up to date
+    assert not artifacts.up_to_date(out, config, [src], ["t.parquet"])
+    pd.DataFrame({"a": [1]}).to_parquet(out / "t.parquet")
     src.write_text("changed")
     assert not artifacts.up_to_date(out, config, [src], ["t.parquet"])

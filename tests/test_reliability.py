@@ -242,3 +242,24 @@ def test_truncated_stage_outputs_are_made_again(tmp_path, monkeypatch):
     assert "[generate] running" in out and "[report] running" in out
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "study/judgments.parquet"), tables["judg"])
     assert not list((run_dir / "generations" / PARTS_DIR).glob("*.corrupt"))
+
+
+def test_same_spec_and_seed_give_byte_identical_tasks_judgments_and_fits(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from evalkit.cli import cli
+
+    outputs = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        spec = folder / "study.toml"
+        spec.write_text('[study]\nid = "same"\nseed = 5\nsimulate = true\n[data]\nn_items = 16\n[released]\ncomparisons = []\n'
+                        '[generate]\nbaselines = ["ref", "openai-ppo-1.3b", "lead3"]\n[design]\nitems_per_policy = 16\n'
+                        '[labelers]\ncount = 3\n[report]\nn_boot = 50\n')
+        result = CliRunner().invoke(cli, ["run", str(spec)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        outputs.append({p: (folder / p).read_bytes() for p in ("runs/same/study/tasks.parquet", "runs/same/study/judgments.parquet",
+                                                               "reports/same/fits.parquet", "runs/same/generations/generations.parquet")})
+    assert outputs[0] == outputs[1]

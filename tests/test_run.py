@@ -19,6 +19,7 @@ def invoke(*args):
     return result.output
 
 
+@pytest.mark.slow
 def test_default_study_quick_profile_end_to_end(tmp_path, monkeypatch):
     """The default study's --quick profile trains both ladders, generates on TL;DR and CNN/DM, builds, simulates and
     reports with the size figure first; a re-run skips every stage and changes nothing."""
@@ -119,6 +120,7 @@ def _tables(run_dir: Path) -> dict[str, pd.DataFrame]:
             "judgments": judg.dropna(subset=["left"]).sort_values(list(judg.columns)).reset_index(drop=True)}
 
 
+@pytest.mark.slow
 def test_run_interrupted_mid_ppo_and_mid_generation_resumes_to_equal_tables(tmp_path, monkeypatch):
     import importlib
 

@@ -96,7 +96,8 @@ def test_labeler_flow_over_http(server):
     assert request(srv.port, "POST", task_path, {"csrf": csrf, "confidence": "5"})[0] == 400
     status, headers, _ = request(srv.port, "POST", task_path, {"csrf": csrf, "confidence": "2", "note": "ok"})
     assert status == 303 and headers["Location"] != task_path
-    assert request(srv.port, "POST", task_path, {"csrf": csrf, "confidence": "8"})[0] == 303  # double submit
+    assert request(srv.port, "POST", task_path, {"csrf": csrf, "confidence": "2", "note": "ok"})[0] == 303  # double submit
+    assert request(srv.port, "POST", task_path, {"csrf": csrf, "confidence": "8"})[0] == 409  # a changed answer: refused
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT confidence, note FROM judgments WHERE task_id=?", (task_path.rsplit("/", 1)[1],)).fetchall()
     assert rows == [(2, "ok")]  # stored once, the first answer kept
