@@ -18,17 +18,22 @@ def pairwise_view(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return df
 
 
-def labeler_agreement(tables: dict[str, pd.DataFrame]) -> dict[str, float]:
-    """Labeler–labeler agreement: over every two judgments of the same pair of summaries by different labelers."""
-    df = pairwise_view(tables)
+def _agreeing_pairs(g: pd.DataFrame) -> tuple[int, int]:
+    """(agreeing, all) pairs of judgments of the same two summaries by different labelers, within ``g``."""
     agree = total = 0
-    for _, g in df.groupby("pair"):
-        winners, labs = list(g["preferred_gen_id"]), list(g["labeler_id"])
+    for _, p in g.groupby("pair"):
+        winners, labs = list(p["preferred_gen_id"]), list(p["labeler_id"])
         for i in range(len(winners)):
             for j in range(i + 1, len(winners)):
                 if labs[i] != labs[j]:
                     total += 1
                     agree += winners[i] == winners[j]
+    return agree, total
+
+
+def labeler_agreement(tables: dict[str, pd.DataFrame]) -> dict[str, float]:
+    """Labeler–labeler agreement: over every two judgments of the same pair of summaries by different labelers."""
+    agree, total = _agreeing_pairs(pairwise_view(tables))
     return {"agreement": agree / total if total else float("nan"), "n_pairs": total}
 
 
@@ -217,18 +222,7 @@ def agreement_with_ci(tables: dict[str, pd.DataFrame], n_boot: int = 1000, rng: 
     """Labeler–labeler agreement with a 95% interval from resampling items (pairs of one item are not independent)."""
     rng = rng if rng is not None else np.random.default_rng(0)
     df = pairwise_view(tables)
-    per_item = []
-    for item, g in df.groupby("item_id"):
-        agree = total = 0
-        for _, p in g.groupby("pair"):
-            winners, labs = list(p["preferred_gen_id"]), list(p["labeler_id"])
-            for i in range(len(winners)):
-                for j in range(i + 1, len(winners)):
-                    if labs[i] != labs[j]:
-                        total += 1
-                        agree += winners[i] == winners[j]
-        if total:
-            per_item.append((agree, total))
+    per_item = [counts for _, g in df.groupby("item_id") if (counts := _agreeing_pairs(g))[1]]
     if not per_item:
         return {"agreement": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n_pairs": 0, "n_items": 0}
     counts = np.array(per_item, dtype=float)

@@ -56,6 +56,17 @@ def read_text_utf8(path: Path) -> str:
         raise EvalkitError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON object from a file; unreadable JSON or another type is an error naming the file."""
+    try:
+        obj = json.loads(Path(path).read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EvalkitError(f"{path}: not readable JSON ({exc}); restore it or make it again") from None
+    if not isinstance(obj, dict):
+        raise EvalkitError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def require_str(obj: dict, key: str, where: str, allow_none: bool = False) -> None:
     value = obj.get(key)
     if not isinstance(value, str) and not (allow_none and value is None):

@@ -91,13 +91,9 @@ def read_metadata(folder: str | Path) -> dict:
     path = Path(folder) / METADATA_FILE
     if not path.is_file():
         return {}
-    try:
-        meta = json.loads(path.read_text("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EvalkitError(f"{path}: not readable JSON ({exc}); restore it or re-make the checkpoint") from None
-    if not isinstance(meta, dict):
-        raise EvalkitError(f"{path}: expected a JSON object, got {type(meta).__name__}")
-    return meta
+    from evalkit.data.io import read_json_object
+
+    return read_json_object(path)
 
 
 def _check_folder(folder: str | Path) -> Path:

@@ -85,17 +85,12 @@ def write_best_of_n(folder: str | Path, policy: str | Path, reward_model: str | 
 
 
 def read_best_of_n(folder: str | Path) -> dict | None:
-    import json
-
     path = Path(folder) / SPEC_FILE
     if not path.is_file():
         return None
-    try:
-        spec = json.loads(path.read_text("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EvalkitError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(spec, dict):
-        raise EvalkitError(f"{path}: expected a JSON object with policy, reward_model and n; got {type(spec).__name__}")
+    from evalkit.data.io import read_json_object
+
+    spec = read_json_object(path)
     for key in ("policy", "reward_model", "n"):
         if key not in spec:
             raise EvalkitError(f"{path}: missing field '{key}'")
