@@ -108,6 +108,7 @@ def run(study: str, overrides: tuple[str, ...], quick: bool, force: bool) -> Non
         handler.setFormatter(logging.Formatter("  %(asctime)s %(message)s", "%H:%M:%S"))
         progress.addHandler(handler)
         progress.setLevel(logging.INFO)
+        progress.propagate = False  # one line per event, not a second copy from the root logger
     click.echo(f"study {cfg.id}: {cfg.study.title}" + (" (--quick profile)" if quick else ""))
     result = run_study(cfg, force=force, echo=click.echo)
     if result.get("policies"):

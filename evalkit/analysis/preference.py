@@ -80,12 +80,16 @@ def cluster_bootstrap_rates(df: pd.DataFrame, group: str = "policy_id", cluster:
     Vectorised: per group, the cluster sums and counts form two vectors, and all replicates are one matrix product
     of multinomial cluster weights with them.
     """
+    import zlib
+
     rng = rng if rng is not None else np.random.default_rng(0)
+    base = int(rng.integers(2**63))  # each group draws from its own stream: its interval does not depend on the others
     rows = []
     for name, g in df.groupby(group, sort=True):
         sums = g.groupby(cluster)[outcome].agg(["sum", "count"])
         k = len(sums)
-        weights = rng.multinomial(k, np.full(k, 1 / k), size=n_boot)
+        own = np.random.default_rng([base, zlib.crc32(str(name).encode())])
+        weights = own.multinomial(k, np.full(k, 1 / k), size=n_boot)
         rates = (weights @ sums["sum"].to_numpy()) / np.maximum(weights @ sums["count"].to_numpy(), 1)
         lo, hi = np.quantile(rates, [(1 - level) / 2, (1 + level) / 2])
         rows.append({group: name, "boot_low": float(lo), "boot_high": float(hi), "n_clusters": k})
