@@ -3,7 +3,11 @@
 commits made directly from 20 threads in one process. Prints judgments/s, p50/p99 latency, the ratio to the baseline,
 and checks that no acknowledged judgment is missing.
 
-    .venv/bin/python benchmarks/serve_load.py [--labelers 20] [--per-labeler 50] [--threads 8]
+    .venv/bin/python benchmarks/serve_load.py [--labelers 20] [--per-labeler 50] [--threads 8] [--idle 0]
+    .venv/bin/python benchmarks/serve_load.py --labelers 100 --per-labeler 20 --idle 300   # the 100-labeler profile
+
+``--idle N`` holds N idle client connections open for the whole run (an abusive or stuck client): the labelers
+must still be served.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def make_study(out: Path, labelers: int, per_labeler: int) -> tuple[list[str], P
     from evalkit.study.build import build_study
     from evalkit.study.serve import init_db
 
-    settings = [f"study.out_dir={out}", f"labelers.count={labelers}", f"design.items_per_policy={labelers * per_labeler // 2 + 1}",
+    settings = [f"study.out_dir={out}", "data.n_items=0", f"labelers.count={labelers}", f"design.items_per_policy={labelers * per_labeler // 2 + 1}",
                 "design.overlap_fraction=0", "design.gold_fraction=0", "design.attention_fraction=0", "design.batch_size=100000"]
     cfg = load_study(ROOT / "studies/default", settings)
     generate(study_items_of(cfg), [], out / "generations", baselines=("ref", "openai-ppo-1.3b", "lead3"), progress=False)
@@ -56,6 +60,7 @@ def main() -> None:
     ap.add_argument("--labelers", type=int, default=20)
     ap.add_argument("--per-labeler", type=int, default=40)
     ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--idle", type=int, default=0, help="idle connections held open during the run")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -75,6 +80,7 @@ def main() -> None:
                 break
             except OSError:
                 time.sleep(0.05)
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(args.idle)]
         latencies: list[float] = []
         acked: list[str] = []
         lock = threading.Lock()
@@ -102,6 +108,8 @@ def main() -> None:
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
+        for sock in idle:
+            sock.close()
         proc.terminate()
         proc.wait()
         with sqlite3.connect(db) as conn:
@@ -133,7 +141,8 @@ def main() -> None:
 
     n = sum(len(v) for v in work.values())
     rate, baseline = n / wall, n / direct_wall
-    print(f"{args.labelers} labelers x {args.per_labeler} judgments over loopback, waitress with {args.threads} threads")
+    print(f"{args.labelers} labelers x {args.per_labeler} judgments over loopback, waitress with {args.threads} threads, "
+          f"{args.idle} idle connections held open")
     print(f"  web app : {rate:7.0f} judgments/s; latency p50 {1000 * percentile(latencies, 0.5):.1f} ms, p99 {1000 * percentile(latencies, 0.99):.1f} ms")
     print(f"  baseline: {baseline:7.0f} durable SQLite commits/s from {args.labelers} threads in-process (SQLite's own locking)")
     print(f"  ratio web app / baseline: {rate / baseline:.2f}")
