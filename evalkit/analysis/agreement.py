@@ -9,6 +9,18 @@ import pandas as pd
 SMALL_N = 20  # judgments: fewer, and a policy's estimate is listed apart as "too few judgments"
 
 
+def _pair_design(first, second, index: dict[str, int]) -> np.ndarray:
+    """Bradley–Terry design rows: +1 in the column of the first policy, −1 in the second's (reference levels, absent
+    from ``index``, have no column)."""
+    X = np.zeros((len(first), len(index)))
+    for row, (a, b) in enumerate(zip(first, second)):
+        if a in index:
+            X[row, index[a]] += 1
+        if b in index:
+            X[row, index[b]] -= 1
+    return X
+
+
 def pairwise_view(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Pairwise judgments with the unordered pair of generations, the winner and the side chosen."""
     tasks, judg = tables["tasks"], tables["judgments"]
@@ -98,12 +110,7 @@ def bradley_terry(tables: dict[str, pd.DataFrame], n_boot: int = 200, rng: np.ra
     index = {p: i for i, p in enumerate(others)}
 
     def fit(d: pd.DataFrame) -> np.ndarray:
-        X = np.zeros((len(d), len(others)))
-        for row, (a, b) in enumerate(zip(d["a"], d["b"])):
-            if a in index:
-                X[row, index[a]] += 1
-            if b in index:
-                X[row, index[b]] -= 1
+        X = _pair_design(d["a"], d["b"], index)
         res = sm.GLM(d["a_won"].to_numpy(), X, family=sm.families.Binomial()).fit_regularized(alpha=1e-6, L1_wt=0.0)
         return np.asarray(res.params)
 
@@ -156,14 +163,7 @@ def _placement_design(df: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
     free = [p for p in policies if root(p) != p]  # a component's smallest policy is its reference
-    index = {p: i for i, p in enumerate(free)}
-    X = np.zeros((len(df), len(free)))
-    for row, (a, b) in enumerate(zip(df["left_policy"], df["right_policy"])):
-        if a in index:
-            X[row, index[a]] += 1
-        if b in index:
-            X[row, index[b]] -= 1
-    return X, policies
+    return _pair_design(df["left_policy"], df["right_policy"], {p: i for i, p in enumerate(free)}), policies
 
 
 def position_effect(tables: dict[str, pd.DataFrame], level: float = 0.95) -> dict:
