@@ -191,11 +191,9 @@ def read_judgments(target: Path) -> pd.DataFrame:
     """A study's judgments. A damaged file (unreadable Parquet) is kept, renamed ``judgments.parquet.corrupt``, with a
     warning, and the study continues without it: simulated answers are made again, the web app's can be collected
     again (`evalkit study collect`), and imported files imported again."""
-    from evalkit.errors import EvalkitError as _E
-
     try:
         return artifacts.read_table(target, "judgments")
-    except _E as exc:
+    except EvalkitError as exc:
         aside = target.with_name(target.name + ".corrupt")
         target.replace(aside)
         log.warning("%s; kept as %s. Answers collected by the web app can be collected again with `evalkit study "
@@ -303,7 +301,7 @@ def run_study(cfg: StudyConfig, force: bool = False, echo=print) -> dict:
     def whole(outputs: list[Path], hashes: dict) -> bool:  # outputs as this run left them (not truncated or edited)
         return all(p.is_file() and hashes.get(str(p)) == artifacts.sha256_file(p) for p in outputs)
 
-    def step(name: str, config: dict, inputs: list[Path], done, fn, outputs: list[Path] = ()):
+    def step(name: str, config: dict, inputs: list[Path], fn, outputs: list[Path] = (), done=lambda: True):
         key = artifacts.fingerprint(json.loads(json.dumps(config, default=str)), artifacts.describe_inputs([p for p in inputs if Path(p).is_file()]))
         prev = previous.get(name, {})
         if not force and prev.get("key") == key and done() and whole(list(outputs), prev.get("outputs", {})):
@@ -325,8 +323,10 @@ def run_study(cfg: StudyConfig, force: bool = False, echo=print) -> dict:
 
     ladders = study_ladders(cfg)
     if ladders:
-        step("train", {"ladders": [[json.loads(json.dumps(lc, default=lambda o: o.__dict__)), str(d)] for _, lc, d in ladders]}, [],
-             lambda: all(_ladder_complete(d) for _, _, d in ladders), lambda: train_for_study(cfg, echo))
+        from evalkit.train.ladder import ladder_dict
+
+        step("train", {"ladders": [[ladder_dict(lc), str(d)] for _, lc, d in ladders]}, [], lambda: train_for_study(cfg, echo),
+             done=lambda: all(_ladder_complete(d) for _, _, d in ladders))
         result["ladder_dirs"] = [d for _, _, d in ladders]
 
     report_dir = Path(f"reports/{cfg.id}") if not str(cfg.out_dir).endswith("-quick") else Path(f"reports/{cfg.id}-quick")
@@ -340,7 +340,7 @@ def run_study(cfg: StudyConfig, force: bool = False, echo=print) -> dict:
 
         gen_key = {"generate": spec["generate"], "data": spec["data"],
                    "policies": [[p.policy_id, p.checkpoint, checkpoint_fingerprint(p.checkpoint)] for p in policies]}
-        step("generate", gen_key, [], gen_path.is_file, lambda: generate_for_study(cfg, items, progress=True), [gen_path])
+        step("generate", gen_key, [], lambda: generate_for_study(cfg, items, progress=True), [gen_path])
     result["policies"] = [p.policy_id for p in policies]
 
     if not gen_path.is_file():
@@ -349,11 +349,10 @@ def run_study(cfg: StudyConfig, force: bool = False, echo=print) -> dict:
     from evalkit.study.build import build_study
 
     build_key = {"stage": "study-build", **spec}
-    step("build", build_key, [gen_path], lambda: all(p.is_file() for p in _study_files(cfg)), lambda: build_study(cfg),
-         _study_files(cfg))
+    step("build", build_key, [gen_path], lambda: build_study(cfg), _study_files(cfg))
     judgments = cfg.out_dir / "study" / "judgments.parquet"
     if cfg.study.simulate:
-        step("labels", {"simulate": True, "seed": 0}, _study_files(cfg), judgments.is_file, lambda: answer_with_panel(cfg), [judgments])
+        step("labels", {"simulate": True, "seed": 0}, _study_files(cfg), lambda: answer_with_panel(cfg), [judgments])
     elif not judgments.is_file():
         result["waiting_for_labels"] = True
         echo(f"[labels] the study is built in {cfg.out_dir / 'study'} and has no judgments yet. Collect them with "
@@ -371,9 +370,7 @@ def _run_report(cfg: StudyConfig, step, report_dir: Path, inputs: list[Path], re
     report_key = {"report": spec["report"], "study": spec["study"], "released": spec["released"], "rms": rms, "out": str(report_dir)}
     if cfg.report.source == "released":
         inputs = [comparison_batch(b) for b in cfg.released.comparisons]
-    paths = step("report", report_key, [*inputs, *[Path(r) / "manifest.json" for r in rms]],
-                 lambda: (report_dir / "report.html").is_file() and (report_dir / "manifest.json").is_file(),
-                 lambda: report_study(cfg, report_dir),
+    paths = step("report", report_key, [*inputs, *[Path(r) / "manifest.json" for r in rms]], lambda: report_study(cfg, report_dir),
                  [report_dir / n for n in ("report.html", "report.md", "fits.parquet", "manifest.json")])
     manifest = artifacts.read_manifest(report_dir) or {}
     result["report"] = report_dir / "report.html"

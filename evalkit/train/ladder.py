@@ -103,7 +103,7 @@ def run_ladder(cfg: LadderConfig, out_dir: str | Path) -> dict:
     path = out_dir / "ladder.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     timings: dict[str, float] = previous.get("timings_s", {})
-    config = json.loads(json.dumps(cfg, default=lambda o: o.__dict__))
+    config = ladder_dict(cfg)
     ran: list[str] = []
 
     def stage(name: str, folder: Path, fn) -> Path:
@@ -303,11 +303,16 @@ def ladder_config(preset: str, depths: tuple[int, ...] | None = None, bases: tup
     return cfg
 
 
+def ladder_dict(cfg: LadderConfig) -> dict:
+    """The config as plain JSON data (nested tokenizer config included): what ladder.json records and the hash keys."""
+    return json.loads(json.dumps(cfg, default=lambda o: o.__dict__))
+
+
 def config_digest(cfg: LadderConfig) -> str:
     """A short hash of everything that shapes the ladder's checkpoints (its folder name in a study)."""
     from evalkit.seeds import stable_hash
 
-    return stable_hash(json.dumps(json.loads(json.dumps(cfg, default=lambda o: o.__dict__)), sort_keys=True))[:10]
+    return stable_hash(json.dumps(ladder_dict(cfg), sort_keys=True))[:10]
 
 
 def ladder_checkpoints(cfg: LadderConfig, out_dir: str | Path) -> list[dict]:
