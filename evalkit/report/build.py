@@ -270,7 +270,7 @@ def _paper_beside(rep: "Report", tables: dict[str, pd.DataFrame], split: str | N
         sub = restrict(tables, dataset, split)
         if pairwise_view(sub).empty:
             continue
-        a = agreement_with_ci(sub, n_boot=n_boot, rng=rng_for(seed, "paper", "agreement", dataset))
+        a = agreement_with_ci(sub, n_boot=n_boot, rng=rng_for(seed, "agreement", dataset))  # as in the agreement table
         if a["n_pairs"]:
             rows.append({"finding": f"labeler–labeler agreement ({dataset})", "ours":
                          f"{a['agreement']:.1%} [{a['ci_low']:.1%}, {a['ci_high']:.1%}] (n={a['n_pairs']} pairs)",
@@ -410,7 +410,7 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
         rep.text("No pairwise judgments: pairwise agreement and position bias are not measured.")
     else:
         found = sorted(tables["items"]["dataset"].unique(), key=lambda ds: (ds != primary_dataset, ds))
-        _pairwise_agreement(rep, tables, split, seed, found)
+        _pairwise_agreement(rep, tables, split, n_boot, seed, found)
     _likert_and_strengths(rep, tables, source, n_boot, seed)
     if reward_models:
         from evalkit.analysis.rm_eval import rm_accuracy_by_size
@@ -451,7 +451,8 @@ def restrict(tables: dict[str, pd.DataFrame], dataset: str | None = None, split:
     return {**tables, "tasks": tasks, "judgments": tables["judgments"][tables["judgments"]["task_id"].isin(tasks["task_id"])]}
 
 
-def _pairwise_agreement(rep: Report, tables: dict[str, pd.DataFrame], split: str | None, seed: int, datasets: list[str]) -> None:
+def _pairwise_agreement(rep: Report, tables: dict[str, pd.DataFrame], split: str | None, n_boot: int, seed: int,
+                        datasets: list[str]) -> None:
     """Agreement, alpha and position bias per dataset on the report's split, each with its interval."""
     rep.text("Per dataset" + (f", split {split} only" if split else "") + ": agreement (95% interval from resampling "
              "items), Krippendorff's alpha (which of the two summaries won, oriented by policy), and position bias "
@@ -461,7 +462,7 @@ def _pairwise_agreement(rep: Report, tables: dict[str, pd.DataFrame], split: str
         sub = restrict(tables, dataset, split)
         if pairwise_view(sub).empty:
             continue
-        agree = agreement_with_ci(sub, rng=rng_for(seed, "agreement", dataset))
+        agree = agreement_with_ci(sub, n_boot=n_boot, rng=rng_for(seed, "agreement", dataset))
         pos = position_effect(sub)
         pv = oriented_by_policy(sub)
         alpha = (krippendorff_alpha(pv, "pair", "labeler_id", "first_won", "nominal")
