@@ -246,11 +246,52 @@ def to_arrow(df: pd.DataFrame, name: str) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata={b"evalkit.artifact": name.encode(), b"evalkit.schema_version": str(SCHEMA_VERSION).encode()}))
 
 
-def _atomic_write_bytes(path: Path, writer) -> None:
-    """Write through ``writer(tmp_path)`` into a temp file beside ``path``, fsync it, then rename over ``path``."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _sweep_dead(folder: Path, pattern: str) -> None:
+    """Remove leftovers named by ``pattern`` (a regex whose group 1 is a pid) whose writing process is gone: what a
+    killed process left half-written. A live process's files are never touched."""
+    import re
+    import shutil
+
+    if not folder.is_dir():
+        return
+    rx = re.compile(pattern)
+    for entry in folder.iterdir():
+        m = rx.fullmatch(entry.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write(path: str | os.PathLike, writer) -> Path:
+    """Write through ``writer(tmp_path)`` into a temp file beside ``path``, fsync it, then rename over ``path``: a
+    reader, or a process killed at any moment, sees the old file or the new one, never half of one. Temp files that a
+    killed writer left for the same path are removed first."""
+    import re
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _sweep_dead(path.parent, rf"\.{re.escape(path.name)}\.(\d+)\.[^.]+\.tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         writer(tmp)
@@ -258,15 +299,43 @@ def _atomic_write_bytes(path: Path, writer) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+def staging_dir(final: str | os.PathLike) -> Path:
+    """A fresh empty folder beside ``final`` to build it in (see :func:`publish_dir`); leftovers of killed builds of
+    the same folder are removed."""
+    import re
+    import shutil
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_dead(final.parent, rf"\.{re.escape(final.name)}\.(?:building|old)-(\d+)")
+    staging = final.parent / f".{final.name}.building-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def publish_dir(staging: Path, final: str | os.PathLike) -> Path:
+    """Put the folder built in ``staging`` in place of ``final`` by two renames: whoever reads ``final`` sees the old
+    folder whole or the new one whole. A process killed between the renames leaves no ``final`` (the next build
+    makes it) and the old one beside it, removed by the next :func:`staging_dir`."""
+    import shutil
+
+    final = Path(final)
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def write_table(df: pd.DataFrame, path: str | os.PathLike, name: str) -> Path:
@@ -274,7 +343,7 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike, name: str) -> Path:
     validate(df, name, where=str(path))
     table = to_arrow(df, name)
     path = Path(path)
-    _atomic_write_bytes(path, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
     return path
 
 
@@ -331,7 +400,7 @@ def write_json(path: str | os.PathLike, obj) -> Path:
         with open(tmp, "wb") as fh:
             fh.write(data)
 
-    _atomic_write_bytes(Path(path), writer)
+    atomic_write(Path(path), writer)
     return Path(path)
 
 

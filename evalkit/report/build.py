@@ -317,8 +317,29 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
                  split: str | None = "valid2", n_boot: int = 1000, seed: int = 0, config: dict | None = None,
                  reward_models: tuple[str, ...] = (), policy_kl: dict[str, float] | None = None,
                  primary_dataset: str | None = None, inputs: tuple[str | Path, ...] = ()) -> dict[str, Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """The study's report in ``out_dir``: report.md, report.html, figures, fits.parquet and manifest.json. It is
+    built in a folder beside ``out_dir`` and put in its place whole at the end, so a failed or killed report leaves
+    the previous one as it was."""
+    import shutil
+
+    final = Path(out_dir)
+    if final.is_dir() and any(final.iterdir()) and (artifacts.read_manifest(final) or {}).get("artifact") != "report":
+        raise EvalkitError(f"{final} holds files that are not an evalkit report; a report replaces its folder whole, "
+                           "so give an empty or new folder")
+    staging = artifacts.staging_dir(final)
+    try:
+        written = _write_report(tables, staging, title, baselines, split, n_boot, seed, config, reward_models,
+                                policy_kl, primary_dataset, inputs)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    artifacts.publish_dir(staging, final)
+    return {k: final / v.name if isinstance(v, Path) else v for k, v in written.items()}
+
+
+def _write_report(tables: dict[str, pd.DataFrame], out_dir: Path, title: str, baselines: tuple[str, ...], split: str | None,
+                  n_boot: int, seed: int, config: dict | None, reward_models: tuple[str, ...],
+                  policy_kl: dict[str, float] | None, primary_dataset: str | None, inputs: tuple[str | Path, ...]) -> dict:
     # every analysis draws from its own generator (seed, analysis, dataset): an interval does not depend on what
     # else the report contains
     rep = Report(out_dir, title)

@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from evalkit import artifacts
 from evalkit.train.common import pretraining_texts
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ def train_tokenizer(out_dir: str | Path, cfg: TokenizerConfig = TokenizerConfig(
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, pad_token=PAD, unk_token=None)
     tok.model_max_length = 1 << 20
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(out_dir)
+    staging = artifacts.staging_dir(out_dir)  # the folder appears whole or not at all (its files are many)
+    tok.save_pretrained(staging)
+    artifacts.publish_dir(staging, out_dir)
     log.info("tokenizer with %d tokens saved to %s", len(tok), out_dir)
     return tok
