@@ -102,6 +102,11 @@ def interrupt_then_resume(train, out_dir, monkeypatch, step: int = 7):
         train(out_dir)
     monkeypatch.setattr(common, "append_metrics", real_append)
     assert (out_dir / common.STATE_FILE).is_file()
+    # what a SIGKILL can leave beside the resume state: weights cut short while the final checkpoint was being saved,
+    # and a metrics row cut mid-line. The resume state alone (written atomically) is what training resumes from.
+    (out_dir / "model.safetensors").write_bytes(b"\x00" * 100)
+    with open(out_dir / common.METRICS_FILE, "a") as fh:
+        fh.write('{"step": 99, "lo')
     return train(out_dir)
 
 

@@ -152,8 +152,15 @@ def prepare_out_dir(out_dir: Path, cfg: Any, resume: bool) -> dict | None:
     state_path, cfg_path = out_dir / STATE_FILE, out_dir / CONFIG_FILE
     if resume and state_path.is_file() and cfg_path.is_file():
         if json.loads(cfg_path.read_text()) == config_dict(cfg):
-            return torch.load(state_path, map_location="cpu", weights_only=False)
-        log.warning("%s holds a run with another config; starting afresh", out_dir)
+            try:
+                state = torch.load(state_path, map_location="cpu", weights_only=False)
+            except Exception as exc:  # noqa: BLE001 — any unreadable state means the same thing: start over
+                state = {"unreadable": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+            if "weights" in state:
+                return state
+            log.warning("%s: its resume state is unreadable or from an older evalkit; starting afresh", out_dir)
+        else:
+            log.warning("%s holds a run with another config; starting afresh", out_dir)
     (out_dir / METRICS_FILE).unlink(missing_ok=True)
     return None
 
@@ -185,27 +192,42 @@ def append_metrics(out_dir: Path, row: dict) -> None:
 
 
 def read_metrics(folder: str | Path) -> list[dict]:
+    """The metric rows; a last line cut short (the process was killed while appending it) is left out."""
     path = Path(folder) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text("utf-8", errors="replace").splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines) - 1:
+                raise EvalkitError(f"{path}: line {n + 1} is not a JSON metrics row") from None
+    return rows
 
 
 def truncate_metrics(out_dir: Path, step: int) -> None:
     """Drop metric rows logged after the saved step (they are logged again on resume)."""
     rows = [r for r in read_metrics(out_dir) if r.get("step", 0) <= step]
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    tmp = out_dir / (METRICS_FILE + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out_dir / METRICS_FILE)
+    text = "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8")
+    artifacts.atomic_write(out_dir / METRICS_FILE, lambda tmp: Path(tmp).write_bytes(text))
 
 
-def save_state(out_dir: Path, cfg: Any, state: dict) -> None:
-    """Resume state (step, optimizer, RNG) and the config; the weights are saved beside it by the caller."""
-    tmp = out_dir / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out_dir / STATE_FILE)
+def save_state(out_dir: Path, cfg: Any, state: dict, models: dict[str, torch.nn.Module]) -> None:
+    """The resume state — step, optimizer, and the training ``models``' weights — in one file written atomically, so
+    a process killed at any moment leaves the previous state or this one, never weights of one step beside the
+    optimizer of another. The config is written first: a state is only ever read beside its config."""
     artifacts.write_json(out_dir / CONFIG_FILE, config_dict(cfg))
+    weights = {name: {k: v.detach().cpu() for k, v in m.state_dict().items()} for name, m in models.items()}
+    artifacts.atomic_write(out_dir / STATE_FILE, lambda tmp: torch.save({**state, "weights": weights}, tmp))
+
+
+def load_weights(state: dict | None, models: dict[str, torch.nn.Module]) -> None:
+    """Put the weights saved by :func:`save_state` back into freshly built ``models`` (nothing when not resuming)."""
+    if state:
+        for name, m in models.items():
+            m.load_state_dict(state["weights"][name])
 
 
 def finish_checkpoint(out_dir: Path, cfg: Any, stage: str, inputs: list[Path], extra: dict) -> None:

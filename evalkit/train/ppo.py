@@ -135,10 +135,12 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
     order = EpisodeOrder(len(queries), cfg.seed)
 
     # models: all in eval mode (no dropout in any RL forward pass); only the policy and the value model train
-    policy = load_causal_lm(out_dir if state else cfg.policy).to(d.device).eval()
+    policy = load_causal_lm(cfg.policy)
     reference = load_causal_lm(cfg.policy).to(d.device).eval().requires_grad_(False)
     reward_model = RewardModel.load(cfg.reward_model).to(d.device).eval().requires_grad_(False)
-    value_model = RewardModel.load(out_dir / "value" if state else cfg.reward_model).to(d.device).eval()
+    value_model = RewardModel.load(cfg.reward_model)
+    common.load_weights(state, {"policy": policy, "value": value_model})
+    policy, value_model = policy.to(d.device).eval(), value_model.to(d.device).eval()
     frozen = common.freeze_lower_layers(policy, cfg.trainable_layers)
     common.freeze_lower_layers(value_model.backbone, cfg.trainable_layers, extra=(value_model.head,))
     # with only the top blocks training, the lower blocks are one frozen trunk shared by all four models: run it once
@@ -244,10 +246,8 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
             common.append_metrics(out_dir, row)
             log.info("ppo %d: score %.3f kl %.3f len %.1f", it + 1, row["score"], mean_kl, row["mean_length"])
             if cfg.save_every and (it + 1) % cfg.save_every == 0 and it + 1 < cfg.iterations:
-                policy.save_pretrained(out_dir)
-                value_model.save(out_dir / "value")
                 common.save_state(out_dir, cfg, {"iteration": it + 1, "beta": beta, "policy_optimizer": pol_opt.state_dict(),
-                                                 "value_optimizer": val_opt.state_dict()})
+                                                 "value_optimizer": val_opt.state_dict()}, {"policy": policy, "value": value_model})
 
     # 8. the checkpoint, and what the policy does on held-out posts: RM score gain over SFT at its KL
     digests = common.check_replicas_in_sync(policy, d)

@@ -15,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from evalkit.contract import Contract
-from evalkit.models import build_model, count_params, load_causal_lm, load_tokenizer
+from evalkit.models import build_model, count_params, load_tokenizer
 from evalkit.seeds import derive_seed
 from evalkit.train import common
 from evalkit.train.quality import measure
@@ -79,7 +79,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True) -> P
     blocks = stream[: n_blocks * cfg.seq_len].view(n_blocks, cfg.seq_len)
 
     # 2. model (resumed from the folder when a run was interrupted)
-    model = load_causal_lm(out_dir) if state else build_model(cfg.depth, tok, seed=derive_seed("init", cfg.seed, cfg.depth), n_positions=cfg.seq_len)
+    model = build_model(cfg.depth, tok, seed=derive_seed("init", cfg.seed, cfg.depth), n_positions=cfg.seq_len)
+    common.load_weights(state, {"model": model})
     model.to(d.device).train()
     ddp = DDP(model) if d.enabled else model
     opt = torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
@@ -113,8 +114,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True) -> P
             common.append_metrics(out_dir, {"step": step, "loss": loss_value, "lr": lr, "epoch": epoch,
                                             "tokens_per_s": tokens / (time.perf_counter() - t0)})
             if step % cfg.save_every == 0 and step < cfg.steps:
-                model.save_pretrained(out_dir)
-                common.save_state(out_dir, cfg, {"step": step, "optimizer": opt.state_dict()})
+                common.save_state(out_dir, cfg, {"step": step, "optimizer": opt.state_dict()}, {"model": model})
 
     # 4. held-out loss and the finished checkpoint
     model.eval()

@@ -236,7 +236,8 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
 
     # 2. model: SFT backbone + head initialised N(0, 1/(d+1)); the top blocks and the head train
     lm = load_causal_lm(cfg.init)
-    model = RewardModel.load(out_dir) if state else RewardModel.from_causal_lm(lm, seed=cfg.seed)
+    model = RewardModel.from_causal_lm(lm, seed=cfg.seed)
+    common.load_weights(state, {"model": model})
     model.to(d.device).train()
     frozen = common.freeze_lower_layers(model.backbone, cfg.trainable_layers, extra=(model.head,))
     ddp = DDP(model) if d.enabled else model
@@ -269,8 +270,7 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
             common.append_metrics(out_dir, {"step": step + 1, "loss": loss_value, "accuracy": acc,
                                             "lr": lr, "elapsed_s": time.perf_counter() - t0})
             if (step + 1) % cfg.save_every == 0 and step + 1 < total:
-                model.save(out_dir)
-                common.save_state(out_dir, cfg, {"step": step + 1, "optimizer": opt.state_dict()})
+                common.save_state(out_dir, cfg, {"step": step + 1, "optimizer": opt.state_dict()}, {"model": model})
 
     # 4. normalise: references score 0 on average (over the training posts that have one)
     model.eval()

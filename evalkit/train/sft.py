@@ -107,8 +107,10 @@ def sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = True) -> Path:
 
     held_out = sft_examples(tok, load_items("tldr", "valid1").head(32), contract.max_query_tokens, contract.max_summary_tokens)
 
-    # 2. model: the pretrained checkpoint, or this folder's weights when resuming; the top blocks train
-    model = load_causal_lm(out_dir if state else cfg.init).to(d.device).train()
+    # 2. model: the pretrained checkpoint (with the saved weights when resuming); the top blocks train
+    model = load_causal_lm(cfg.init)
+    common.load_weights(state, {"model": model})
+    model = model.to(d.device).train()
     frozen = common.freeze_lower_layers(model, cfg.trainable_layers)
     loss_fn = SummaryLoss(model)
     ddp = DDP(loss_fn) if d.enabled else loss_fn
@@ -140,8 +142,7 @@ def sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = True) -> Path:
             common.append_metrics(out_dir, {"step": step, "loss": loss_value, "lr": lr, "epoch": epoch,
                                             "elapsed_s": time.perf_counter() - t0})
             if step % cfg.save_every == 0 and step < cfg.steps:
-                model.save_pretrained(out_dir)
-                common.save_state(out_dir, cfg, {"step": step, "optimizer": opt.state_dict()})
+                common.save_state(out_dir, cfg, {"step": step, "optimizer": opt.state_dict()}, {"model": model})
 
     # 4. held-out summary loss, held-out quality (greedy summaries of valid1 posts) and the finished checkpoint
     model.eval()
