@@ -3,7 +3,9 @@
 and what was expected, exit status 2, and leave every existing artifact byte-identical.
 
 Cases run in-process through ``evalkit.cli.main`` (the same path as the installed command, without the import cost of
-a subprocess). HTTP requests to the labeling app are covered by tests/test_reliability.py and test_study_serve.py.
+a subprocess). HTTP requests go over a socket to the labeling app served by waitress, as `evalkit study serve` serves
+it: each must get its 4xx page (never a 500 or a traceback) and leave the stored judgments and the study's files as
+they were.
 """
 
 import json
@@ -258,10 +260,56 @@ OPTION_CASES = [  # evalkit <command> with a bad option value
     ("collect-no-db", ["study", "collect", "{spec}"], "no labels database"),
     ("show-n-neg", ["data", "show", "tldr", "-n", "-2"], "-2 is not in the range"),
     ("run-quick-no-profile", ["run", "{spec}", "--quick"], "--quick needs a study.quick"),
+    ("report-out-not-a-report", ["report", "studies/openai_released", "--out", "{run}/study"], "not an evalkit report"),
+]
+
+# HTTP requests to the labeling app: (name, study kind, method, path, form or raw body, expected status).
+# {tok}: the labeler's token, {other}: another labeler's token, {task}: the labeler's first task, {their}: a task of
+# the other labeler; a form's csrf "{csrf}" is the right one for {tok} and {task}.
+OK = {"csrf": "{csrf}", "confidence": "2"}
+LIKERT_OK = {"csrf": "{csrf}", "overall": "5", "accuracy": "5", "coverage": "5", "coherence": "5"}
+HTTP_CASES = [
+    ("unknown-token", "pairwise", "GET", "/l/nosuchtoken", None, 404),
+    ("unknown-token-post", "pairwise", "POST", "/l/nosuchtoken/task/{task}", OK, 404),
+    ("case-flipped-token", "pairwise", "GET", "/l/{TOK}", None, 404),
+    ("short-token", "pairwise", "GET", "/l/{tok3}", None, 404),
+    ("sql-token", "pairwise", "GET", "/l/' OR '1'='1", None, 404),
+    ("non-ascii-token", "pairwise", "GET", "/l/ünïcødé/next", None, 404),
+    ("nul-token", "pairwise", "GET", "/l/%00", None, 404),
+    ("huge-token", "pairwise", "GET", "/l/" + "x" * 6000, None, 404),
+    ("other-labelers-task", "pairwise", "GET", "/l/{tok}/task/{their}", None, 404),
+    ("other-labelers-task-post", "pairwise", "POST", "/l/{tok}/task/{their}", OK, 404),
+    ("unknown-task", "pairwise", "GET", "/l/{tok}/task/nosuchtask", None, 404),
+    ("traversal", "pairwise", "GET", "/l/{tok}/../../admin", None, 404),
+    ("admin-wrong-token", "pairwise", "GET", "/admin/wrong", None, 404),
+    ("admin-post", "pairwise", "POST", "/admin/wrong", OK, 404),
+    ("root", "pairwise", "GET", "/", None, 404),
+    ("put-task", "pairwise", "PUT", "/l/{tok}/task/{task}", OK, 404),
+    ("delete-task", "pairwise", "DELETE", "/l/{tok}/task/{task}", None, 404),
+    ("post-instructions", "pairwise", "POST", "/l/{tok}", OK, 404),
+    ("no-csrf", "pairwise", "POST", "/l/{tok}/task/{task}", {"confidence": "2"}, 403),
+    ("wrong-csrf", "pairwise", "POST", "/l/{tok}/task/{task}", {"csrf": "0" * 64, "confidence": "2"}, 403),
+    ("csrf-of-another-task", "pairwise", "POST", "/l/{tok}/task/{task}", {"csrf": "{csrf_task2}", "confidence": "2"}, 403),
+    ("csrf-of-another-labeler", "pairwise", "POST", "/l/{tok}/task/{task}", {"csrf": "{csrf_other}", "confidence": "2"}, 403),
+    ("non-ascii-csrf", "pairwise", "POST", "/l/{tok}/task/{task}", {"csrf": "ünïcødé", "confidence": "2"}, 403),
+    ("no-answer", "pairwise", "POST", "/l/{tok}/task/{task}", {"csrf": "{csrf}"}, 400),
+    ("confidence-0", "pairwise", "POST", "/l/{tok}/task/{task}", {"csrf": "{csrf}", "confidence": "0"}, 400),
+    ("confidence-10", "pairwise", "POST", "/l/{tok}/task/{task}", {"csrf": "{csrf}", "confidence": "10"}, 400),
+    ("confidence-text", "pairwise", "POST", "/l/{tok}/task/{task}", {"csrf": "{csrf}", "confidence": "left"}, 400),
+    ("confidence-float", "pairwise", "POST", "/l/{tok}/task/{task}", {"csrf": "{csrf}", "confidence": "2.5"}, 400),
+    ("confidence-negative", "pairwise", "POST", "/l/{tok}/task/{task}", {"csrf": "{csrf}", "confidence": "-1"}, 400),
+    ("confidence-huge", "pairwise", "POST", "/l/{tok}/task/{task}", {"csrf": "{csrf}", "confidence": "9" * 5000}, 400),
+    ("body-not-a-form", "pairwise", "POST", "/l/{tok}/task/{task}", b"\xff\xfe{json: 1}", 403),
+    ("bad-content-length", "pairwise", "POST", "/l/{tok}/task/{task}", "content-length:abc", 400),
+    ("likert-missing-axis", "likert", "POST", "/l/{tok}/task/{task}", {**LIKERT_OK, "coherence": ""}, 400),
+    ("likert-axis-8", "likert", "POST", "/l/{tok}/task/{task}", {**LIKERT_OK, "overall": "8"}, 400),
+    ("likert-axis-0", "likert", "POST", "/l/{tok}/task/{task}", {**LIKERT_OK, "accuracy": "0"}, 400),
+    ("likert-pairwise-answer", "likert", "POST", "/l/{tok}/task/{task}", {"csrf": "{csrf}", "confidence": "2"}, 400),
+    ("likert-no-csrf", "likert", "POST", "/l/{tok}/task/{task}", {k: v for k, v in LIKERT_OK.items() if k != "csrf"}, 403),
 ]
 
 CASES = (len(SPEC_CASES) + len(OVERRIDE_CASES) + len(FILE_CASES) + len(ANSWER_CASES) + len(CHECKPOINT_CASES)
-         + len(OPTION_CASES))
+         + len(OPTION_CASES) + len(HTTP_CASES))
 
 
 def test_the_corpus_has_at_least_120_cases():
@@ -354,3 +402,90 @@ def test_bad_option(world, name, args, expected, monkeypatch, capsys):
                     "[labelers]\ncount = 3\n")
     filled = [_fill(str(a), world).replace("{spec}", str(spec)) for a in args]
     _check(world, filled, expected, monkeypatch, capsys)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One pairwise and one Likert study, each served by waitress on a loopback port (as `evalkit study serve` does)."""
+    import sqlite3
+    import threading
+
+    from waitress import create_server
+
+    from evalkit.study.serve import LabelingApp, init_db
+
+    worlds, servers = {}, []
+    for kind in ("pairwise", "likert"):
+        out = tmp_path_factory.mktemp(f"http-{kind}")
+        baseline_study(out, "data.n_items=12", "design.items_per_policy=6", "labelers.count=2", "design.overlap_fraction=0",
+                       "design.gold_fraction=0", "design.attention_fraction=0", f"design.kind={kind}")
+        db = init_db(out / "study")
+        server = create_server(LabelingApp(out / "study"), host="127.0.0.1", port=0, threads=2)
+        threading.Thread(target=server.run, daemon=True).start()
+        servers.append(server)
+        with sqlite3.connect(db) as conn:
+            (lab, tok), (_, other) = conn.execute("SELECT labeler_id, token FROM labelers ORDER BY labeler_id").fetchall()
+            mine = [r[0] for r in conn.execute("SELECT task_id FROM tasks WHERE labeler_id=? ORDER BY position", (lab,))]
+            their = conn.execute("SELECT task_id FROM tasks WHERE labeler_id<>? LIMIT 1", (lab,)).fetchone()[0]
+        worlds[kind] = {"dir": out / "study", "db": db, "port": server.effective_port, "tok": tok, "other": other,
+                        "task": mine[0], "task2": mine[1], "their": their}
+    yield worlds
+    for server in servers:
+        server.close()
+
+
+def _http_state(w) -> tuple:
+    import sqlite3
+
+    with sqlite3.connect(w["db"]) as conn:
+        stored = conn.execute("SELECT * FROM judgments ORDER BY task_id").fetchall()
+    return stored, {p.name: p.read_bytes() for p in w["dir"].glob("*.parquet")}
+
+
+@pytest.mark.parametrize("name,kind,method,path,form,expected", HTTP_CASES, ids=[c[0] for c in HTTP_CASES])
+def test_bad_http_request(served, name, kind, method, path, form, expected):
+    import hashlib
+    import hmac
+    import http.client
+    import sqlite3
+    from urllib.parse import quote, urlencode
+
+    w = served[kind]
+    with sqlite3.connect(w["db"]) as conn:
+        secret = conn.execute("SELECT value FROM meta WHERE key='secret'").fetchone()[0].encode()
+
+    def csrf(token, task):
+        return hmac.new(secret, f"{token}:{task}".encode(), hashlib.sha256).hexdigest()
+
+    fill = {"{tok}": w["tok"], "{TOK}": w["tok"].swapcase(), "{tok3}": w["tok"][:3], "{other}": w["other"],
+            "{task}": w["task"], "{their}": w["their"], "{csrf}": csrf(w["tok"], w["task"]),
+            "{csrf_task2}": csrf(w["tok"], w["task2"]), "{csrf_other}": csrf(w["other"], w["task"])}
+
+    def filled(text: str) -> str:
+        for key, value in fill.items():
+            text = text.replace(key, value)
+        return text
+
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    if isinstance(form, dict):
+        body = urlencode({k: filled(v) for k, v in form.items()}).encode()
+    elif isinstance(form, bytes):
+        body = form
+    elif isinstance(form, str) and form.startswith("content-length:"):
+        body, headers["Content-Length"] = b"confidence=2", form.split(":", 1)[1]
+    else:
+        body = None
+    before = _http_state(w)
+    conn = http.client.HTTPConnection("127.0.0.1", w["port"], timeout=30)
+    conn.putrequest(method, quote(filled(path), safe="/%'=:"), skip_accept_encoding=True)
+    for key, value in headers.items():
+        conn.putheader(key, value)
+    if body is not None and "Content-Length" not in headers:
+        conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders(body)
+    resp = conn.getresponse()
+    page = resp.read().decode("utf-8", "replace")
+    conn.close()
+    assert resp.status == expected, (name, resp.status, page[:300])
+    assert "Traceback" not in page and "Internal Server Error" not in page
+    assert _http_state(w) == before, "a bad request changed what is stored"
