@@ -191,7 +191,7 @@ def test_serve_refuses_busy_ports_bad_hosts_and_corrupt_databases(tmp_path):
     proc = run_cli(*args, "--host", "no.such.host.invalid")
     assert proc.returncode == 2 and "--host 'no.such.host.invalid'" in proc.stderr
     (tmp_path / "study" / "labels.sqlite").write_bytes(b"this is not a database" * 100)
-    proc = run_cli(*args, "--port", free_port())
+    proc = run_cli(*args, "--port", free_port(), in_process=False)
     assert proc.returncode == 2 and "not a usable labels database" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -1,6 +1,9 @@
 """`evalkit run`: every stage a spec declares (train → generate → build → label → report), cached and resumable."""
 
+import io
 import json
+import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -85,26 +88,6 @@ count = 3
 """
 
 
-class Interrupted(Exception):
-    pass
-
-
-def _fail_on_call(monkeypatch, module, name, n, caller):
-    """``module.name`` raises on its n-th call from module ``caller`` (as if the process were killed there)."""
-    import sys
-
-    real = getattr(module, name)
-    calls = {"n": 0}
-
-    def wrapped(*args, **kwargs):
-        calls["n"] += sys._getframe(1).f_globals.get("__name__") == caller
-        if calls["n"] == n:
-            raise Interrupted(f"{name} call {n}")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, wrapped)
-
-
 def _tables(run_dir: Path) -> dict[str, pd.DataFrame]:
     """Generations and judgments by what they are about (gen ids hash the checkpoint's own manifest, which differs
     between two training runs by its timestamps)."""
@@ -120,37 +103,85 @@ def _tables(run_dir: Path) -> dict[str, pd.DataFrame]:
             "judgments": judg.dropna(subset=["left"]).sort_values(list(judg.columns)).reset_index(drop=True)}
 
 
+# where `evalkit run` is SIGKILLed: the first output line that shows it inside each stage
+KILL_POINTS = (
+    ("train", re.compile(r"ppo 2: score")),                      # mid-PPO, after pretraining, SFT and the RM
+    ("generate", re.compile(r"\[generate\] running|\b[1-9]\d*/\d+ \[")),  # generation started / a batch decoded
+    ("build", re.compile(r"\[build\] running")),
+    ("labels", re.compile(r"\[labels\] running")),
+    ("report", re.compile(r"\[report\] running")),
+)
+
+
+def _kill_at(spec: Path, pattern: re.Pattern, cwd: Path) -> str:
+    """Run ``evalkit run spec`` in its own process and SIGKILL it at the first output line matching ``pattern``."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "evalkit", "run", str(spec)], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = []
+    for line in proc.stdout:  # tqdm's carriage returns end lines too (universal newlines)
+        seen.append(line)
+        if pattern.search(line):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.stdout.close()
+    assert proc.wait() == -signal.SIGKILL, "".join(seen[-20:])  # killed, not finished or failed
+    return "".join(seen)
+
+
+def _nothing_half_written(*roots: Path) -> list[str]:
+    """Every file a reader would take as finished parses whole; return the temp files a killed writer left."""
+    import pyarrow.parquet as pq
+    from safetensors import safe_open
+
+    temps = []
+    for root in roots:
+        for f in (p for p in root.rglob("*") if p.is_file()):
+            if f.name.startswith(".") or ".building-" in str(f) or ".old-" in str(f):
+                temps.append(str(f.relative_to(root)))
+            elif f.suffix == ".parquet":
+                pq.read_table(f)
+            elif f.suffix == ".json":
+                json.loads(f.read_text("utf-8"))
+            elif f.suffix == ".safetensors" and (f.parent / "manifest.json").is_file():  # a finished checkpoint
+                with safe_open(str(f), "pt") as fh:
+                    [fh.get_tensor(k) for k in fh.keys()]
+    return temps
+
+
 @pytest.mark.slow
-def test_run_interrupted_mid_ppo_and_mid_generation_resumes_to_equal_tables(tmp_path, monkeypatch):
-    import importlib
-
-    from evalkit.train import common
-
-    gen_module = importlib.import_module("evalkit.generate")  # the module (evalkit.generate is also the function)
-
+def test_run_sigkilled_in_every_stage_resumes_to_what_an_uninterrupted_run_writes(tmp_path, monkeypatch):
+    """`evalkit run` SIGKILLed inside training (mid-PPO), generation, study build, the simulated labels and the
+    report, then run again each time: every file left behind is whole (or a temp file the next run removes), and the
+    final generations, judgments and fits equal an uninterrupted run's."""
     monkeypatch.chdir(tmp_path)
     specs = {}
     for name in ("whole", "broken"):
         specs[name] = tmp_path / f"{name}.toml"
         specs[name].write_text(SPEC.format(out=tmp_path / name))
     invoke("run", specs["whole"])
-
-    with monkeypatch.context() as m:  # the second PPO rollout fails: training stops mid-PPO
-        _fail_on_call(m, common, "sample", 2, "evalkit.train.ppo")
-        with pytest.raises(Interrupted):
-            CliRunner().invoke(cli, ["run", str(specs["broken"])], catch_exceptions=False)
-    assert not (tmp_path / "broken/generations").exists()
-    with monkeypatch.context() as m:  # PPO resumes and finishes; generation stops after its first batches
-        _fail_on_call(m, gen_module, "decode_batch", 4, "evalkit.generate")
-        with pytest.raises(Interrupted):
-            CliRunner().invoke(cli, ["run", str(specs["broken"])], catch_exceptions=False)
-    parts = list((tmp_path / "broken/generations" / gen_module.PARTS_DIR).glob("*.parquet"))
-    assert parts and not (tmp_path / "broken/generations/generations.parquet").exists()
+    report = tmp_path / "reports/resume"  # both runs' study id: the broken run's report replaces the whole run's
+    whole_report = {p.name: p.read_bytes() for p in report.iterdir()}
+    broken = tmp_path / "broken"
+    for stage, pattern in KILL_POINTS:
+        out = _kill_at(specs["broken"], pattern, tmp_path)
+        assert f"[{stage}] running" in out, out[-2000:]
+        assert f"[{stage}] up to date" not in out
+        _nothing_half_written(broken, tmp_path / "reports")
+    # killed while writing its own, the run left the previous report in place, whole
+    assert {p.name: p.read_bytes() for p in report.iterdir()} == whole_report
     out = invoke("run", specs["broken"])
-    assert "[train] up to date" in out
-    whole, broken = _tables(tmp_path / "whole"), _tables(tmp_path / "broken")
-    pd.testing.assert_frame_equal(whole["generations"], broken["generations"])
-    pd.testing.assert_frame_equal(whole["judgments"], broken["judgments"])
+    assert "[train] up to date" in out and "[labels] up to date" in out  # finished stages are kept, not redone
+    assert _nothing_half_written(broken, tmp_path / "reports") == []  # the killed writers' temp files are gone
+    whole, resumed = _tables(tmp_path / "whole"), _tables(broken)
+    pd.testing.assert_frame_equal(whole["generations"], resumed["generations"])
+    pd.testing.assert_frame_equal(whole["judgments"], resumed["judgments"])
+    pd.testing.assert_frame_equal(pd.read_parquet(io.BytesIO(whole_report["fits.parquet"])), pd.read_parquet(report / "fits.parquet"))
+    # the same numbers, word for word (where the text names its run's folder, the folders differ)
+    assert (report / "report.md").read_text().replace(str(broken), str(tmp_path / "whole")) == whole_report["report.md"].decode()
 
 
 def test_run_stops_for_labels_when_not_simulated(tmp_path, monkeypatch):
