@@ -5,9 +5,17 @@ and checks that no acknowledged judgment is missing.
 
     .venv/bin/python benchmarks/serve_load.py [--labelers 20] [--per-labeler 50] [--threads 8] [--idle 0]
     .venv/bin/python benchmarks/serve_load.py --labelers 100 --per-labeler 20 --idle 300   # the 100-labeler profile
+    .venv/bin/python benchmarks/serve_load.py --labelers 100 --per-labeler 20 --idle 300 --rate 1000
 
 ``--idle N`` holds N idle client connections open for the whole run (an abusive or stuck client): the labelers
 must still be served.
+
+Without ``--rate`` each labeler submits its next judgment as soon as the last is acknowledged (closed loop: the
+server's capacity; latency is then mostly the queue of the other labelers' requests, ~labelers / throughput). With
+``--rate R`` the labelers together offer R judgments/s on a fixed schedule (each at R / labelers per second, starts
+staggered) and latency is counted from each request's scheduled time, so a server that falls behind pays for its
+backlog (no coordinated omission). The CPU time of the server process and of this client process are printed: on a
+2-core machine the two share the cores.
 """
 
 from __future__ import annotations
@@ -43,11 +51,19 @@ def make_study(out: Path, labelers: int, per_labeler: int) -> tuple[list[str], P
     from evalkit.study.serve import init_db
 
     settings = [f"study.out_dir={out}", "data.n_items=0", f"labelers.count={labelers}", f"design.items_per_policy={labelers * per_labeler // 2 + 1}",
-                "design.overlap_fraction=0", "design.gold_fraction=0", "design.attention_fraction=0", "design.batch_size=100000"]
+                "design.overlap_fraction=1", "design.overlap_labelers=3", "design.gold_fraction=0", "design.attention_fraction=0", "design.batch_size=100000"]
     cfg = load_study(ROOT / "studies/default", settings)
     generate(study_items_of(cfg), [], out / "generations", baselines=("ref", "openai-ppo-1.3b", "lead3"), progress=False)
     build_study(cfg)
     return settings, init_db(out / "study")
+
+
+def server_cpu(pid: int) -> float:
+    """CPU seconds (user + system) the process has used, from /proc."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -61,6 +77,7 @@ def main() -> None:
     ap.add_argument("--per-labeler", type=int, default=40)
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--idle", type=int, default=0, help="idle connections held open during the run")
+    ap.add_argument("--rate", type=float, default=0.0, help="judgments/s offered by all labelers together (0: closed loop)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -85,12 +102,17 @@ def main() -> None:
         acked: list[str] = []
         lock = threading.Lock()
 
-        def labeler(lab: str, token: str) -> None:
+        interval = args.labelers / args.rate if args.rate else 0.0
+
+        def labeler(lab: str, token: str, offset: float) -> None:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            for task_id in work[lab]:
+            for k, task_id in enumerate(work[lab]):
                 csrf = hmac.new(secret, f"{token}:{task_id}".encode(), hashlib.sha256).hexdigest()
                 body = urlencode({"csrf": csrf, "confidence": "7"})
                 t0 = time.perf_counter()
+                if interval:  # on schedule; late requests count their lateness
+                    t0 = start + offset + k * interval
+                    time.sleep(max(0.0, t0 - time.perf_counter()))
                 conn.request("POST", f"/l/{token}/task/{task_id}", body=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
                 resp = conn.getresponse()
                 resp.read()
@@ -101,13 +123,15 @@ def main() -> None:
                         acked.append(task_id)
             conn.close()
 
-        threads = [threading.Thread(target=labeler, args=lt) for lt in labelers]
-        t0 = time.perf_counter()
+        threads = [threading.Thread(target=labeler, args=(lab, tok, interval * i / len(labelers))) for i, (lab, tok) in enumerate(labelers)]
+        cpu = server_cpu(proc.pid), time.process_time()
+        start = t0 = time.perf_counter() + 0.2
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
+        cpu = server_cpu(proc.pid) - cpu[0], time.process_time() - cpu[1]
         for sock in idle:
             sock.close()
         proc.terminate()
@@ -141,12 +165,15 @@ def main() -> None:
 
     n = sum(len(v) for v in work.values())
     rate, baseline = n / wall, n / direct_wall
-    print(f"{args.labelers} labelers x {args.per_labeler} judgments over loopback, waitress with {args.threads} threads, "
-          f"{args.idle} idle connections held open")
+    load = f"offering {args.rate:.0f} judgments/s on a schedule" if args.rate else "closed loop (next as soon as acknowledged)"
+    print(f"{args.labelers} labelers x {args.per_labeler} judgments over loopback, {load}, waitress with {args.threads} "
+          f"threads, {args.idle} idle connections held open")
     print(f"  web app : {rate:7.0f} judgments/s; latency p50 {1000 * percentile(latencies, 0.5):.1f} ms, p99 {1000 * percentile(latencies, 0.99):.1f} ms")
     print(f"  baseline: {baseline:7.0f} durable SQLite commits/s from {args.labelers} threads in-process (SQLite's own locking)")
     print(f"  ratio web app / baseline: {rate / baseline:.2f}")
     print(f"  acknowledged {len(acked)} of {n}; stored {len(stored)}; lost {len(set(acked) - stored)}")
+    print(f"  CPU: server {cpu[0]:.2f} s ({1000 * cpu[0] / n:.2f} ms per judgment, {100 * cpu[0] / wall:.0f}% of a core), "
+          f"this client {cpu[1]:.2f} s ({100 * cpu[1] / wall:.0f}% of a core)")
 
 
 if __name__ == "__main__":

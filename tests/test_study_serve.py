@@ -187,3 +187,78 @@ def test_sigkill_loses_no_acknowledged_judgment(tmp_path):
     assert other == [] and len(acked) == 500
     assert len(stored) == len(set(stored)) == 500  # every acknowledged judgment present, exactly once
     assert {t for t, _ in acked} == set(stored)
+
+
+def test_group_commit_batches_concurrent_answers_and_fails_them_together(tmp_path):
+    """Answers submitted together share a transaction; each is acknowledged only after it, a task answered twice keeps
+    its first answer, and a failed commit fails every request of its batch and stores none of them."""
+    import threading
+
+    from evalkit.study.serve import SCHEMA, GroupCommit, connect
+
+    db = tmp_path / "g.sqlite"
+    with connect(db) as conn:
+        conn.executescript(SCHEMA.replace("REFERENCES tasks(task_id)", ""))
+    local = threading.local()
+
+    def connection():
+        if not hasattr(local, "conn"):
+            local.conn = connect(db)
+        return local.conn
+
+    writer, commits = GroupCommit(connection), []
+    real_commit = writer._commit
+
+    def counted(batch):
+        commits.append(len(batch))
+        time.sleep(0.01)  # a slow disk: the others queue up behind this commit
+        return real_commit(batch)
+
+    writer._commit = counted
+    answers = [(f"t{i % 40}", (1 + i // 40,) * 5) for i in range(80)]  # 40 tasks, each answered twice (1, then 2)
+    results = {}
+
+    def submit(i):
+        task, answer = answers[i]
+        results[i] = writer.write(task, (task, "lab", *answer, None, "2026-01-01T00:00:00", None), answer)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(40)]
+    threads += [threading.Thread(target=submit, args=(i,)) for i in range(40, 80)]
+    for t in threads[:40]:
+        t.start()
+    for t in threads[:40]:
+        t.join()
+    for t in threads[40:]:
+        t.start()
+    for t in threads[40:]:
+        t.join()
+    assert sum(commits) == 80 and max(commits) > 1 and len(commits) < 80  # batched
+    with connect(db) as conn:
+        stored = dict(conn.execute("SELECT task_id, confidence FROM judgments").fetchall())
+    assert stored == {f"t{i}": 1 for i in range(40)}  # the first answer of each task, once
+    assert all(results[i] is None for i in range(40)) and all(results[i] == (1,) * 5 for i in range(40, 80))
+
+    def failing(batch):
+        commits.append(len(batch))
+        time.sleep(0.01)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    writer._commit, errors = failing, []
+
+    def doomed(i):
+        try:
+            writer.write(f"x{i}", (f"x{i}", "lab", 3, 3, 3, 3, 3, None, "2026-01-01T00:00:00", None), (3,) * 5)
+        except sqlite3.OperationalError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=doomed, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 10  # every request of a failed batch hears of it (none is acknowledged)
+    writer._commit = counted  # the writer recovers for the next batch
+    assert writer.write("t98", ("t98", "lab", 3, 3, 3, 3, 3, None, "2026-01-01T00:00:00", None), (3,) * 5) is None
+    with connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM judgments WHERE task_id LIKE 'x%'").fetchone()[0] == 0
+        assert conn.execute("SELECT COUNT(*) FROM judgments WHERE task_id='t98'").fetchone()[0] == 1

@@ -4,9 +4,11 @@
   is not theirs, is a 404). Instructions come first; then pairwise pages (the post and two summaries, a 9-point scale
   from "definitely left" to "definitely right", optional note) or Likert pages (four 1–7 scales). Keys 1–9 pick a
   pairwise answer, Enter submits; progress is shown.
-- A submission is one SQLite transaction in WAL mode with ``synchronous=FULL``: the page is acknowledged (303 to the
-  next task) only after the commit is on disk. ``(task_id)`` is unique, so a double submit is idempotent. The server
-  can be killed and restarted: each labeler continues at their first unanswered task.
+- A submission is written in a SQLite transaction in WAL mode with ``synchronous=FULL``: the page is acknowledged
+  (303 to the next task) only after the commit is on disk. Submissions that arrive together share one transaction
+  (group commit: one fsync acknowledges all of them), which is what lets many labelers submit at once without queueing
+  behind each other's fsyncs. ``(task_id)`` is unique, so a double submit is idempotent. The server can be killed and
+  restarted: each labeler continues at their first unanswered task.
 - Texts are escaped (Reddit posts contain markup); every form carries a CSRF token (an HMAC of the labeler's token and
   the task id under a per-study secret); pages name no policy and no generation id.
 - An admin page (its own token) shows progress per labeler; ``collect_judgments`` writes ``judgments.parquet`` with
@@ -64,6 +66,64 @@ def connect(db: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     return conn
+
+
+class GroupCommit:
+    """Durable writes of answers, batched: a request's row joins the next transaction, and one commit (one fsync)
+    acknowledges every row in it. Whoever finds no commit running becomes the leader and writes everything queued;
+    the others wait for it (or lead the next batch). Nothing is acknowledged before its commit returns; a failed
+    commit fails every request in its batch (none acknowledged, none stored)."""
+
+    def __init__(self, connection):
+        self.connection = connection  # the calling thread's SQLite connection
+        self.cond = threading.Condition()
+        self.queue: list[dict] = []
+        self.busy = False
+
+    def write(self, task_id: str, row: tuple, answer: tuple) -> tuple | None:
+        """Insert ``row`` into judgments unless ``task_id`` is answered; return the stored answer found, or None."""
+        entry = {"task_id": task_id, "row": row, "answer": answer, "done": False}
+        with self.cond:
+            self.queue.append(entry)
+            while not entry["done"] and self.busy:
+                self.cond.wait()
+            if entry["done"]:
+                return self._result(entry)
+            self.busy, batch, self.queue = True, self.queue, []
+        try:
+            results = self._commit(batch)
+        except BaseException as exc:  # noqa: BLE001 - every waiting request must hear of it
+            results = [exc] * len(batch)
+        with self.cond:
+            for e, r in zip(batch, results):
+                e["result"], e["done"] = r, True
+            self.busy = False
+            self.cond.notify_all()
+        return self._result(entry)
+
+    @staticmethod
+    def _result(entry):
+        if isinstance(entry["result"], BaseException):
+            raise entry["result"]
+        return entry["result"]
+
+    def _commit(self, batch: list[dict]) -> list:
+        conn = self.connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            results = []
+            for e in batch:  # a task answered twice in one batch: the second sees the first (same transaction)
+                prev = conn.execute("SELECT confidence, overall, accuracy, coverage, coherence FROM judgments WHERE task_id=?",
+                                    (e["task_id"],)).fetchone()
+                if prev is None:
+                    conn.execute("INSERT INTO judgments VALUES (?,?,?,?,?,?,?,?,?,?)", e["row"])
+                results.append(None if prev is None else tuple(prev))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return results
 
 
 def init_db(study_dir: str | Path) -> Path:
@@ -180,7 +240,8 @@ def _esc(text) -> str:
 
 
 class LabelingApp:
-    """The WSGI application; one SQLite connection per request (WAL lets readers and a writer proceed together)."""
+    """The WSGI application; one SQLite connection per server thread, kept open (WAL lets readers and a writer
+    proceed together); answers go through :class:`GroupCommit`."""
 
     def __init__(self, study_dir: str | Path, instructions: str | None = None):
         self.study_dir = Path(study_dir)
@@ -194,8 +255,16 @@ class LabelingApp:
         finally:
             conn.close()
         self.instructions = instructions or INSTRUCTIONS_FALLBACK
-        self.write_lock = threading.Lock()
+        self.local = threading.local()
+        self.writer = GroupCommit(self.connection)
         self.failures: dict[str, list[float]] = {}
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection to the database (opened on first use; waitress's threads live as long as it)."""
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = self.local.conn = connect(self.db)
+        return conn
 
     # -- plumbing
     def __call__(self, environ, start_response):
@@ -249,7 +318,7 @@ class LabelingApp:
             return self.not_found()
         if not self.allowed(environ):
             return self.too_many()
-        conn = connect(self.db)
+        conn = self.connection()
         try:
             row = conn.execute("SELECT labeler_id FROM labelers WHERE token=?", (parts[1],)).fetchone()
             if row is None:
@@ -270,7 +339,8 @@ class LabelingApp:
                     return self.submit(conn, environ, labeler, token, task)
             return self.not_found()
         finally:
-            conn.close()
+            if conn.in_transaction:  # a request that failed mid-transaction leaves none open for the next one
+                conn.execute("ROLLBACK")
 
     # -- labeler pages
     def progress(self, conn, labeler: str) -> tuple[int, int]:
@@ -334,18 +404,12 @@ class LabelingApp:
             return "400 Bad Request", [], self.page("Incomplete", "<p>Please answer every scale.</p>")
         duration = answer_duration(form.get("shown_at", ""), time.time())
         note = (form.get("note") or "").strip()[:4000] or None
-        # one writer at a time inside the process: SQLite's busy handler would otherwise back off in sleeps of up
-        # to 100 ms under contention, which is what a labeler's p99 latency would feel
+        # one writer at a time inside the process (SQLite's busy handler would otherwise back off in sleeps of up to
+        # 100 ms under contention, which is what a labeler's p99 latency would feel), and answers that arrive
+        # together committed together
         answer = (values["confidence"], values["overall"], values["accuracy"], values["coverage"], values["coherence"])
-        with self.write_lock:
-            conn.execute("BEGIN IMMEDIATE")
-            prev = conn.execute("SELECT confidence, overall, accuracy, coverage, coherence FROM judgments WHERE task_id=?",
-                                (task_id,)).fetchone()
-            if prev is None:
-                conn.execute("INSERT INTO judgments VALUES (?,?,?,?,?,?,?,?,?,?)",
-                             (task_id, labeler, *answer, note, datetime.now(timezone.utc).isoformat(), duration))
-            conn.execute("COMMIT")
-        if prev is not None and tuple(prev) != answer:  # a second, different answer is not silently dropped
+        prev = self.writer.write(task_id, (task_id, labeler, *answer, note, datetime.now(timezone.utc).isoformat(), duration), answer)
+        if prev is not None and prev != answer:  # a second, different answer is not silently dropped
             return "409 Conflict", [], self.page("Already answered", "<p>This task was already answered; your first answer "
                                                  f"is kept. <a href='/l/{token}/next'>Continue</a></p>")
         # acknowledged only now, after the commit: always a redirect (to the next task, or to the "done" page)
@@ -354,12 +418,8 @@ class LabelingApp:
 
     # -- admin
     def admin(self, _token):
-        conn = connect(self.db)
-        try:
-            rows = conn.execute("SELECT t.labeler_id, COUNT(t.task_id), COUNT(j.task_id) FROM tasks t "
-                                "LEFT JOIN judgments j ON j.task_id=t.task_id GROUP BY t.labeler_id ORDER BY t.labeler_id").fetchall()
-        finally:
-            conn.close()
+        rows = self.connection().execute("SELECT t.labeler_id, COUNT(t.task_id), COUNT(j.task_id) FROM tasks t LEFT JOIN "
+                                         "judgments j ON j.task_id=t.task_id GROUP BY t.labeler_id ORDER BY t.labeler_id").fetchall()
         table = "".join(f"<tr><td>{_esc(lab)}</td><td>{done}</td><td>{total}</td></tr>" for lab, total, done in rows)
         body = f"<h1>Progress</h1><table id='progress'><tr><th>labeler</th><th>done</th><th>tasks</th></tr>{table}</table>"
         return "200 OK", [], self.page("Admin", body)
@@ -401,5 +461,5 @@ def serve(study_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, thre
 
     app = LabelingApp(study_dir, instructions)
     # idle or slow clients must not lock labelers out: many sockets allowed, idle ones closed after 10 s
-    waitress_serve(app, host=host, port=port, threads=threads, ident="evalkit", connection_limit=900, channel_timeout=10,
+    waitress_serve(app, host=host, port=port, threads=threads, ident="evalkit", connection_limit=900, channel_timeout=10, asyncore_use_poll=True,
                    cleanup_interval=5)
