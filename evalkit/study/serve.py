@@ -460,6 +460,7 @@ def serve(study_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, thre
     from waitress import serve as waitress_serve
 
     app = LabelingApp(study_dir, instructions)
-    # idle or slow clients must not lock labelers out: many sockets allowed, idle ones closed after 10 s
-    waitress_serve(app, host=host, port=port, threads=threads, ident="evalkit", connection_limit=900, channel_timeout=10, asyncore_use_poll=True,
-                   cleanup_interval=5)
+    # idle or slow clients must not lock labelers out: many sockets allowed, idle ones closed after 10 s; poll()
+    # rather than select(), which cannot watch descriptors past 1024
+    waitress_serve(app, host=host, port=port, threads=threads, ident="evalkit", connection_limit=900, channel_timeout=10,
+                   cleanup_interval=5, asyncore_use_poll=True)
