@@ -81,11 +81,8 @@ def export_tasks(folder: str | Path, fmt: str, out: str | Path) -> Path:
     else:
         data = json.dumps([{"data": r} for r in rows], ensure_ascii=False, indent=1)
         artifacts.write_json(out.with_suffix(".config.json"), {"label_config": labelstudio_config()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(data, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    encoded = data.encode("utf-8")
+    return artifacts.atomic_write(out, lambda tmp: Path(tmp).write_bytes(encoded))
 
 
 # ----------------------------------------------------------------------------------------------------------- import
