@@ -261,6 +261,7 @@ OPTION_CASES = [  # evalkit <command> with a bad option value
     ("show-n-neg", ["data", "show", "tldr", "-n", "-2"], "-2 is not in the range"),
     ("run-quick-no-profile", ["run", "{spec}", "--quick"], "--quick needs a study.quick"),
     ("report-out-not-a-report", ["report", "studies/openai_released", "--out", "{run}/study"], "not an evalkit report"),
+    ("report-out-is-a-file", ["report", "studies/openai_released", "--out", "{run}/study/tasks.parquet"], "is a file"),
 ]
 
 # HTTP requests to the labeling app: (name, study kind, method, path, form or raw body, expected status).

@@ -323,6 +323,8 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
     import shutil
 
     final = Path(out_dir)
+    if final.exists() and not final.is_dir():
+        raise EvalkitError(f"{final} is a file; a report is a folder, so give an empty or new folder")
     if final.is_dir() and any(final.iterdir()) and (artifacts.read_manifest(final) or {}).get("artifact") != "report":
         raise EvalkitError(f"{final} holds files that are not an evalkit report; a report replaces its folder whole, "
                            "so give an empty or new folder")
