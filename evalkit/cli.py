@@ -320,7 +320,7 @@ def study_power(p1: float, p2: float, alpha: float, power_: float, per_item: int
 
 @cli.command("report")
 @click.argument("study_path", metavar="STUDY", type=click.Path(), default="studies/default")
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Default: reports/<study id>.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Default: [report] out_dir, or reports/<study id>.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def report_cmd(study_path: str, out_dir: str | None, overrides: tuple[str, ...]) -> None:
     """Analyse a study's judgments → reports/<id>/ (report.html, report.md, figures, fits.parquet, manifest.json)."""

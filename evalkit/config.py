@@ -110,6 +110,7 @@ class ReportConfig:
     split: str = "valid2"  # "" = every split
     n_boot: int = 1000
     reward_models: tuple[str, ...] = ()  # reward-model folders for an accuracy-vs-size table
+    out_dir: str = ""  # default: reports/<id> (reports/<id>-quick under --quick)
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,10 @@ class StudyConfig:
     @property
     def out_dir(self) -> Path:
         return Path(self.study.out_dir or f"runs/{self.study.id}")
+
+    @property
+    def report_dir(self) -> Path:
+        return Path(self.report.out_dir or f"reports/{self.study.id}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -373,8 +378,9 @@ def load_study(path: str | Path, overrides: list[str] | None = None, quick: bool
     cfg = from_mapping(StudyConfig, raw, str(path))
     if not cfg.study.id:
         cfg = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, id=path.parent.name))
-    if quick:
-        cfg = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, out_dir=str(cfg.out_dir) + "-quick"))
+    if quick:  # the quick profile's runs and report sit beside the full study's, never over them
+        cfg = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, out_dir=str(cfg.out_dir) + "-quick"),
+                                  report=dataclasses.replace(cfg.report, out_dir=str(cfg.report_dir) + "-quick"))
     if cfg.data.n_items < 0:
         raise EvalkitError(f"{path}: data.n_items is {cfg.data.n_items}; expected 0 (all) or a positive count")
     if cfg.data.transfer_items < 0:

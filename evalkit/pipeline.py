@@ -259,7 +259,7 @@ def report_study(cfg: StudyConfig, out_dir: str | Path | None = None) -> dict[st
             policy_kl[policy.policy_id] = float(kl)
     import warnings
 
-    out = Path(out_dir or f"reports/{cfg.id}")
+    out = Path(out_dir or cfg.report_dir)
     with warnings.catch_warnings():  # separated or rank-deficient fits are said in the report's words, not as warnings
         warnings.simplefilter("ignore", RuntimeWarning)
         warnings.filterwarnings("ignore", module="statsmodels")
@@ -329,7 +329,7 @@ def run_study(cfg: StudyConfig, force: bool = False, echo=print) -> dict:
              done=lambda: all(_ladder_complete(d) for _, _, d in ladders))
         result["ladder_dirs"] = [d for _, _, d in ladders]
 
-    report_dir = Path(f"reports/{cfg.id}") if not str(cfg.out_dir).endswith("-quick") else Path(f"reports/{cfg.id}-quick")
+    report_dir = cfg.report_dir
     if cfg.report.source == "released":  # a report on the released labels alone: nothing to generate or label
         return _run_report(cfg, step, report_dir, [], result, started)
     items = study_items_of(cfg)

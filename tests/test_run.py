@@ -226,3 +226,8 @@ def test_quick_needs_a_profile_and_train_overrides_are_checked(tmp_path):
         load_study(ROOT / "studies/default", ["train.0.kinds=rlhf"])
     cfg = load_study(ROOT / "studies/default", ["train.1.kinds=pretrained"])
     assert cfg.train[1].kinds == ("pretrained",) and cfg.train[0].kinds == ("pretrained", "sft", "ppo", "best_of_n")
+    # the quick profile's run and report folders are the config's own, beside the full study's
+    quick = load_study(ROOT / "studies/default", quick=True)
+    assert quick.out_dir == Path("runs/default-quick") and quick.report_dir == Path("reports/default-quick")
+    moved = load_study(ROOT / "studies/default", ["report.out_dir=elsewhere/r"], quick=True)
+    assert moved.report_dir == Path("elsewhere/r-quick") and load_study(ROOT / "studies/default").report_dir == Path("reports/default")
