@@ -60,6 +60,26 @@ def test_a_kind_at_one_size_is_refused_in_words():
     assert np.isfinite(res.bse).all()
 
 
+def test_a_separated_kind_is_named_and_left_out_of_the_size_fit():
+    """0 wins at the smaller of two sizes: the logistic slope has no finite estimate (the report drew a 0-to-1 band
+    from coefficients like -300 ± 16,000). The same zero at the smallest of three sizes, with losses at the largest,
+    is no separation, and the fit is finite."""
+    from evalkit.analysis import separated_kinds, size_fit
+
+    df = _comparisons(np.random.default_rng(1), {"sft": [1e7, 1e8, 1e9], "ppo": [1e7, 1e9]})
+    smallest = (df["policy_kind"] == "ppo") & (df["n_params"] == 1e7)
+    df.loc[smallest, "outcome"] = 0
+    assert set(separated_kinds(df)) == {"ppo"} and "won 0 of 120 comparisons at 10,000,000" in separated_kinds(df)["ppo"]
+    with pytest.raises(EvalkitError, match="ppo won 0 of 120 .* no finite slope"):
+        size_fit(df)
+    df.loc[(df["policy_kind"] == "sft") & (df["n_params"] == 1e7), "outcome"] = 0
+    assert set(separated_kinds(df)) == {"ppo"}  # sft: zero at its smallest size, but wins and losses above it
+    res = size_fit(df[df["policy_kind"] == "sft"])
+    assert np.isfinite(res.bse).all() and (res.bse < 10).all()
+    df.loc[df["policy_kind"] == "sft", "outcome"] = 1
+    assert separated_kinds(df)["sft"] == "won every one of its 360 comparisons"
+
+
 def _placement_tables(rng, n_items=300, bias=0.0, strength=1.0, first_share=0.7):
     """Policy A (stronger by ``strength`` log-odds) vs B, A shown on the left in ``first_share`` of tasks."""
     gens, tasks, judg = [], [], []

@@ -139,6 +139,10 @@ def size_fit(df: pd.DataFrame, length: bool = False, cluster: str | tuple[str, s
     if d["n_params"].nunique() < 2:
         raise EvalkitError("preference vs size needs policies of at least two sizes; this data has one")
     check_sizes_per_kind(d)
+    separated = separated_kinds(d)
+    if separated:
+        raise EvalkitError("preference vs size: " + "; ".join(f"{k} {why}" for k, why in separated.items())
+                           + " — the logistic fit has no finite slope there; leave the kind(s) out of the size fit")
     formula = SIZE_FORMULA if kinds > 1 else SIZE_FORMULA_ONE_KIND
     if length:
         formula += f" + {LENGTH_TERM}"
@@ -153,6 +157,26 @@ def check_sizes_per_kind(d: pd.DataFrame) -> None:
     if one:
         raise EvalkitError(f"preference vs size: kind(s) {', '.join(one)} are measured at one size only, so their size "
                            "slope is not identified; leave them out (each kind needs two sizes or more)")
+
+
+def separated_kinds(df: pd.DataFrame) -> dict[str, str]:
+    """Kinds whose preference-vs-size fit has no finite estimate, with the reason. Each kind has its own intercept and
+    slope in log size, so a kind is (quasi-)separated when one size threshold splits its outcomes: every win at or
+    above it and every loss at or below it (or the reverse), e.g. 0 wins at the smaller of two sizes. The fitted
+    curve then reaches 0 or 1 with an infinite slope, its coefficients run off (e.g. -300 ± 16,000) and its band
+    spans 0 to 1."""
+    out = {}
+    for kind, g in df.dropna(subset=["n_params"]).groupby("policy_kind"):
+        if g["n_params"].nunique() < 2:
+            continue
+        wins, losses = g.loc[g["outcome"] == 1, "n_params"], g.loc[g["outcome"] == 0, "n_params"]
+        if wins.empty or losses.empty:
+            out[kind] = f"{'won' if losses.empty else 'lost'} every one of its {len(g)} comparisons"
+        elif losses.max() <= wins.min() or wins.max() <= losses.min():
+            by_size = g.groupby("n_params")["outcome"].agg(["sum", "size"])
+            ends = by_size[(by_size["sum"] == 0) | (by_size["sum"] == by_size["size"])]
+            out[kind] = " and ".join(f"won {int(w)} of {int(n)} comparisons at {params:,.0f} parameters" for params, (w, n) in ends.iterrows())
+    return out
 
 
 def fit_table(result, analysis: str, n_clusters: int) -> pd.DataFrame:

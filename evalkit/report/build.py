@@ -26,7 +26,7 @@ from evalkit.analysis.agreement import (SMALL_N, agreement_with_ci, bradley_terr
                                         oriented_by_policy, pairwise_view, per_labeler, position_effect)
 from evalkit.analysis.likert import krippendorff_alpha, length_adjusted_means, likert_means, likert_view  # noqa: E402
 from evalkit.analysis.preference import (EXTRAPOLATION_LOG_RATIO, comparisons, fit_table, length_controlled,  # noqa: E402
-                                         preference_rates, size_curve, size_fit)
+                                         preference_rates, separated_kinds, size_curve, size_fit)
 from evalkit.errors import EvalkitError  # noqa: E402
 from evalkit.seeds import rng_for  # noqa: E402
 
@@ -113,16 +113,23 @@ def _rates_figure(rates: pd.DataFrame, dataset: str, baseline: str, source: str)
     return fig
 
 
-def _size_figure(raw: pd.DataFrame, controlled: pd.DataFrame | None, points: pd.DataFrame, dataset: str, source: str):
+def _size_figure(raw: pd.DataFrame | None, controlled: pd.DataFrame | None, points: pd.DataFrame, dataset: str, source: str):
+    """Fitted curves (raw solid, at equal length dashed, 95% bands) for the kinds in ``raw``; the observed rates of
+    every kind in ``points`` (a kind without a curve has no finite fit: dots only)."""
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
-    for kind, g in raw.groupby("policy_kind"):
-        line, = ax.plot(g["n_params"], g["predicted"], label=f"{KIND_LABELS.get(kind, kind)} (raw)")
-        ax.fill_between(g["n_params"], g["ci_low"], g["ci_high"], alpha=0.15, color=line.get_color())
-        if controlled is not None:
-            c = controlled[controlled["policy_kind"] == kind]
-            ax.plot(c["n_params"], c["predicted"], ls="--", color=line.get_color(), label=f"{KIND_LABELS.get(kind, kind)} (length-controlled)")
-        p = points[points["policy_kind"] == kind]
-        ax.scatter(p["n_params"], p["rate"], color=line.get_color(), s=12 + p["n"] / 4)
+    fitted = set(raw["policy_kind"]) if raw is not None else set()
+    for k, (kind, p) in enumerate(points.groupby("policy_kind")):
+        color = f"C{k}"
+        name = KIND_LABELS.get(kind, kind)
+        if kind in fitted:
+            g = raw[raw["policy_kind"] == kind]
+            ax.plot(g["n_params"], g["predicted"], color=color, label=f"{name} (raw)")
+            ax.fill_between(g["n_params"], g["ci_low"], g["ci_high"], alpha=0.15, color=color)
+            if controlled is not None:
+                c = controlled[controlled["policy_kind"] == kind]
+                ax.plot(c["n_params"], c["predicted"], ls="--", color=color, label=f"{name} (length-controlled)")
+        ax.scatter(p["n_params"], p["rate"], color=color, s=12 + p["n"] / 4,
+                   label=None if kind in fitted else f"{name} (observed only: no finite fit)")
         for r in p.itertuples():
             ax.annotate(f"n={r.n}", (r.n_params, r.rate), fontsize=7, xytext=(4, -10), textcoords="offset points")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
@@ -146,12 +153,38 @@ def params_label(n: float | None) -> str:
     return f"{int(n)}"
 
 
+def _size_kinds(d: pd.DataFrame) -> tuple[list[str], list[str], dict[str, str]]:
+    """For a size fit: the kinds measured at two sizes or more, those at one size (no slope to identify), and those of
+    the former with no finite fit (:func:`separated_kinds`, on every comparison or on those with both summaries
+    non-empty, which the length-controlled fit uses), with why."""
+    sizes = d.dropna(subset=["n_params"]).groupby("policy_kind")["n_params"].nunique()
+    multi = d[d["policy_kind"].isin(sizes[sizes >= 2].index)]
+    separated = separated_kinds(multi)
+    nonempty = multi[(multi["len_policy"] > 0) & (multi["len_baseline"] > 0)]
+    separated.update({k: f"{why} with both summaries non-empty" for k, why in separated_kinds(nonempty).items() if k not in separated})
+    return sorted(sizes[sizes >= 2].index), sorted(sizes[sizes < 2].index), separated
+
+
+def _size_curves(ds: pd.DataFrame, separated: dict[str, str]) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """Raw and length-controlled size curves of the kinds with a finite fit (None where there is nothing to fit)."""
+    fit = ds[~ds["policy_kind"].isin(separated)]
+    if fit.empty:
+        return None, None
+    has_len = bool(((fit["len_policy"] > 0) & (fit["len_baseline"] > 0)).any())
+    return size_curve(fit), (size_curve(fit, length=True) if has_len else None)
+
+
+def _separated_text(separated: dict[str, str]) -> str:
+    return ("No fitted curve for " + "; ".join(f"{KIND_LABELS.get(k, k)}: it {why}" for k, why in separated.items())
+            + ". When one size splits a kind's wins from its losses (none won below it, none lost above it, or the "
+            "reverse), its logistic fit has no finite slope; its dots are the observed rates.")
+
+
 def _headline(rep: "Report", d: pd.DataFrame, dataset: str, baseline: str, source: str, n_boot: int, seed: int) -> list[dict]:
     """The paper's Figure 1 first: fraction preferred to the baseline vs size, per kind with ≥ 2 sizes, raw and at equal
     length, item-clustered CIs, n per point; a sentence per kind at its largest size. Returns the headline numbers."""
     rep.heading(f"Headline: {dataset} summaries preferred to {baseline}, by model size")
-    sizes = d.dropna(subset=["n_params"]).groupby("policy_kind")["n_params"].nunique()
-    kinds = sorted(sizes[sizes >= 2].index)
+    kinds, _, separated = _size_kinds(d)
     if not kinds:
         rates = preference_rates(d, n_boot=n_boot, rng=rng_for(seed, "rates", baseline, dataset))
         rates = rates[rates["n"] >= SMALL_N].sort_values("rate", ascending=False)
@@ -164,9 +197,7 @@ def _headline(rep: "Report", d: pd.DataFrame, dataset: str, baseline: str, sourc
         return []
     ds = d[d["policy_kind"].isin(kinds)]
     rates = preference_rates(ds, n_boot=n_boot, rng=rng_for(seed, "rates", baseline, dataset))
-    raw = size_curve(ds)
-    has_len = bool(((ds["len_policy"] > 0) & (ds["len_baseline"] > 0)).any())
-    controlled = size_curve(ds, length=True) if has_len else None
+    raw, controlled = _size_curves(ds, separated)
     headline = []
     for kind in kinds:
         top = rates[rates["policy_kind"] == kind].sort_values("n_params").iloc[-1]
@@ -179,6 +210,8 @@ def _headline(rep: "Report", d: pd.DataFrame, dataset: str, baseline: str, sourc
     rep.bullets([f"{KIND_LABELS.get(h['policy_kind'], h['policy_kind'])} {params_label(h['n_params'])} ({h['policy_id']}): "
                  f"{h['rate']:.1%} [{h['boot_low']:.1%}, {h['boot_high']:.1%}], n={h['n']}; at "
                  f"{params_label(h['smallest_n_params'])}: {h['smallest_rate']:.1%}" for h in headline])
+    if separated:
+        rep.text(_separated_text(separated))
     title_source = "SIMULATED panel" if "SIMULATED" in source else source
     rep.figure(_size_figure(raw, controlled, rates, dataset, title_source), f"figure1_{dataset}",
                f"{dataset}: fraction preferred to {baseline} vs model size (log parameters) per kind; solid raw, dashed at "
@@ -396,24 +429,26 @@ def _write_report(tables: dict[str, pd.DataFrame], out_dir: Path, title: str, ba
             for r in zero.itertuples():
                 rep.text(f"Note: {r.policy_id} won {r.wins} of {r.n}; its rate sits at a bound and only the interval is informative.")
             # preference vs size, on the kinds measured at two or more sizes (one size leaves its slope unidentified)
-            kinds_at = d.dropna(subset=["n_params"]).groupby("policy_kind")["n_params"].nunique()
-            one_size = sorted(kinds_at[kinds_at < 2].index)
-            ds = d[d["policy_kind"].isin(kinds_at[kinds_at >= 2].index)]
+            # and with a finite fit
+            kinds, one_size, separated = _size_kinds(d)
+            ds = d[d["policy_kind"].isin(kinds)]
             if one_size:
                 rep.text(f"Preference vs size leaves out {', '.join(one_size)}: measured at one size only, a size slope "
                          "for it is not identified.")
             if ds.empty:
                 rep.text(f"Preference vs size: not fitted — no {dataset} policy kind is measured at two or more sizes.")
             else:
-                raw = size_curve(ds)
-                has_len = bool((ds["len_policy"] > 0).any())
-                controlled = size_curve(ds, length=True) if has_len else None
+                raw, controlled = _size_curves(ds, separated)
+                if separated:
+                    rep.text(_separated_text(separated))
                 rep.figure(_size_figure(raw, controlled, rates[rates["policy_kind"].isin(ds["policy_kind"])], dataset, source), f"size_{baseline}_{dataset}",
                            f"{dataset}: predicted preference vs size per policy kind, raw and at equal length; {source}")
-                clusters = ds["item_id"].nunique()
-                rep.fits.append(fit_table(size_fit(ds), f"size:{dataset}:{baseline}", clusters))
-                if has_len:
-                    rep.fits.append(fit_table(size_fit(ds, length=True), f"size+length:{dataset}:{baseline}", clusters))
+                fit = ds[~ds["policy_kind"].isin(separated)]
+                clusters = fit["item_id"].nunique()
+                if raw is not None:
+                    rep.fits.append(fit_table(size_fit(fit), f"size:{dataset}:{baseline}", clusters))
+                if controlled is not None:
+                    rep.fits.append(fit_table(size_fit(fit, length=True), f"size+length:{dataset}:{baseline}", clusters))
             if (d["len_policy"] > 0).any():
                 table, result = length_controlled(d)
                 empty, sep, extra = int(table["n_empty"].sum()), table[table["separated"]], table[table["extrapolated"]]
