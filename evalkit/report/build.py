@@ -118,6 +118,7 @@ def _size_figure(raw: pd.DataFrame | None, controlled: pd.DataFrame | None, poin
     every kind in ``points`` (a kind without a curve has no finite fit: dots only)."""
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     fitted = set(raw["policy_kind"]) if raw is not None else set()
+    labelled: list[tuple[float, float]] = []
     for k, (kind, p) in enumerate(points.groupby("policy_kind")):
         color = f"C{k}"
         name = KIND_LABELS.get(kind, kind)
@@ -130,8 +131,11 @@ def _size_figure(raw: pd.DataFrame | None, controlled: pd.DataFrame | None, poin
                 ax.plot(c["n_params"], c["predicted"], ls="--", color=color, label=f"{name} (length-controlled)")
         ax.scatter(p["n_params"], p["rate"], color=color, s=12 + p["n"] / 4,
                    label=None if kind in fitted else f"{name} (observed only: no finite fit)")
-        for r in p.itertuples():
-            ax.annotate(f"n={r.n}", (r.n_params, r.rate), fontsize=7, xytext=(4, -10), textcoords="offset points")
+        for r in p.itertuples():  # dots of several kinds at one size and rate: their labels stack, not overprint
+            stacked = sum(1 for x, y in labelled if x == r.n_params and abs(y - r.rate) < 0.04)
+            labelled.append((r.n_params, r.rate))
+            ax.annotate(f"n={r.n}", (r.n_params, r.rate), fontsize=7, xytext=(4, -10 + 8 * stacked), textcoords="offset points",
+                        color=color if stacked else "black")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log")
     ax.set_xlabel("model size (parameters)")
