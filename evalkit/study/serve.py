@@ -241,7 +241,14 @@ def _esc(text) -> str:
 
 class LabelingApp:
     """The WSGI application; one SQLite connection per server thread, kept open (WAL lets readers and a writer
-    proceed together); answers go through :class:`GroupCommit`."""
+    proceed together); answers go through :class:`GroupCommit`.
+
+    What the server never changes — labelers' tokens, each labeler's tasks in order — is read once at start, and the
+    set of answered tasks is read at start and kept up to date by this process's commits, so a submission's only SQL
+    is its write (reads under many concurrent requests otherwise queue on SQLite's WAL read locks, whose busy handler
+    sleeps). One server per study database: a second one would not see the first's answers until restarted (it could
+    only show a task already answered, whose second answer is then refused or ignored, never stored twice).
+    """
 
     def __init__(self, study_dir: str | Path, instructions: str | None = None):
         self.study_dir = Path(study_dir)
@@ -252,8 +259,16 @@ class LabelingApp:
         try:
             self.secret = conn.execute("SELECT value FROM meta WHERE key='secret'").fetchone()[0].encode()
             self.admin_token = conn.execute("SELECT value FROM meta WHERE key='admin_token'").fetchone()[0]
+            self.labeler_of = dict(conn.execute("SELECT token, labeler_id FROM labelers").fetchall())
+            self.order: dict[str, list[str]] = {lab: [] for lab in self.labeler_of.values()}
+            self.task_meta: dict[str, tuple[str, str]] = {}  # task id -> (labeler id, kind)
+            for task_id, labeler, kind in conn.execute("SELECT task_id, labeler_id, kind FROM tasks ORDER BY labeler_id, position"):
+                self.order.setdefault(labeler, []).append(task_id)
+                self.task_meta[task_id] = (labeler, kind)
+            self.answered = {r[0] for r in conn.execute("SELECT task_id FROM judgments")}
         finally:
             conn.close()
+        self.next_index = {lab: 0 for lab in self.order}  # no task before it is unanswered (answers only accumulate)
         self.instructions = instructions or INSTRUCTIONS_FALLBACK
         self.local = threading.local()
         self.writer = GroupCommit(self.connection)
@@ -318,52 +333,49 @@ class LabelingApp:
             return self.not_found()
         if not self.allowed(environ):
             return self.too_many()
-        conn = self.connection()
-        try:
-            row = conn.execute("SELECT labeler_id FROM labelers WHERE token=?", (parts[1],)).fetchone()
-            if row is None:
-                self.failed(environ)
-                return self.not_found()
-            labeler, token = row[0], parts[1]
-            if len(parts) == 2 and method == "GET":
-                return self.instructions_page(conn, labeler, token)
-            if len(parts) == 3 and parts[2] == "next" and method == "GET":
-                return self.next_task(conn, labeler, token)
-            if len(parts) == 4 and parts[2] == "task":
-                task = conn.execute("SELECT * FROM tasks WHERE task_id=? AND labeler_id=?", (parts[3], labeler)).fetchone()
-                if task is None:
-                    return self.not_found()
-                if method == "GET":
-                    return self.task_page(conn, labeler, token, task)
-                if method == "POST":
-                    return self.submit(conn, environ, labeler, token, task)
+        labeler = self.labeler_of.get(parts[1])  # a hash lookup, as the SQL index it replaces
+        if labeler is None:
+            self.failed(environ)
             return self.not_found()
-        finally:
-            if conn.in_transaction:  # a request that failed mid-transaction leaves none open for the next one
-                conn.execute("ROLLBACK")
+        token = parts[1]
+        if len(parts) == 2 and method == "GET":
+            return self.instructions_page(labeler, token)
+        if len(parts) == 3 and parts[2] == "next" and method == "GET":
+            return self.next_task(labeler, token)
+        if len(parts) == 4 and parts[2] == "task":
+            meta = self.task_meta.get(parts[3])
+            if meta is None or meta[0] != labeler:
+                return self.not_found()
+            if method == "GET":
+                task = self.connection().execute("SELECT * FROM tasks WHERE task_id=?", (parts[3],)).fetchone()
+                return self.task_page(labeler, token, task)
+            if method == "POST":
+                return self.submit(environ, labeler, token, parts[3], meta[1])
+        return self.not_found()
 
     # -- labeler pages
-    def progress(self, conn, labeler: str) -> tuple[int, int]:
-        total = conn.execute("SELECT COUNT(*) FROM tasks WHERE labeler_id=?", (labeler,)).fetchone()[0]
-        done = conn.execute("SELECT COUNT(*) FROM judgments WHERE labeler_id=?", (labeler,)).fetchone()[0]
-        return done, total
+    def progress(self, labeler: str) -> tuple[int, int]:
+        tasks = self.order.get(labeler, [])
+        return sum(t in self.answered for t in tasks), len(tasks)
 
-    def instructions_page(self, conn, labeler, token):
-        done, total = self.progress(conn, labeler)
+    def instructions_page(self, labeler, token):
+        done, total = self.progress(labeler)
         body = (f"<h1>Instructions</h1><div id='instructions' class='post'>{_esc(self.instructions)}</div>"
                 f"<p class='progress'>{done} of {total} done.</p><p><a id='start' href='/l/{token}/next'>Start</a></p>")
         return "200 OK", [], self.page("Instructions", body)
 
-    def next_task(self, conn, labeler, token):
-        row = conn.execute("SELECT t.task_id FROM tasks t LEFT JOIN judgments j ON j.task_id=t.task_id "
-                           "WHERE t.labeler_id=? AND j.task_id IS NULL ORDER BY t.position LIMIT 1", (labeler,)).fetchone()
-        if row is None:
+    def next_task(self, labeler, token):
+        tasks, k = self.order.get(labeler, []), self.next_index.get(labeler, 0)
+        while k < len(tasks) and tasks[k] in self.answered:
+            k += 1
+        self.next_index[labeler] = k
+        if k == len(tasks):
             return "200 OK", [], self.page("Done", "<h1 id='done'>All done — thank you!</h1>")
-        return "303 See Other", [("Location", f"/l/{token}/task/{row[0]}")], ""
+        return "303 See Other", [("Location", f"/l/{token}/task/{tasks[k]}")], ""
 
-    def task_page(self, conn, labeler, token, task):
+    def task_page(self, labeler, token, task):
         (task_id, _, _, kind, subreddit, title, body, left, right, _, _) = task
-        done, total = self.progress(conn, labeler)
+        done, total = self.progress(labeler)
         head = (f"<p class='progress' id='progress'>Task {done + 1} of {total}</p>"
                 + (f"<p>r/{_esc(subreddit)}</p>" if subreddit else "")
                 + (f"<h2 id='title'>{_esc(title)}</h2>" if title else "")
@@ -380,8 +392,7 @@ class LabelingApp:
             form = LIKERT_FORM.format(left=_esc(left), csrf=self.csrf(token, task_id), shown_at=shown_at, scales=scales)
         return "200 OK", [], self.page("Task", head + form)
 
-    def submit(self, conn, environ, labeler, token, task):
-        task_id, kind = task[0], task[3]
+    def submit(self, environ, labeler, token, task_id, kind):
         try:
             size = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
@@ -409,11 +420,12 @@ class LabelingApp:
         # together committed together
         answer = (values["confidence"], values["overall"], values["accuracy"], values["coverage"], values["coherence"])
         prev = self.writer.write(task_id, (task_id, labeler, *answer, note, datetime.now(timezone.utc).isoformat(), duration), answer)
+        self.answered.add(task_id)  # committed (or answered before): only now does it count as done
         if prev is not None and prev != answer:  # a second, different answer is not silently dropped
             return "409 Conflict", [], self.page("Already answered", "<p>This task was already answered; your first answer "
                                                  f"is kept. <a href='/l/{token}/next'>Continue</a></p>")
         # acknowledged only now, after the commit: always a redirect (to the next task, or to the "done" page)
-        status, headers, body = self.next_task(conn, labeler, token)
+        status, headers, body = self.next_task(labeler, token)
         return ("303 See Other", [("Location", f"/l/{token}/next")], "") if status.startswith("200") else (status, headers, body)
 
     # -- admin
