@@ -413,7 +413,7 @@ def served(tmp_path_factory):
 
     from waitress import create_server
 
-    from evalkit.study.serve import LabelingApp, init_db
+    from evalkit.study.serve import LabelingApp, init_db, run_paced
 
     worlds, servers = {}, []
     for kind in ("pairwise", "likert"):
@@ -422,7 +422,7 @@ def served(tmp_path_factory):
                        "design.gold_fraction=0", "design.attention_fraction=0", f"design.kind={kind}")
         db = init_db(out / "study")
         server = create_server(LabelingApp(out / "study"), host="127.0.0.1", port=0, threads=2)
-        threading.Thread(target=server.run, daemon=True).start()
+        threading.Thread(target=run_paced, args=(server,), daemon=True).start()  # the loop `evalkit study serve` runs
         servers.append(server)
         with sqlite3.connect(db) as conn:
             (lab, tok), (_, other) = conn.execute("SELECT labeler_id, token FROM labelers ORDER BY labeler_id").fetchall()
