@@ -262,3 +262,37 @@ def test_group_commit_batches_concurrent_answers_and_fails_them_together(tmp_pat
     with connect(db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM judgments WHERE task_id LIKE 'x%'").fetchone()[0] == 0
         assert conn.execute("SELECT COUNT(*) FROM judgments WHERE task_id='t98'").fetchone()[0] == 1
+
+
+def test_the_paced_loop_serves_one_address_or_several():
+    """`evalkit study serve --host` may name a host with several addresses (waitress then returns a MultiSocketServer):
+    the paced event loop serves every listening socket either way."""
+    import threading
+
+    from waitress import create_server
+
+    from evalkit.study.serve import run_paced
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ["PATH_INFO"].encode()]
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        listens = ["127.0.0.1:0", "127.0.0.1:0 [::1]:0"]
+    except OSError:  # no IPv6 loopback here: two IPv4 sockets make a MultiSocketServer as well
+        listens = ["127.0.0.1:0", "127.0.0.1:0 127.0.0.1:0"]
+    for listen in listens:
+        server = create_server(app, listen=listen)
+        threading.Thread(target=run_paced, args=(server,), daemon=True).start()
+        where = getattr(server, "effective_listen", None) or [(server.effective_host, server.effective_port)]
+        assert len(where) == len(listen.split())
+        for host, port in where:
+            conn = http.client.HTTPConnection(host, port, timeout=10)
+            conn.request("GET", "/hello")
+            resp = conn.getresponse()
+            assert resp.status == 200 and resp.read() == b"/hello"
+            conn.close()
+        for sock in list((getattr(server, "map", None) or server._map).values()):  # an empty map ends the loop
+            sock.close()

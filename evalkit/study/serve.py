@@ -484,11 +484,13 @@ def run_paced(server, pause: float = LOOP_PAUSE_S) -> None:
 
     from waitress import wasyncore
 
+    sockets = getattr(server, "map", None) or server._map  # a MultiSocketServer (a host with several addresses) or one
     waiting = select.poll()
-    waiting.register(server.socket, select.POLLIN)
+    for listener in [obj for obj in sockets.values() if getattr(obj, "accepting", False)]:
+        waiting.register(listener.socket, select.POLLIN)
     try:
-        while server._map:
-            wasyncore.poll2(server.adj.asyncore_loop_timeout, server._map)
+        while sockets:
+            wasyncore.poll2(server.adj.asyncore_loop_timeout, sockets)
             if not waiting.poll(0):  # new connections (waitress accepts one per pass) are taken without a pause
                 time.sleep(pause)
     except (SystemExit, KeyboardInterrupt):
