@@ -220,7 +220,7 @@ def test_group_commit_batches_concurrent_answers_and_fails_them_together(tmp_pat
 
     def submit(i):
         task, answer = answers[i]
-        results[i] = writer.write(task, (task, "lab", *answer, None, "2026-01-01T00:00:00", None), answer)
+        results[i] = writer.write(task, (task, "lab", *answer, None, "2026-01-01T00:00:00", None))
 
     threads = [threading.Thread(target=submit, args=(i,)) for i in range(40)]
     threads += [threading.Thread(target=submit, args=(i,)) for i in range(40, 80)]
@@ -247,7 +247,7 @@ def test_group_commit_batches_concurrent_answers_and_fails_them_together(tmp_pat
 
     def doomed(i):
         try:
-            writer.write(f"x{i}", (f"x{i}", "lab", 3, 3, 3, 3, 3, None, "2026-01-01T00:00:00", None), (3,) * 5)
+            writer.write(f"x{i}", (f"x{i}", "lab", 3, 3, 3, 3, 3, None, "2026-01-01T00:00:00", None))
         except sqlite3.OperationalError as exc:
             errors.append(exc)
 
@@ -258,7 +258,7 @@ def test_group_commit_batches_concurrent_answers_and_fails_them_together(tmp_pat
         t.join()
     assert len(errors) == 10  # every request of a failed batch hears of it (none is acknowledged)
     writer._commit = counted  # the writer recovers for the next batch
-    assert writer.write("t98", ("t98", "lab", 3, 3, 3, 3, 3, None, "2026-01-01T00:00:00", None), (3,) * 5) is None
+    assert writer.write("t98", ("t98", "lab", 3, 3, 3, 3, 3, None, "2026-01-01T00:00:00", None)) is None
     with connect(db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM judgments WHERE task_id LIKE 'x%'").fetchone()[0] == 0
         assert conn.execute("SELECT COUNT(*) FROM judgments WHERE task_id='t98'").fetchone()[0] == 1

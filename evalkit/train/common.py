@@ -154,8 +154,8 @@ def prepare_out_dir(out_dir: Path, cfg: Any, resume: bool) -> dict | None:
         if json.loads(cfg_path.read_text()) == config_dict(cfg):
             try:
                 state = torch.load(state_path, map_location="cpu", weights_only=False)
-            except Exception as exc:  # noqa: BLE001 — any unreadable state means the same thing: start over
-                state = {"unreadable": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+            except Exception:  # noqa: BLE001 — any unreadable state means the same thing: start over
+                state = {}
             if "weights" in state:
                 return state
             log.warning("%s: its resume state is unreadable or from an older evalkit; starting afresh", out_dir)
