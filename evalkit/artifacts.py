@@ -14,6 +14,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -307,13 +308,20 @@ def atomic_write(path: str | os.PathLike, writer) -> Path:
     return path
 
 
-def staging_dir(final: str | os.PathLike) -> Path:
+def staging_dir(final: str | os.PathLike, owned, what: str) -> Path:
     """A fresh empty folder beside ``final`` to build it in (see :func:`publish_dir`); leftovers of killed builds of
-    the same folder are removed."""
+    the same folder are removed. :func:`publish_dir` replaces ``final`` whole, so ``final`` must be absent, empty, or
+    ``owned(final)`` — a folder of ``what`` ("an evalkit report") built before; anything else is refused here, before
+    any work, and nothing of it is touched."""
     import re
     import shutil
 
     final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise EvalkitError(f"{final} is a file; {what} is a folder, so give an empty or new folder")
+    if final.is_dir() and any(final.iterdir()) and not owned(final):
+        raise EvalkitError(f"{final} holds files that are not {what}; {what} replaces its folder whole, so give an "
+                           "empty or new folder")
     final.parent.mkdir(parents=True, exist_ok=True)
     _sweep_dead(final.parent, rf"\.{re.escape(final.name)}\.(?:building|old)-(\d+)")
     staging = final.parent / f".{final.name}.building-{os.getpid()}"
@@ -336,6 +344,22 @@ def publish_dir(staging: Path, final: str | os.PathLike) -> Path:
     _fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+@contextmanager
+def built_whole(final: str | os.PathLike, owned, what: str):
+    """``with built_whole(folder, owned, what) as staging:`` build the folder's files in ``staging``; on success the
+    folder is replaced whole (:func:`publish_dir`), on failure ``staging`` is removed and the folder left as it was.
+    ``owned`` and ``what`` guard a folder of other files (:func:`staging_dir`)."""
+    import shutil
+
+    staging = staging_dir(final, owned, what)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish_dir(staging, final)
 
 
 def write_table(df: pd.DataFrame, path: str | os.PathLike, name: str) -> Path:

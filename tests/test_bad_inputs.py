@@ -249,6 +249,7 @@ OPTION_CASES = [  # evalkit <command> with a bad option value
     ("ppo-no-rm", ["train", "ppo", "--policy", "{ckpt}", "--reward-model", "/no/rm", "--out", "{root}/cases/p"], "/no/rm"),
     ("ppo-set-neg", ["train", "ppo", "--policy", "{ckpt}", "--reward-model", "{ckpt}", "--out", "{root}/cases/p", "--set", "iterations=0"], "iterations is 0"),
     ("tok-vocab", ["train", "tokenizer", "--out", "{root}/cases/t", "--set", "vocab_size=10"], "vocab_size"),
+    ("tok-out-not-a-tokenizer", ["train", "tokenizer", "--out", "{run}/study"], "not a tokenizer"),
     ("import-gguf-missing", ["train", "import-gguf", "/no/such.gguf", "--out", "{root}/cases/i"], "/no/such.gguf"),
     ("import-gguf-not-gguf", ["train", "import-gguf", "{root}/run/study/tasks.parquet", "--out", "{root}/cases/i"], "GGUF"),
     ("report-no-spec", ["report", "{root}/cases/nowhere"], "no study spec"),

@@ -357,22 +357,11 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
     """The study's report in ``out_dir``: report.md, report.html, figures, fits.parquet and manifest.json. It is
     built in a folder beside ``out_dir`` and put in its place whole at the end, so a failed or killed report leaves
     the previous one as it was."""
-    import shutil
-
     final = Path(out_dir)
-    if final.exists() and not final.is_dir():
-        raise EvalkitError(f"{final} is a file; a report is a folder, so give an empty or new folder")
-    if final.is_dir() and any(final.iterdir()) and (artifacts.read_manifest(final) or {}).get("artifact") != "report":
-        raise EvalkitError(f"{final} holds files that are not an evalkit report; a report replaces its folder whole, "
-                           "so give an empty or new folder")
-    staging = artifacts.staging_dir(final)
-    try:
+    with artifacts.built_whole(final, lambda f: (artifacts.read_manifest(f) or {}).get("artifact") == "report",
+                               "an evalkit report") as staging:
         written = _write_report(tables, staging, title, baselines, split, n_boot, seed, config, reward_models,
                                 policy_kl, primary_dataset, inputs)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    artifacts.publish_dir(staging, final)
     return {k: final / v.name if isinstance(v, Path) else v for k, v in written.items()}
 
 

@@ -31,24 +31,25 @@ def train_tokenizer(out_dir: str | Path, cfg: TokenizerConfig = TokenizerConfig(
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    texts = texts if texts is not None else pretraining_texts(cfg.max_documents or None)
-    from evalkit.data.query import TLDR_FORMAT
-
-    # the query scaffolding must tokenize compactly
-    texts = texts + [TLDR_FORMAT] * 50
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=[EOS, PAD],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    bpe.train_from_iterator(texts, trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, pad_token=PAD, unk_token=None)
-    tok.model_max_length = 1 << 20
     out_dir = Path(out_dir)
-    staging = artifacts.staging_dir(out_dir)  # the folder appears whole or not at all (its files are many)
-    tok.save_pretrained(staging)
-    artifacts.publish_dir(staging, out_dir)
+    # the folder appears whole or not at all (its files are many); a folder of other files is refused, before training
+    with artifacts.built_whole(out_dir, lambda f: any((f / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")),
+                               "a tokenizer") as staging:
+        texts = texts if texts is not None else pretraining_texts(cfg.max_documents or None)
+        from evalkit.data.query import TLDR_FORMAT
+
+        # the query scaffolding must tokenize compactly
+        texts = texts + [TLDR_FORMAT] * 50
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=[EOS, PAD],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        )
+        bpe.train_from_iterator(texts, trainer=trainer)
+        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, pad_token=PAD, unk_token=None)
+        tok.model_max_length = 1 << 20
+        tok.save_pretrained(staging)
     log.info("tokenizer with %d tokens saved to %s", len(tok), out_dir)
     return tok
