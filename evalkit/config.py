@@ -72,7 +72,7 @@ class GenerateConfig:
     n_samples: int = 1
     seed: int = 0
     batch_size: int = 64
-    dtype: str = "float32"  # or bfloat16 (faster on CPUs with AVX512-BF16 and on GPUs)
+    dtype: str = "auto"  # decoding precision: auto (bfloat16 where the device has bf16 matrix units) | float32 | bfloat16
     max_query_tokens: int = 0  # 0: each checkpoint's recorded contract (a longer query than it was trained on is an error)
     baselines: tuple[str, ...] = ("ref",)
 
@@ -260,8 +260,12 @@ def check_values(cfg, where: str) -> None:
     negative or NaN (a negative step count would otherwise train nothing and say it succeeded)."""
     import math
 
+    from evalkit.precision import check as check_precision
+
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
+        if f.name == "precision":
+            check_precision(v, f"{where}: precision")
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
         if isinstance(v, float) and not math.isfinite(v):

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from evalkit import artifacts
+from evalkit import precision as prec
 from evalkit.contract import read_contract, same_lineage
 from evalkit.data.query import DEFAULT_FORMAT, format_query
 from evalkit.errors import EvalkitError
@@ -42,9 +43,6 @@ PARTS_DIR = "generations.parts"
 BASELINES = ("ref", "lead3", "openai-ppo-1.3b")
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
 @dataclass(frozen=True)
 class Decoding:
     temperature: float = 0.0
@@ -53,13 +51,14 @@ class Decoding:
     n_samples: int = 1
     seed: int = 0
     max_query_tokens: int | None = None  # None: the checkpoint contract's max_query_tokens (a longer one is an error)
-    dtype: str = "float32"  # bfloat16: ~1.8x faster prefill on CPUs with AVX512-BF16; greedy text may differ slightly
+    # the weights' dtype while decoding (evalkit.precision): auto = bfloat16 where the device has bf16 matrix units;
+    # greedy text may differ slightly from float32's. Generations record the resolved one.
+    dtype: str = "auto"
 
     def check(self) -> "Decoding":
         import math
 
-        if self.dtype not in DTYPES:
-            raise EvalkitError(f"dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        prec.check(self.dtype, "dtype")
         if not math.isfinite(self.temperature) or not math.isfinite(self.top_p):
             raise EvalkitError(f"temperature {self.temperature} / top_p {self.top_p}: expected finite numbers")
         if self.temperature < 0:
@@ -152,10 +151,12 @@ def _left_pad(t: torch.Tensor, width: int, dim: int, value=0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _prefill(model, queries: list[list[int]], pad: int, chunk: int, max_new_tokens: int):
+def _prefill(model, queries: list[list[int]], pad: int, chunk: int, max_new_tokens: int, repeats: int = 1):
     """Run the prompts in chunks of similar length (little padding), then merge their KV caches, left-padded to
     one width, into a preallocated (static) cache for a single decode batch: decoding then writes one position per
-    step instead of copying the whole cache. Returns (cache, attention mask, next positions, last logits)."""
+    step instead of copying the whole cache. With ``repeats`` > 1 each prompt is run once and its cache copied into
+    that many consecutive rows (N samples of one query: best-of-N). Returns (cache, attention mask, next positions,
+    last logits)."""
     from transformers import StaticCache
 
     caches, masks, logits = [], [], []
@@ -166,34 +167,37 @@ def _prefill(model, queries: list[list[int]], pad: int, chunk: int, max_new_toke
         caches.append(out.cache)
         masks.append(mask)
         logits.append(out.logits[:, -1])
-    next_pos = torch.tensor([[len(q)] for q in queries], device=device)
+    next_pos = torch.tensor([[len(q)] for q in queries], device=device).repeat_interleave(repeats, 0)
     width = max(m.shape[1] for m in masks)
     cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
     for layer, layer_parts in zip(cache.layers, zip(*(c.layers for c in caches))):
-        layer.update(torch.cat([_left_pad(part.keys, width, 2) for part in layer_parts]),
-                     torch.cat([_left_pad(part.values, width, 2) for part in layer_parts]))
-    mask = torch.cat([_left_pad(m, width, 1) for m in masks])
-    return cache, mask, next_pos, torch.cat(logits)
+        layer.update(torch.cat([_left_pad(part.keys, width, 2) for part in layer_parts]).repeat_interleave(repeats, 0),
+                     torch.cat([_left_pad(part.values, width, 2) for part in layer_parts]).repeat_interleave(repeats, 0))
+    mask = torch.cat([_left_pad(m, width, 1) for m in masks]).repeat_interleave(repeats, 0)
+    return cache, mask, next_pos, torch.cat(logits).repeat_interleave(repeats, 0)
 
 
 @torch.no_grad()
 def decode_batch(model, tok, queries: list[list[int]], dec: Decoding, seeds: list[int] | None = None,
-                 stop_ids: torch.Tensor | None = None, prefill_chunk: int = 16) -> list[tuple[list[int], bool]]:
+                 stop_ids: torch.Tensor | None = None, prefill_chunk: int = 16, repeats: int = 1) -> list[tuple[list[int], bool]]:
     """Decode one batch with a KV cache: (new token ids, hit EOS) per query; rows stop at EOS or a newline token.
 
     Prompts are prefilled in chunks of ``prefill_chunk`` (pass them sorted by length to keep padding small) and
-    decoded together, so a large decode batch does not pay for padding every prompt to the longest one.
+    decoded together, so a large decode batch does not pay for padding every prompt to the longest one. With
+    ``repeats`` = N every query is prefilled once and decoded N times (``seeds``: one per row, query-major); the
+    result has N rows per query in that order.
     """
     if dec.max_new_tokens is None:
         raise EvalkitError("decode_batch needs a concrete max_new_tokens (the checkpoint contract's max_summary_tokens)")
     pad = tok.pad_token_id
     generators = [torch.Generator().manual_seed(s) for s in seeds] if dec.temperature > 0 else None
-    past, mask, next_pos, logits = _prefill(model, queries, pad, prefill_chunk, dec.max_new_tokens)
+    past, mask, next_pos, logits = _prefill(model, queries, pad, prefill_chunk, dec.max_new_tokens, repeats)
     device = mask.device
-    active = list(range(len(queries)))  # the query index of each row still in the decode batch
-    done = torch.zeros(len(queries), dtype=torch.bool, device=device)
-    hit_eos = [False] * len(queries)
-    produced: list[list[int]] = [[] for _ in queries]
+    rows = len(queries) * repeats
+    active = list(range(rows))  # the output row of each row still in the decode batch
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    hit_eos = [False] * rows
+    produced: list[list[int]] = [[] for _ in range(rows)]
     stop_ids = (stop_ids if stop_ids is not None else torch.tensor([], dtype=torch.long)).to(device)
     for _ in range(dec.max_new_tokens):
         # sampling draws from each row's own CPU generator, so a sample does not depend on the device or its batch-mates
@@ -335,6 +339,8 @@ def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, d
     out_dir = Path(out_dir)
     (out_dir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     d = init_distributed()
+    dec = replace(dec, dtype=prec.resolve(dec.dtype, d.device, "dtype"))
+    dtype = prec.DTYPES[dec.dtype]
     existing = _read_parts(out_dir)
     done_ids = set(existing["gen_id"])
     wanted: set[str] = set()  # this call's generations (parts from other settings stay cached but out of the table)
@@ -344,7 +350,7 @@ def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, d
     for policy in policies:
         best_of = read_best_of_n(policy.checkpoint) if Path(policy.checkpoint).is_dir() else None
         source = best_of["policy"] if best_of else policy.checkpoint
-        model = load_causal_lm(source).eval().to(d.device, DTYPES[dec.dtype])
+        model = load_causal_lm(source).eval().to(d.device, dtype)
         tok = load_tokenizer(source)
         kind, n_params = ("best_of_n", int(best_of.get("n_params") or count_params(model)["n_params"])) if best_of else _policy_info(policy, model)
         contract = read_contract(source, model)
@@ -353,7 +359,7 @@ def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, d
         contracts[policy.policy_id] = contract.to_dict()
         reward_model = None
         if best_of:
-            reward_model = RewardModel.load(best_of["reward_model"]).eval().to(d.device, DTYPES[dec.dtype])
+            reward_model = RewardModel.load(best_of["reward_model"]).eval().to(d.device, dtype)
             rm_contract = read_contract(best_of["reward_model"])
             same_lineage(contract, rm_contract, f"best-of-N policy {source}", f"reward model {best_of['reward_model']}")
             contract = rm_contract  # its no-EOS score is on the RM's scale

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from evalkit import precision as prec
 from evalkit.contract import read_contract, same_lineage
 from evalkit.errors import EvalkitError
 from evalkit.models import RewardModel, load_causal_lm, load_tokenizer, read_metadata
@@ -32,6 +33,7 @@ class BestOfNConfig:
     n: int = 4
     temperature: float = 0.7
     seed: int = 0
+    precision: str = "auto"  # the weights' dtype while sampling and scoring (evalkit.precision)
 
 
 def best_of_n(cfg: BestOfNConfig, items: pd.DataFrame) -> pd.DataFrame:
@@ -48,7 +50,8 @@ def best_of_n(cfg: BestOfNConfig, items: pd.DataFrame) -> pd.DataFrame:
     records = items.to_dict("records")
     queries = [common.encode_query(tok, it, contract.max_query_tokens) for it in records]
     seeds = [derive_seed("best-of-n", cfg.policy, it["item_id"], cfg.seed, k) for it in records for k in range(cfg.n)]
-    samples, raw, best = common.best_of_n_candidates(policy, tok, rm, queries, seeds, cfg.n, cfg.temperature, contract)
+    with prec.weights_as(prec.resolve(cfg.precision, "cpu"), policy, rm):
+        samples, raw, best = common.best_of_n_candidates(policy, tok, rm, queries, seeds, cfg.n, cfg.temperature, contract)
     rows = []
     for i, item in enumerate(records):
         for k in range(cfg.n):

@@ -408,7 +408,7 @@ def best_of_n_candidates(model, tok, reward_model, queries: list[list[int]], see
     """N samples per query (``seeds``: one per candidate, query-major), their RM scores in the canonical form and the
     index of each query's kept candidate (``best_index``). Returns (candidates as (ids, finished), raw scores, best)."""
     cand_queries = [q for q in queries for _ in range(n)]
-    cands = sample(model, tok, cand_queries, contract, temperature, seeds, batch_size=len(cand_queries), prefill_chunk=prefill_chunk)
+    cands = sample(model, tok, queries, contract, temperature, seeds, batch_size=len(queries), prefill_chunk=prefill_chunk, repeats=n)
     raw = score_summaries(reward_model, tok, cand_queries, [response_text(tok, ids) for ids, _ in cands], contract, batch_size=32)
     best = [best_index(raw[q * n: (q + 1) * n], [fin for _, fin in cands[q * n: (q + 1) * n]], contract.no_eos_score)
             for q in range(len(queries))]
@@ -416,20 +416,23 @@ def best_of_n_candidates(model, tok, reward_model, queries: list[list[int]], see
 
 
 def sample(model, tok, queries: list[list[int]], contract, temperature: float, seeds: list[int], batch_size: int = 32,
-           prefill_chunk: int = 16) -> list[tuple[list[int], bool]]:
+           prefill_chunk: int = 16, repeats: int = 1) -> list[tuple[list[int], bool]]:
     """Completions from ``evalkit.generate.decode_batch`` (the one sampling loop), with the contract's stop rule;
-    queries are decoded in length-sorted batches and returned in their original order as (ids, finished)."""
+    queries are decoded in length-sorted batches and returned in their original order as (ids, finished). With
+    ``repeats`` = N each query is prefilled once and sampled N times (``seeds`` and the result: N per query,
+    query-major)."""
     from evalkit.generate import Decoding, decode_batch, newline_token_ids
 
     stop = newline_token_ids(tok)
     stop_set = set(stop.tolist())
     dec = Decoding(temperature=temperature, max_new_tokens=contract.max_summary_tokens, max_query_tokens=contract.max_query_tokens)
     order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
-    out: list[tuple[list[int], bool]] = [([], False)] * len(queries)
+    out: list[tuple[list[int], bool]] = [([], False)] * (len(queries) * repeats)
     for chunk in iterate(order, batch_size):
-        results = decode_batch(model, tok, [queries[i] for i in chunk], dec, [seeds[i] for i in chunk], stop, prefill_chunk)
-        for i, (ids, hit) in zip(chunk, results):
-            out[i] = (ids, finished(ids, hit, stop_set))
+        rows = [i * repeats + k for i in chunk for k in range(repeats)]
+        results = decode_batch(model, tok, [queries[i] for i in chunk], dec, [seeds[r] for r in rows], stop, prefill_chunk, repeats)
+        for r, (ids, hit) in zip(rows, results):
+            out[r] = (ids, finished(ids, hit, stop_set))
     return out
 
 

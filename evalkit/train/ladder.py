@@ -51,6 +51,7 @@ class LadderConfig:
     rm_epochs: int = 1
     rm_lr: float = 3e-4
     rm_max_pairs: int = 0
+    rm_held_out_posts: int = 0  # 0 = accuracy on every held-out post
     ppo_iterations: int = 20
     ppo_rollouts: int = 16
     ppo_minibatch: int = 8
@@ -60,6 +61,7 @@ class LadderConfig:
     eval_posts: int = 200
     bon_eval_posts: int = 200
     stages: tuple[str, ...] = STAGES  # which stages to train (SFT, RM follow when a later stage needs them)
+    precision: str = "auto"  # every stage's: bfloat16 where the device has bf16 matrix units, else float32
     seed: int = 0
 
 
@@ -132,32 +134,33 @@ def run_ladder(cfg: LadderConfig, out_dir: str | Path) -> dict:
             pre = stage(f"{name}/pretrain", d / "pretrained", lambda: pretrain(PretrainConfig(
                 tokenizer=str(tok_dir), depth=depth, steps=cfg.pretrain_steps, seq_len=cfg.pretrain_seq_len,
                 batch_size=cfg.pretrain_batch, lr=cfg.pretrain_lr, max_query_tokens=cfg.max_query_tokens,
-                eval_posts=cfg.eval_posts, seed=cfg.seed), d / "pretrained"))
+                eval_posts=cfg.eval_posts, seed=cfg.seed, precision=cfg.precision), d / "pretrained"))
             layers = 0
         else:
-            pre = stage(f"{name}/import", d / "pretrained", lambda: import_base(base_gguf(name, out_dir), d / "pretrained", cfg.eval_posts))
+            pre = stage(f"{name}/import", d / "pretrained", lambda: import_base(base_gguf(name, out_dir), d / "pretrained", cfg.eval_posts,
+                                                                                cfg.precision))
             layers = real
         wanted = set(cfg.stages)
         if not wanted & {"sft", "rm", "ppo", "best_of_n"}:
             continue
         sup = stage(f"{name}/sft", d / "sft", lambda: sft(SFTConfig(
             init=str(pre), steps=cfg.sft_steps, batch_size=cfg.sft_batch, lr=cfg.sft_lr, trainable_layers=layers,
-            eval_posts=cfg.eval_posts, seed=cfg.seed), d / "sft"))
+            eval_posts=cfg.eval_posts, seed=cfg.seed, precision=cfg.precision), d / "sft"))
         rm = stage(f"{name}/rm", d / "rm", lambda: train_reward_model(RewardConfig(
             init=str(sup), comparisons=cfg.comparisons, epochs=cfg.rm_epochs, lr=cfg.rm_lr, max_pairs=cfg.rm_max_pairs,
-            trainable_layers=layers, seed=cfg.seed), d / "rm")) if wanted & {"rm", "ppo", "best_of_n"} else None
+            max_held_out_posts=cfg.rm_held_out_posts, trainable_layers=layers, seed=cfg.seed, precision=cfg.precision), d / "rm")) if wanted & {"rm", "ppo", "best_of_n"} else None
         if rm is None:
             continue
         if "ppo" in wanted:
             stage(f"{name}/ppo", d / "ppo", lambda: ppo(PPOConfig(
                 policy=str(sup), reward_model=str(rm), iterations=cfg.ppo_iterations, rollouts=cfg.ppo_rollouts,
                 minibatch_size=cfg.ppo_minibatch, lr=cfg.ppo_lr, trainable_layers=layers, eval_posts=cfg.eval_posts,
-                seed=cfg.seed), d / "ppo"))
+                seed=cfg.seed, precision=cfg.precision), d / "ppo"))
         if "best_of_n" in wanted and (read_best_of_n(d / "best_of_n") is None or "quality" not in read_best_of_n(d / "best_of_n")):
             t0 = time.perf_counter()
             ran.append(f"{name}/best_of_n")
             write_best_of_n(d / "best_of_n", sup, rm, cfg.best_of_n)
-            measure_best_of_n(d / "best_of_n", cfg.bon_eval_posts, cfg.seed)
+            measure_best_of_n(d / "best_of_n", cfg.bon_eval_posts, cfg.seed, cfg.precision)
             timings[f"{name}/best_of_n"] = round(time.perf_counter() - t0, 1)
     if not ran and previous.get("config") == config and "summary" in previous:
         return {**previous, "ran": []}  # nothing changed: the summary (which rescores with each RM) stands
@@ -166,39 +169,44 @@ def run_ladder(cfg: LadderConfig, out_dir: str | Path) -> dict:
     return {**summary, "ran": ran}
 
 
-def import_base(gguf: Path, out_dir: Path, eval_posts: int) -> Path:
+def import_base(gguf: Path, out_dir: Path, eval_posts: int, precision: str = "auto") -> Path:
     """A real base as the ladder's pretrained stage: imported, measured zero-shot on held-out posts, completed."""
     from evalkit.contract import read_contract
     from evalkit.models import import_gguf, load_causal_lm, load_tokenizer, write_metadata
+    from evalkit.precision import resolve
     from evalkit.train.quality import measure
 
     folder = import_gguf(gguf, out_dir)
     model, tok = load_causal_lm(folder).eval(), load_tokenizer(folder)
-    quality = measure(model, tok, read_contract(folder), folder, eval_posts)
-    meta = write_metadata(folder, quality=quality)
-    artifacts.write_manifest(folder, artifacts.build_manifest("checkpoint:import", {"gguf": str(gguf), "eval_posts": eval_posts},
+    resolved = resolve(precision, "cpu")
+    quality = measure(model, tok, read_contract(folder), folder, eval_posts, precision=resolved)
+    meta = write_metadata(folder, quality=quality, precision=resolved)
+    artifacts.write_manifest(folder, artifacts.build_manifest("checkpoint:import", {"gguf": str(gguf), "eval_posts": eval_posts,
+                                                                                    "precision": resolved},
                                                               inputs=[gguf], extra={"metadata": meta}))
     return folder
 
 
-def measure_best_of_n(folder: Path, n_posts: int, seed: int) -> dict:
+def measure_best_of_n(folder: Path, n_posts: int, seed: int, precision: str = "auto") -> dict:
     """Best-of-N's held-out quality: the kept summary of N samples per post (the same posts as every stage)."""
     import numpy as np
 
+    from evalkit.precision import resolve
     from evalkit.train.quality import bootstrap_ci, eval_items, rouge_l
 
     spec = read_best_of_n(folder)
     if n_posts <= 0:
         return {}
     items = eval_items(n_posts)
+    resolved = resolve(precision, "cpu")
     table = best_of_n(BestOfNConfig(policy=spec["policy"], reward_model=spec["reward_model"], n=int(spec["n"]),
-                                    temperature=float(spec.get("temperature", 0.7)), seed=seed), items)
+                                    temperature=float(spec.get("temperature", 0.7)), seed=seed, precision=resolved), items)
     kept = table[table["is_best"]].set_index("item_id").loc[items["item_id"]]
     scores = rouge_l(list(kept["text"]), list(items["reference"]))
     quality = {"split": "valid1", "n_posts": len(kept), "distinct_fraction": kept["text"].nunique() / max(1, len(kept)),
                "mean_tokens": float(kept["n_tokens"].mean()), "finished_fraction": float(kept["finished"].mean()),
                "rouge_l": float(np.mean(scores)), "rouge_l_ci": bootstrap_ci(scores), "rm_score": float(kept["score"].mean()),
-               "kl_to_sft": spec["kl_from_sft"]}
+               "kl_to_sft": spec["kl_from_sft"], "precision": resolved}
     artifacts.write_json(folder / "best_of_n.json", {**spec, "quality": quality})
     return quality
 
@@ -235,6 +243,7 @@ def ladder_summary(out_dir: Path, names: list[str]) -> list[dict]:
                 continue
             q = meta.get("quality", {})
             row = {"size": name, "stage": stage, "n_params": meta.get("n_params"),
+                   "precision": meta.get("precision") or q.get("precision"),
                    "trainable_layers": meta.get("trainable_layers"), **{k: q.get(k) for k in (
                        "distinct_fraction", "mean_tokens", "finished_fraction", "rouge_l", "rm_score", "kl_to_sft")}}
             if stage in rm_scores:
@@ -255,7 +264,7 @@ def format_summary(rows: list[dict]) -> list[str]:
     def f(v, fmt=".3f"):
         return "-" if v is None else format(v, fmt)
 
-    lines = [f"{'size':12s} {'stage':10s} {'params':>8s} {'distinct':>8s} {'tokens':>6s} {'ROUGE-L':>7s} {'RM score':>8s} {'KL':>6s}  notes"]
+    lines = [f"{'size':12s} {'stage':10s} {'params':>8s} {'distinct':>8s} {'tokens':>6s} {'ROUGE-L':>7s} {'RM score':>8s} {'KL':>6s} {'precision':>9s}  notes"]
     for r in rows:
         notes = ""
         if r["stage"] == "sft" and r.get("rouge_l_gain_over_pretrained"):
@@ -270,7 +279,7 @@ def format_summary(rows: list[dict]) -> list[str]:
             notes = f"RM gain over SFT {g['mean']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}], length x{r['length_ratio_to_sft']:.2f}"
         params = f"{r['n_params'] / 1e6:.1f}M" if r.get("n_params") else "-"
         lines.append(f"{r['size']:12s} {r['stage']:10s} {params:>8s} {f(r.get('distinct_fraction'), '.2f'):>8s} "
-                     f"{f(r.get('mean_tokens'), '.1f'):>6s} {f(r.get('rouge_l')):>7s} {f(r.get('rm_score')):>8s} {f(r.get('kl_to_sft'), '.2f'):>6s}  {notes}")
+                     f"{f(r.get('mean_tokens'), '.1f'):>6s} {f(r.get('rouge_l')):>7s} {f(r.get('rm_score')):>8s} {f(r.get('kl_to_sft'), '.2f'):>6s} {r.get('precision') or '-':>9s}  {notes}")
     return lines
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from evalkit import precision as prec
 from evalkit.contract import read_contract, same_lineage
 from evalkit.errors import EvalkitError
 from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer, read_metadata
@@ -64,6 +65,7 @@ class PPOConfig:
     save_every: int = 0
     seed: int = 0
     threads: int = 0
+    precision: str = "auto"  # auto: bfloat16 autocast where the device has bf16 matrix units (evalkit.precision)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -126,6 +128,7 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
     if cfg.rollouts % cfg.minibatch_size:
         raise EvalkitError(f"rollouts {cfg.rollouts} is not a multiple of minibatch_size {cfg.minibatch_size}")
     d, state = common.start_run(out_dir, cfg, resume)
+    precision = prec.resolve(cfg.precision, d.device)
     from evalkit.train.sft import train_items
 
     items = train_items(cfg.max_items).to_dict("records")
@@ -162,14 +165,15 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
         first = (it * d.world + d.rank) * cfg.rollouts
         episodes = range(first, first + cfg.rollouts)
         batch_q = [queries[order[e]] for e in episodes]
-        samples = common.sample(policy, tok, batch_q, contract, cfg.temperature,
-                                [derive_seed("ppo-rollout", cfg.seed, e) for e in episodes], batch_size=cfg.rollouts)
+        with prec.weights_as(precision, policy):
+            samples = common.sample(policy, tok, batch_q, contract, cfg.temperature,
+                                    [derive_seed("ppo-rollout", cfg.seed, e) for e in episodes], batch_size=cfg.rollouts)
         responses = [ids for ids, _ in samples]
         is_finished = torch.tensor([fin for _, fin in samples], device=d.device)
         ids, mask, q_len, resp_mask = common.join_query_response(batch_q, responses, pad)
         ids, mask, resp_mask = ids.to(d.device), mask.to(d.device), resp_mask.to(d.device)
 
-        with torch.no_grad():
+        with torch.no_grad(), prec.autocast(precision, d.device):
             # 2. score: the RM on the canonical form of each summary; an unfinished one gets the no-EOS score
             texts = [common.response_text(tok, r) for r in responses]
             scores = common.score_summaries(reward_model, tok, batch_q, texts, contract, d.device).to(d.device)
@@ -200,7 +204,8 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
                 mb = mb.to(d.device)
                 m = resp_mask[mb]
                 h = hidden[mb] if hidden is not None else None
-                logp, entropy = common.response_logprobs(pol, ids[mb], mask[mb], q_len, cfg.temperature, trunk, h)
+                with prec.autocast(precision, d.device):
+                    logp, entropy = common.response_logprobs(pol, ids[mb], mask[mb], q_len, cfg.temperature, trunk, h)
                 ratio = torch.exp(logp - old_logp[mb])
                 pg1 = -advantages[mb] * ratio
                 pg2 = -advantages[mb] * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange)
@@ -210,7 +215,8 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
                 torch.nn.utils.clip_grad_norm_(common.trainable(policy), 1.0)
                 pol_opt.step()
 
-                values = token_values(val, ids[mb], mask[mb], trunk, h)[:, q_len - 1: -1]
+                with prec.autocast(precision, d.device):
+                    values = token_values(val, ids[mb], mask[mb], trunk, h)[:, q_len - 1: -1]
                 clipped = old_values[mb] + (values - old_values[mb]).clamp(-cfg.cliprange_value, cfg.cliprange_value)
                 vf1, vf2 = (values - returns[mb]) ** 2, (clipped - returns[mb]) ** 2
                 vf_loss = 0.5 * masked_mean(torch.max(vf1, vf2), m)
@@ -256,8 +262,8 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
         tok.save_pretrained(out_dir)
         value_model.save(out_dir / "value")
         quality = measure(policy, tok, contract, out_dir, cfg.eval_posts, reward_model=reward_model, kl_reference=reference,
-                          kl_temperature=cfg.temperature, device=d.device, trainable_layers=cfg.trainable_layers)
-        quality.update(gain_over_sft(out_dir, cfg.policy, reward_model, tok, contract, d.device))
+                          kl_temperature=cfg.temperature, device=d.device, trainable_layers=cfg.trainable_layers, precision=precision)
+        quality.update(gain_over_sft(out_dir, cfg.policy, reward_model, tok, contract, d.device, precision))
         rows = common.read_metrics(out_dir)
         parent = read_metadata(cfg.policy)
         common.finish_checkpoint(out_dir, cfg, "ppo", common.input_files(cfg.policy) + common.input_files(cfg.reward_model), {
@@ -265,19 +271,19 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
             "iterations": cfg.iterations, "episodes": cfg.iterations * cfg.rollouts * d.world,
             "final_kl": rows[-1]["kl"] if rows else None, "final_score": rows[-1]["score"] if rows else None,
             "init": str(cfg.policy), "reward_model": str(cfg.reward_model), "kl_coef": cfg.kl_coef, "world_size": d.world,
-            "replica_digests": digests, "contract": contract.to_dict(), "quality": quality,
+            "replica_digests": digests, "contract": contract.to_dict(), "quality": quality, "precision": precision,
         })
     common.shutdown_distributed(d)
     return out_dir
 
 
-def gain_over_sft(ppo_dir: Path, sft_dir: str | Path, reward_model, tok, contract, device) -> dict:
+def gain_over_sft(ppo_dir: Path, sft_dir: str | Path, reward_model, tok, contract, device, precision: str = "float32") -> dict:
     """The held-out RM score of PPO's summaries minus SFT's on the same posts (SFT's stored ``quality.parquet``,
     rescored with this RM), with a bootstrap CI over posts, and the length ratio PPO/SFT."""
     from evalkit.train.quality import rescore
 
     ours = read_quality(ppo_dir)
-    theirs = rescore(sft_dir, reward_model, tok, contract, device)
+    theirs = rescore(sft_dir, reward_model, tok, contract, device, precision)
     if ours is None or theirs is None or "rm_score" not in ours:
         return {}
     both = ours.merge(theirs, on="item_id", suffixes=("", "_sft"))

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from evalkit import precision as prec
 from evalkit.contract import Contract
 from evalkit.models import build_model, count_params, load_tokenizer
 from evalkit.seeds import derive_seed
@@ -40,6 +41,7 @@ class PretrainConfig:
     save_every: int = 100
     seed: int = 0
     threads: int = 0
+    precision: str = "auto"  # auto: bfloat16 autocast where the device has bf16 matrix units (evalkit.precision)
 
 
 def token_stream(tok, texts: list[str]) -> torch.Tensor:
@@ -58,10 +60,11 @@ def held_out_texts(n: int = 64) -> list[str]:
 
 
 @torch.no_grad()
-def stream_loss(model, stream: torch.Tensor, seq_len: int, device) -> float:
+def stream_loss(model, stream: torch.Tensor, seq_len: int, device, precision: str = "float32") -> float:
     n = (len(stream) - 1) // seq_len
     blocks = stream[: n * seq_len].view(n, seq_len).to(device)
-    losses = [model(input_ids=b, labels=b).loss.item() for b in blocks.split(16)]
+    with prec.autocast(precision, device):  # the loss itself is float32 (HF upcasts the logits)
+        losses = [model(input_ids=b, labels=b).loss.item() for b in blocks.split(16)]
     return float(np.mean(losses))
 
 
@@ -72,6 +75,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True) -> P
                         context=cfg.seq_len).check("pretrain config")
     tok = load_tokenizer(cfg.tokenizer)
     d, state = common.start_run(out_dir, cfg, resume)
+    precision = prec.resolve(cfg.precision, d.device)
 
     # 1. corpus → one token stream, cut into blocks of seq_len + 1 (inputs and shifted labels)
     stream = token_stream(tok, common.pretraining_texts(cfg.max_documents or None))
@@ -102,7 +106,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True) -> P
         lr = common.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = ddp(input_ids=x, labels=x).loss
+        with prec.autocast(precision, d.device):
+            loss = ddp(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -120,16 +125,16 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True) -> P
     model.eval()
     digests = common.check_replicas_in_sync(model, d)
     if d.main:
-        val_loss = stream_loss(model, token_stream(tok, held_out_texts()), cfg.seq_len, d.device)
+        val_loss = stream_loss(model, token_stream(tok, held_out_texts()), cfg.seq_len, d.device, precision)
         model.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)
         common.append_metrics(out_dir, {"step": step, "val_loss": val_loss})
-        quality = measure(model, tok, contract, out_dir, cfg.eval_posts, device=d.device)
+        quality = measure(model, tok, contract, out_dir, cfg.eval_posts, device=d.device, precision=precision)
         common.finish_checkpoint(out_dir, cfg, "pretrain", common.input_files(cfg.tokenizer), {
             "quality": quality,
             "policy_kind": "pretrained", "depth": cfg.depth, **sizes, "val_loss": val_loss, "steps": step,
             "contract": contract.to_dict(), "base": "scratch",
-            "world_size": d.world, "replica_digests": digests,
+            "world_size": d.world, "replica_digests": digests, "precision": precision,
         })
     common.shutdown_distributed(d)
     return out_dir

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from evalkit import artifacts
+from evalkit import precision as prec
 from evalkit.seeds import derive_seed
 from evalkit.train import common
 
@@ -100,13 +101,25 @@ def sequence_kl(policy, reference, queries: list[list[int]], responses: list[lis
 
 @torch.no_grad()
 def measure(model, tok, contract, out_dir: str | Path, n_posts: int = 200, reward_model=None, kl_reference=None,
-            kl_temperature: float = 0.7, device=torch.device("cpu"), batch_size: int = 64, trainable_layers: int = 0) -> dict:
+            kl_temperature: float = 0.7, device=torch.device("cpu"), batch_size: int = 64, trainable_layers: int = 0,
+            precision: str = "float32") -> dict:
     """Decode the held-out posts greedily and measure them (see the module docstring); writes ``quality.parquet``
-    in ``out_dir`` and returns the summary that goes into ``evalkit.json``."""
+    in ``out_dir`` and returns the summary that goes into ``evalkit.json``. ``precision`` (resolved): the weights'
+    dtype while decoding and scoring, as in training (the float32 weights are put back afterwards)."""
     if n_posts <= 0:
         return {}
     was_training = model.training
     model.eval()
+    with prec.weights_as(precision, model, reward_model, kl_reference):
+        summary = _measure(model, tok, contract, out_dir, n_posts, reward_model, kl_reference, kl_temperature, device,
+                           batch_size, trainable_layers)
+    model.train(was_training)
+    summary["precision"] = precision
+    return summary
+
+
+def _measure(model, tok, contract, out_dir, n_posts, reward_model, kl_reference, kl_temperature, device, batch_size,
+             trainable_layers) -> dict:
     items = eval_items(n_posts)
     records = items.to_dict("records")
     queries = [common.encode_query(tok, it, contract.max_query_tokens) for it in records]
@@ -132,7 +145,6 @@ def measure(model, tok, contract, out_dir: str | Path, n_posts: int = 200, rewar
         table["kl_to_sft"] = kl
         summary.update({"kl_to_sft": float(kl.mean()), "kl_to_sft_ci": bootstrap_ci(kl), "kl_temperature": kl_temperature})
     artifacts.write_table(table, Path(out_dir) / QUALITY_FILE, "quality")
-    model.train(was_training)
     log.info("quality of %s: distinct %.2f, %.1f tokens, ROUGE-L %.3f", out_dir, summary["distinct_fraction"],
              summary["mean_tokens"], summary["rouge_l"])
     return summary
@@ -144,7 +156,7 @@ def read_quality(folder: str | Path) -> pd.DataFrame | None:
 
 
 @torch.no_grad()
-def rescore(folder: str | Path, reward_model, tok, contract, device=torch.device("cpu")) -> pd.DataFrame | None:
+def rescore(folder: str | Path, reward_model, tok, contract, device=torch.device("cpu"), precision: str = "float32") -> pd.DataFrame | None:
     """An earlier stage's held-out summaries scored by a reward model trained after it (in memory: the earlier
     checkpoint's files are never changed)."""
     table = read_quality(folder)
@@ -152,5 +164,6 @@ def rescore(folder: str | Path, reward_model, tok, contract, device=torch.device
         return None
     items = eval_items(10**9).set_index("item_id").loc[table["item_id"]].reset_index()
     queries = [common.encode_query(tok, it, contract.max_query_tokens) for it in items.to_dict("records")]
-    table["rm_score"] = common.score_summaries(reward_model, tok, queries, list(table["text"].fillna("")), contract, device).numpy()
+    with prec.weights_as(precision, reward_model):
+        table["rm_score"] = common.score_summaries(reward_model, tok, queries, list(table["text"].fillna("")), contract, device).numpy()
     return table

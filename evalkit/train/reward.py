@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from evalkit import artifacts
+from evalkit import precision as prec
 from evalkit.contract import NO_EOS_SDS, no_eos_score_for, read_contract
 from evalkit.errors import EvalkitError
 from evalkit.seeds import derive_seed
@@ -50,9 +51,12 @@ class RewardConfig:
     weight_decay: float = 0.0
     trainable_layers: int = 0  # 0 = every block; k = only the top k blocks (+ final norm and the head)
     max_pairs: int = 0  # 0 = every training pair; otherwise the first N in the seeded order (for short CPU runs)
+    max_held_out_posts: int = 0  # 0 = every held-out post; otherwise N whole posts in a seeded order (accuracy's CI
+    # resamples posts, so it stays honest about the smaller sample)
     save_every: int = 100
     seed: int = 0
     threads: int = 0
+    precision: str = "auto"  # auto: bfloat16 autocast where the device has bf16 matrix units (evalkit.precision)
 
 
 def load_comparison_tables(folder: str | Path) -> dict[str, pd.DataFrame]:
@@ -173,25 +177,27 @@ def encode_pairs(tok, pairs: pd.DataFrame, items: pd.DataFrame, contract) -> lis
     return out
 
 
-def pair_rewards(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of the chosen and the rejected sequences, one forward pass over both."""
+def pair_rewards(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, device,
+                 precision: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of the chosen and the rejected sequences, one forward pass over both (the head in float32)."""
     ids, mask = common.pad_batch([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
-    r = model(ids.to(device), mask.to(device))
+    with prec.autocast(precision, device):
+        r = model(ids.to(device), mask.to(device))
     return r[: len(pairs)], r[len(pairs):]
 
 
 @torch.no_grad()
-def pair_correct(model, pairs, pad_id: int, device, batch_size: int = 16) -> np.ndarray:
+def pair_correct(model, pairs, pad_id: int, device, batch_size: int = 16, precision: str = "float32") -> np.ndarray:
     """Per pair: 1 when the chosen summary scores higher, 0 when lower, 0.5 on a tie."""
     out = np.zeros(len(pairs))
     for chunk in common.by_length([max(len(c), len(r)) for c, r in pairs], batch_size):
-        rc, rr = pair_rewards(model, [pairs[i] for i in chunk], pad_id, device)
+        rc, rr = pair_rewards(model, [pairs[i] for i in chunk], pad_id, device, precision)
         out[chunk] = ((rc > rr).float() + 0.5 * (rc == rr).float()).cpu().numpy()
     return out
 
 
-def accuracy(model, pairs, pad_id: int, device, batch_size: int = 16) -> float:
-    correct = pair_correct(model, pairs, pad_id, device, batch_size)
+def accuracy(model, pairs, pad_id: int, device, batch_size: int = 16, precision: str = "float32") -> float:
+    correct = pair_correct(model, pairs, pad_id, device, batch_size, precision)
     return float(correct.mean()) if len(correct) else float("nan")
 
 
@@ -221,6 +227,7 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
     tok = load_tokenizer(cfg.init)
     contract = read_contract(cfg.init)
     d, state = common.start_run(out_dir, cfg, resume)
+    precision = prec.resolve(cfg.precision, d.device)
 
     # 1. pairs: every listed source minus the evaluation posts; a post-disjoint held-out set for accuracy
     pairs, items = comparison_sources(tuple(cfg.comparisons))
@@ -228,6 +235,10 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
     if cfg.max_pairs:
         order = np.random.default_rng(derive_seed("rm-pairs", cfg.seed)).permutation(len(train))[: cfg.max_pairs]
         train = train.iloc[np.sort(order)].reset_index(drop=True)
+    if cfg.max_held_out_posts:
+        posts = held["item_id"].drop_duplicates().to_numpy()
+        keep = set(np.random.default_rng(derive_seed("rm-held-out-posts", cfg.seed)).permutation(posts)[: cfg.max_held_out_posts])
+        held = held[held["item_id"].isin(keep)].reset_index(drop=True)
     if train.empty:
         raise EvalkitError(f"{', '.join(cfg.comparisons)}: no pairwise judgments left to train on once evaluation posts "
                            f"({cfg.eval_split}) and the held-out posts are set aside")
@@ -258,7 +269,7 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
         lr = common.lr_at(step, cfg.lr, cfg.warmup_steps, total)
         for group in opt.param_groups:
             group["lr"] = lr
-        rc, rr = pair_rewards(ddp, batch, tok.pad_token_id, d.device)
+        rc, rr = pair_rewards(ddp, batch, tok.pad_token_id, d.device, precision)
         loss = -F.logsigmoid(rc - rr).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -281,14 +292,16 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
     ref_items = items[items["item_id"].isin(train["item_id"]) & items["reference"].notna()]
     records = ref_items.to_dict("records")
     queries = [common.encode_query(tok, r, contract.max_query_tokens) for r in records]
-    ref_scores = common.score_summaries(model, tok, queries, [r["reference"] for r in records], contract, d.device)
+    with prec.autocast(precision, d.device):
+        ref_scores = common.score_summaries(model, tok, queries, [r["reference"] for r in records], contract, d.device)
     shift = float(ref_scores.mean()) if len(ref_scores) else 0.0
     with torch.no_grad():
         model.head.bias -= shift
 
     # 5. held-out accuracy next to the length heuristic on the same pairs, and the checkpoint
-    report = held_out_report(pair_correct(model, held_pairs, tok.pad_token_id, d.device), held, cfg.seed) if held_pairs else {"n_held_out": 0}
-    train_acc = accuracy(model, train_pairs[:64], tok.pad_token_id, d.device)  # a sanity check, not a measurement
+    correct = pair_correct(model, held_pairs, tok.pad_token_id, d.device, precision=precision) if held_pairs else None
+    report = held_out_report(correct, held, cfg.seed) if held_pairs else {"n_held_out": 0}
+    train_acc = accuracy(model, train_pairs[:64], tok.pad_token_id, d.device, precision=precision)  # a sanity check, not a measurement
     model.save(out_dir)
     tok.save_pretrained(out_dir)
     labels = {f"{src} ({kind})": int(n) for (src, kind), n in train.groupby(["source", "labeler_kind"]).size().items()}
@@ -306,7 +319,7 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
         **{k: v for k, v in summary.items() if k != "step"}, "training_labels": labels,
         "labeler_kinds": sorted(train["labeler_kind"].unique()), "eval_split_excluded": cfg.eval_split,
         "world_size": d.world, "replica_digests": digests, "contract": contract.to_dict(), "init": str(cfg.init),
-        "no_eos_rule": f"{NO_EOS_SDS:g} SD of reference scores below their mean (0)",
+        "no_eos_rule": f"{NO_EOS_SDS:g} SD of reference scores below their mean (0)", "precision": precision,
     })
     common.shutdown_distributed(d)
     return out_dir

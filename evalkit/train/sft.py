@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from evalkit import precision as prec
 from evalkit.contract import read_contract
 from evalkit.models import count_params, load_causal_lm, load_tokenizer, read_metadata
 from evalkit.train import common
@@ -40,6 +41,7 @@ class SFTConfig:
     save_every: int = 100
     seed: int = 0
     threads: int = 0
+    precision: str = "auto"  # auto: bfloat16 autocast where the device has bf16 matrix units (evalkit.precision)
 
 
 def sft_examples(tok, items: pd.DataFrame, max_query_tokens: int, max_summary_tokens: int) -> list[tuple[list[int], list[int]]]:
@@ -75,13 +77,15 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[t
 
 
 @torch.no_grad()
-def summary_loss(model, examples, pad_id: int, device, batch_size: int = 16) -> float:
+def summary_loss(model, examples, pad_id: int, device, batch_size: int = 16, precision: str = "float32") -> float:
     """Mean next-token loss over the summary tokens of ``examples`` (only those positions reach the LM head)."""
     loss_fn, total, count = SummaryLoss(model), 0.0, 0
     for chunk in common.iterate(examples, batch_size):
         ids, mask, labels = (t.to(device) for t in collate(chunk, pad_id))
         n = int((labels[:, 1:] != IGNORE).sum())
-        total += loss_fn(ids, mask, labels).item() * n
+        with prec.autocast(precision, device):
+            loss = loss_fn(ids, mask, labels)
+        total += loss.item() * n
         count += n
     return total / max(1, count)
 
@@ -100,6 +104,7 @@ def sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = True) -> Path:
     tok = load_tokenizer(cfg.init)
     contract = read_contract(cfg.init)
     d, state = common.start_run(out_dir, cfg, resume)
+    precision = prec.resolve(cfg.precision, d.device)
 
     # 1. examples: TL;DR train posts with their references; a held-out slice of valid1 for the loss
     examples = sft_examples(tok, train_items(cfg.max_items), contract.max_query_tokens, contract.max_summary_tokens)
@@ -131,7 +136,8 @@ def sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = True) -> Path:
         lr = common.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = ddp(ids, mask, labels)
+        with prec.autocast(precision, d.device):
+            loss = ddp(ids, mask, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(common.trainable(model), 1.0)
@@ -148,16 +154,16 @@ def sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = True) -> Path:
     model.eval()
     digests = common.check_replicas_in_sync(model, d)
     if d.main:
-        val_loss = summary_loss(model, held_out, tok.pad_token_id, d.device)
+        val_loss = summary_loss(model, held_out, tok.pad_token_id, d.device, precision=precision)
         model.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)
         common.append_metrics(out_dir, {"step": step, "val_loss": val_loss})
-        quality = measure(model, tok, contract, out_dir, cfg.eval_posts, device=d.device)
+        quality = measure(model, tok, contract, out_dir, cfg.eval_posts, device=d.device, precision=precision)
         parent = read_metadata(cfg.init)
         common.finish_checkpoint(out_dir, cfg, "sft", common.input_files(cfg.init), {
             "policy_kind": "sft", "depth": parent.get("depth"), "base": parent.get("base"), **count_params(model),
             **frozen, "val_loss": val_loss, "steps": step, "init": str(cfg.init), "world_size": d.world,
-            "replica_digests": digests, "contract": contract.to_dict(), "quality": quality,
+            "replica_digests": digests, "contract": contract.to_dict(), "quality": quality, "precision": precision,
         })
     common.shutdown_distributed(d)
     return out_dir
