@@ -6,10 +6,11 @@ Settings shared by both: 16 rollouts per iteration, 2 minibatches of 8, 4 PPO ep
 queries (evalkit reads them from the checkpoint's contract). evalkit also stops a response at a newline (its contract),
 TRL only at EOS: the mean response length of each side is printed from its own log, so the comparison can be judged.
 The first iteration of each is a warm-up; the ratio uses the mean of the following ones. Episode counts are read from
-each trainer's own log.
+each trainer's own log. Both run at one precision (``--precision``): float32 for both, or bfloat16 for both (evalkit's
+autocast, TRL's ``bf16=True``); ``both`` runs the two comparisons one after the other.
 
     .venv/bin/pip install trl==1.12.0    # benchmark-only dependency (pip install -e '.[bench]')
-    .venv/bin/python benchmarks/ppo_vs_trl.py [--depth 4] [--iterations 3]
+    .venv/bin/python benchmarks/ppo_vs_trl.py [--depth 4] [--iterations 3] [--precision float32|bfloat16|both]
 """
 
 from __future__ import annotations
@@ -44,19 +45,19 @@ def build_models(root: Path, depth: int) -> tuple[Path, Path, list[list[int]]]:
     return root / "sft", root / "rm", queries
 
 
-def ours(sft: Path, rm: Path, out: Path, iterations: int, threads: int) -> tuple[list[float], int, float]:
+def ours(sft: Path, rm: Path, out: Path, iterations: int, threads: int, precision: str) -> tuple[list[float], int, float]:
     from evalkit.train.common import read_metrics
     from evalkit.train.ppo import PPOConfig, ppo
 
     ppo(PPOConfig(policy=str(sft), reward_model=str(rm), iterations=iterations, rollouts=16, minibatch_size=8, ppo_epochs=4,
-                  temperature=0.7, max_items=64, threads=threads, eval_posts=0), out, resume=False)
+                  temperature=0.7, max_items=64, threads=threads, eval_posts=0, precision=precision), out, resume=False)
     rows = read_metrics(out)
     elapsed = [r["elapsed_s"] for r in rows]
     return ([b - a for a, b in zip([0.0] + elapsed[:-1], elapsed)], int(rows[-1]["episodes"]),
             sum(r["mean_length"] for r in rows) / len(rows))
 
 
-def trl(sft: Path, queries: list[list[int]], out: Path, iterations: int) -> tuple[list[float], int, float]:
+def trl(sft: Path, queries: list[list[int]], out: Path, iterations: int, precision: str) -> tuple[list[float], int, float]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -78,7 +79,7 @@ def trl(sft: Path, queries: list[list[int]], out: Path, iterations: int) -> tupl
                      gradient_accumulation_steps=2, num_mini_batches=2, num_ppo_epochs=4, total_episodes=16 * iterations,
                      response_length=48, temperature=0.7, stop_token="eos", missing_eos_penalty=1.0, kl_coef=0.05,
                      local_rollout_forward_batch_size=16, num_sample_generations=0, save_strategy="no", learning_rate=3e-5,
-                     logging_steps=1, seed=0)
+                     logging_steps=1, seed=0, bf16=precision == "bfloat16")
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          train_dataset=Dataset.from_dict({"input_ids": queries}), value_model=value, callbacks=[Clock()])
     t0 = time.perf_counter()
@@ -95,6 +96,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=("float32", "bfloat16", "both"), default="float32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
@@ -104,11 +106,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         sft, rm, queries = build_models(root, args.depth)
-        t_ours, n_ours, len_ours = ours(sft, rm, root / "ours", args.iterations, args.threads)
-        t_trl, n_trl, len_trl = trl(sft, queries, root / "trl", args.iterations)
+        for precision in ("float32", "bfloat16") if args.precision == "both" else (args.precision,):
+            t_ours, n_ours, len_ours = ours(sft, rm, root / f"ours-{precision}", args.iterations, args.threads, precision)
+            t_trl, n_trl, len_trl = trl(sft, queries, root / f"trl-{precision}", args.iterations, precision)
+            report(args, precision, t_ours, n_ours, len_ours, t_trl, n_trl, len_trl)
+
+
+def report(args, precision, t_ours, n_ours, len_ours, t_trl, n_trl, len_trl) -> None:
     mean = lambda xs: sum(xs[1:]) / max(1, len(xs) - 1)  # noqa: E731
     eps_ours, eps_trl = 16 / mean(t_ours), 16 / mean(t_trl)
-    print(f"depth {args.depth}, 16 episodes/iteration, {args.iterations} iterations (first = warm-up)")
+    print(f"depth {args.depth}, both in {precision}, 16 episodes/iteration, {args.iterations} iterations (first = warm-up)")
     print(f"  evalkit: {', '.join(f'{t:.2f}s' for t in t_ours)} per iteration → {eps_ours:.2f} episodes/s "
           f"({n_ours} episodes in its metrics.jsonl, mean response {len_ours:.1f} tokens)")
     print(f"  trl    : {', '.join(f'{t:.2f}s' for t in t_trl)} per iteration → {eps_trl:.2f} episodes/s "

@@ -9,14 +9,16 @@ Baselines are policies too: ``ref`` (the human reference), ``lead3`` (the first 
 rows from a file (the bundled OpenAI 1.3B RLHF summaries are ``openai-ppo-1.3b``).
 
 Efficiency: items are sorted by query length and decoded in batches (left padding, KV cache, one LM-head row per
-step). Resumability: every finished batch is written atomically as a part file under ``<out>/generations.parts``;
+step). Policies of one lineage whose lower blocks are bit-identical (a base, its SFT and PPO that trained only their
+top blocks, best-of-N's SFT) prefill those blocks once per batch (``SharedPrefix``); best-of-N prefills each query once
+for its N samples and scores the N candidates from one reward-model pass over the query. Resumability: every finished batch is written atomically as a part file under ``<out>/generations.parts``;
 a re-run skips the ``gen_id``s already there, so a killed run loses at most the batch in flight; the final
 ``generations.parquet`` is assembled (atomically) from the parts.
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import logging
 import re
 import time
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from safetensors import safe_open
 
 from evalkit import artifacts
 from evalkit import precision as prec
@@ -33,7 +36,7 @@ from evalkit.data.query import DEFAULT_FORMAT, format_query
 from evalkit.errors import EvalkitError
 from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer, position_ids, read_metadata
 from evalkit.train.best_of_n import read_best_of_n
-from evalkit.train.common import pad_batch
+from evalkit.train.common import pad_batch, top_blocks
 from evalkit.seeds import derive_seed, stable_hash
 
 log = logging.getLogger(__name__)
@@ -120,13 +123,18 @@ def postprocess(text: str) -> str:
 
 # ------------------------------------------------------------------------------------------------------- decoding
 
-@functools.lru_cache(maxsize=8)
 def newline_token_ids(tok) -> torch.Tensor:
-    """Ids of every token whose text contains a newline (generation stops after one); computed once per tokenizer
-    (it decodes the whole vocabulary)."""
-    texts = tok.batch_decode([[i] for i in range(len(tok))])
-    ids = [i for i, text in enumerate(texts) if "\n" in text]
-    return torch.tensor(ids, dtype=torch.long)
+    """Ids of every token whose text contains a newline (generation stops after one). Decoding the whole vocabulary
+    takes seconds for a 262k-word one (Gemma), and every checkpoint of a lineage loads its own tokenizer object, so
+    the answer is kept per vocabulary (its contents), not per object."""
+    key = (type(tok).__name__, len(tok), hash(frozenset(tok.get_vocab().items())))
+    if key not in _NEWLINE_IDS:
+        texts = tok.batch_decode([[i] for i in range(len(tok))])
+        _NEWLINE_IDS[key] = torch.tensor([i for i, text in enumerate(texts) if "\n" in text], dtype=torch.long)
+    return _NEWLINE_IDS[key]
+
+
+_NEWLINE_IDS: dict[tuple, torch.Tensor] = {}
 
 
 def _pick(logits: torch.Tensor, dec: Decoding, generators: list[torch.Generator] | None) -> torch.Tensor:
@@ -150,20 +158,99 @@ def _left_pad(t: torch.Tensor, width: int, dim: int, value=0) -> torch.Tensor:
     return torch.cat([torch.full(shape, value, dtype=t.dtype, device=t.device), t], dim=dim)
 
 
+_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+
+
+def layer_digests(folder: str | Path) -> list[str] | None:
+    """Digests of a checkpoint's input embeddings, then of each transformer block, read from its safetensors files
+    (no model is built): equal prefixes mean bit-identical lower blocks. None for a model with learned absolute
+    positions (GPT-2's ``wpe`` enters after the embedding, so its lower blocks cannot be shared this way)."""
+    files = [f for f in sorted(Path(folder).glob("*.safetensors")) if f.name != "reward_head.safetensors"]
+    if not files:
+        return None
+    groups: dict[int, list[tuple[str, bytes]]] = {}
+    for path in files:
+        with safe_open(str(path), "pt") as fh:
+            for name in fh.keys():
+                if "wpe" in name:
+                    return None
+                m = _LAYER_INDEX.search(name)
+                if m is None and "embed" not in name and "wte" not in name:
+                    continue  # the final norm and the head come after the blocks
+                t = fh.get_tensor(name)
+                groups.setdefault(int(m.group(1)) if m else -1, []).append((name, t.contiguous().view(torch.uint8).numpy().tobytes()))
+    if -1 not in groups:
+        return None
+    return [hashlib.sha256(b"".join(n.encode() + b for n, b in sorted(groups[i]))).hexdigest() for i in sorted(groups)]
+
+
+class SharedPrefix:
+    """The lower blocks that the policies of one lineage share, bit-identical: SFT and PPO that trained only their top
+    blocks, best-of-N's SFT, and the base they started from. The first policy's prefill keeps, per chunk of queries,
+    the KV cache of blocks below ``depth`` and the hidden state entering block ``depth``; the others run only their
+    own blocks from ``depth`` up (then the final norm and the LM head) on it. The same numbers as each policy's own
+    full prefill, for a fraction of its cost."""
+
+    def __init__(self, depth: int):
+        self.depth, self.store = depth, {}
+
+    @classmethod
+    def plan(cls, sources: list[str]) -> dict[str, "SharedPrefix"]:
+        """One ``SharedPrefix`` per group of sources whose embeddings and first block agree, at the depth all of
+        them share (at least one block below the top runs per policy); sources alone in their group get none."""
+        digests = {s: layer_digests(s) for s in dict.fromkeys(sources)}
+        groups: dict[tuple[str, str], list[str]] = {}
+        for s, dg in digests.items():
+            if dg and len(dg) > 2:
+                groups.setdefault((dg[0], dg[1]), []).append(s)
+        out = {}
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            first = digests[members[0]]
+            depth = min(next((i for i, (a, b) in enumerate(zip(first, digests[m])) if a != b), len(first)) for m in members[1:])
+            depth = min(depth, len(first) - 1) - 1  # digest 0 is the embeddings; keep at least one block to run
+            if depth >= 1:
+                shared = cls(depth)
+                out.update({m: shared for m in members})
+        return out
+
+    def run(self, model, ids: torch.Tensor, mask: torch.Tensor):
+        """The model's prefill output for one chunk (``cache``, ``logits``), from the shared blocks when stored."""
+        key = (tuple(ids.flatten().tolist()), tuple(ids.shape))
+        pos = position_ids(mask)
+        if key not in self.store:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, output_hidden_states=True)
+            self.store[key] = (list(out.cache.layers[: self.depth]), out.hidden_states[self.depth])
+            return out
+        from transformers import DynamicCache
+
+        lower, hidden = self.store[key]
+        cache = DynamicCache(config=model.config)  # every block's slot, made before the stack is cut to the top ones
+        with top_blocks(model, model.config.num_hidden_layers - self.depth):
+            out = model(inputs_embeds=hidden, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+        out.cache.layers[: self.depth] = lower
+        return out
+
+
 @torch.no_grad()
-def _prefill(model, queries: list[list[int]], pad: int, chunk: int, max_new_tokens: int, repeats: int = 1):
+def _prefill(model, queries: list[list[int]], pad: int, chunk: int, max_new_tokens: int, repeats: int = 1,
+             shared: SharedPrefix | None = None):
     """Run the prompts in chunks of similar length (little padding), then merge their KV caches, left-padded to
     one width, into a preallocated (static) cache for a single decode batch: decoding then writes one position per
     step instead of copying the whole cache. With ``repeats`` > 1 each prompt is run once and its cache copied into
-    that many consecutive rows (N samples of one query: best-of-N). Returns (cache, attention mask, next positions,
-    last logits)."""
+    that many consecutive rows (N samples of one query: best-of-N). With ``shared``, the lower blocks a lineage shares
+    run once per chunk for all its policies. Returns (cache, attention mask, next positions, last logits)."""
     from transformers import StaticCache
 
     caches, masks, logits = [], [], []
     device = next(model.parameters()).device
     for start in range(0, len(queries), chunk):
         ids, mask = (t.to(device) for t in pad_batch(queries[start: start + chunk], pad, side="left"))
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
+        if shared is not None:
+            out = shared.run(model, ids, mask)
+        else:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
         caches.append(out.cache)
         masks.append(mask)
         logits.append(out.logits[:, -1])
@@ -179,7 +266,8 @@ def _prefill(model, queries: list[list[int]], pad: int, chunk: int, max_new_toke
 
 @torch.no_grad()
 def decode_batch(model, tok, queries: list[list[int]], dec: Decoding, seeds: list[int] | None = None,
-                 stop_ids: torch.Tensor | None = None, prefill_chunk: int = 16, repeats: int = 1) -> list[tuple[list[int], bool]]:
+                 stop_ids: torch.Tensor | None = None, prefill_chunk: int = 16, repeats: int = 1,
+                 shared: SharedPrefix | None = None) -> list[tuple[list[int], bool]]:
     """Decode one batch with a KV cache: (new token ids, hit EOS) per query; rows stop at EOS or a newline token.
 
     Prompts are prefilled in chunks of ``prefill_chunk`` (pass them sorted by length to keep padding small) and
@@ -191,7 +279,7 @@ def decode_batch(model, tok, queries: list[list[int]], dec: Decoding, seeds: lis
         raise EvalkitError("decode_batch needs a concrete max_new_tokens (the checkpoint contract's max_summary_tokens)")
     pad = tok.pad_token_id
     generators = [torch.Generator().manual_seed(s) for s in seeds] if dec.temperature > 0 else None
-    past, mask, next_pos, logits = _prefill(model, queries, pad, prefill_chunk, dec.max_new_tokens, repeats)
+    past, mask, next_pos, logits = _prefill(model, queries, pad, prefill_chunk, dec.max_new_tokens, repeats, shared)
     device = mask.device
     rows = len(queries) * repeats
     active = list(range(rows))  # the output row of each row still in the decode batch
@@ -288,14 +376,15 @@ def _policy_info(policy: Policy, model) -> tuple[str, int]:
     return kind, int(n_params)
 
 
-def _best_of_n(model, tok, reward_model, queries, seeds, spec: dict, dec: Decoding, contract, prefill_chunk: int):
+def _best_of_n(model, tok, reward_model, queries, seeds, spec: dict, dec: Decoding, contract, prefill_chunk: int,
+               shared: SharedPrefix | None = None):
     """N samples per query at the spec's temperature (the one sampling loop, ``train.common.sample``); each is scored
     in the contract's canonical form, an unfinished one gets the contract's no-EOS score; the best is kept."""
     from evalkit.train.common import best_of_n_candidates
 
     n, temperature = int(spec["n"]), float(spec.get("temperature", 0.7))
     cand_seeds = [derive_seed("best-of-n", s, j) for s in seeds for j in range(n)]
-    cands, _, best = best_of_n_candidates(model, tok, reward_model, queries, cand_seeds, n, temperature, contract, prefill_chunk)
+    cands, _, best = best_of_n_candidates(model, tok, reward_model, queries, cand_seeds, n, temperature, contract, prefill_chunk, shared)
     picked = [cands[q * n + b] for q, b in enumerate(best)]
     # decode_batch's (ids, hit_eos): the kept candidate's own EOS flag
     eos = tok.eos_token_id
@@ -347,9 +436,15 @@ def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, d
     formats = {}
     contracts = {}
     inputs = []
-    for policy in policies:
-        best_of = read_best_of_n(policy.checkpoint) if Path(policy.checkpoint).is_dir() else None
-        source = best_of["policy"] if best_of else policy.checkpoint
+    specs = [read_best_of_n(p.checkpoint) if Path(p.checkpoint).is_dir() else None for p in policies]
+    sources = [spec["policy"] if spec else p.checkpoint for p, spec in zip(policies, specs)]
+    shared_prefixes = SharedPrefix.plan([s for s in sources if Path(s).is_dir()])
+    last_use = {id(shared_prefixes[s]): i for i, s in enumerate(sources) if s in shared_prefixes}
+    for index, (policy, best_of, source) in enumerate(zip(policies, specs, sources)):
+        for sp in shared_prefixes.values():
+            if last_use[id(sp)] < index:
+                sp.store.clear()  # its lineage is done: free the stored prefills
+        shared = shared_prefixes.get(source)
         model = load_causal_lm(source).eval().to(d.device, dtype)
         tok = load_tokenizer(source)
         kind, n_params = ("best_of_n", int(best_of.get("n_params") or count_params(model)["n_params"])) if best_of else _policy_info(policy, model)
@@ -387,9 +482,9 @@ def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, d
             t0 = time.perf_counter()
             queries = [encoded[i] for i in chunk]
             if best_of:
-                results, seeds, temperature = _best_of_n(model, tok, reward_model, queries, seeds, best_of, pdec, contract, prefill_chunk)
+                results, seeds, temperature = _best_of_n(model, tok, reward_model, queries, seeds, best_of, pdec, contract, prefill_chunk, shared)
             else:
-                results = decode_batch(model, tok, queries, pdec, seeds, stop_ids, prefill_chunk)
+                results = decode_batch(model, tok, queries, pdec, seeds, stop_ids, prefill_chunk, shared=shared)
                 temperature = dec.temperature
             rows = []
             for i, seed, (new_ids, hit) in zip(chunk, seeds, results):

@@ -143,19 +143,35 @@ def train_for_study(cfg: StudyConfig, echo=print) -> list[dict]:
     return summaries
 
 
-def study_policies(cfg: StudyConfig) -> list:
-    """Every checkpoint policy of the study: the ladder's (named ``<kind>-<size>``) then ``[[policies]]``."""
+def _ladder_policies(cfg: StudyConfig) -> list[tuple]:
+    """The ladders' policies (named ``<kind>-<size>``) with their ladder size: ``(Policy, size)``."""
     from evalkit.generate import Policy
     from evalkit.train.best_of_n import read_best_of_n
     from evalkit.train.ladder import ladder_checkpoints
 
-    policies = []
-    for t, ladder, out in study_ladders(cfg):
-        for row in ladder_checkpoints(ladder, out):
+    out = []
+    for t, ladder, folder in study_ladders(cfg):
+        for row in ladder_checkpoints(ladder, folder):
             if row["kind"] not in t.kinds:
                 continue
             prefix = f"bo{read_best_of_n(row['checkpoint'])['n']}" if row["kind"] == "best_of_n" else LADDER_POLICY_PREFIX[row["kind"]]
-            policies.append(Policy(f"{prefix}-{row['size']}", row["checkpoint"]))
+            out.append((Policy(f"{prefix}-{row['size']}", row["checkpoint"]), row["size"]))
+    return out
+
+
+def study_families(cfg: StudyConfig) -> dict[str, str]:
+    """Each known policy's model family (ladder sizes and OpenAI's released summaries); [[policies]] have none."""
+    from evalkit.data.tldr import OPENAI_PPO_FAMILY, OPENAI_PPO_POLICY
+    from evalkit.train.ladder import size_family
+
+    return {**{p.policy_id: size_family(size) for p, size in _ladder_policies(cfg)}, OPENAI_PPO_POLICY: OPENAI_PPO_FAMILY}
+
+
+def study_policies(cfg: StudyConfig) -> list:
+    """Every checkpoint policy of the study: the ladder's (named ``<kind>-<size>``) then ``[[policies]]``."""
+    from evalkit.generate import Policy
+
+    policies = [p for p, _ in _ladder_policies(cfg)]
     policies += [Policy.from_config(p) for p in cfg.policies]
     ids = [p.policy_id for p in policies]
     dup = next((i for i in ids if ids.count(i) > 1), None)
@@ -265,7 +281,8 @@ def report_study(cfg: StudyConfig, out_dir: str | Path | None = None) -> dict[st
         warnings.filterwarnings("ignore", module="statsmodels")
         return build_report(tables, out, cfg.study.title or cfg.id, r.baselines, r.split or None, r.n_boot, cfg.study.seed,
                             config=cfg.to_dict(), reward_models=tuple(study_reward_models(cfg)), policy_kl=policy_kl,
-                            primary_dataset=cfg.data.dataset, inputs=tuple(inputs))
+                            primary_dataset=cfg.data.dataset, inputs=tuple(inputs),
+                            policy_family=study_families(cfg) if r.source == "study" else None)
 
 
 # ------------------------------------------------------------------------------------------------------- evalkit run

@@ -29,11 +29,11 @@ def test_default_study_quick_profile_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = invoke("run", ROOT / "studies/default", "--quick")
     run_dir, report = tmp_path / "runs/default-quick", tmp_path / "reports/default-quick"
-    for name in ("pretrained-d1", "sft-d1", "ppo-d2", "bo2-d2", "pretrained-smollm2"):
+    for name in ("pretrained-smollm2", "sft-smollm2", "ppo-smollm2", "bo2-smollm2", "pretrained-gemma3-270m"):
         assert name in out
     gens = pd.read_parquet(run_dir / "generations/generations.parquet")
     assert set(gens["dataset"]) == {"tldr", "cnndm"}
-    assert {"ref", "lead3", "openai-ppo-1.3b", "sft-d2"} <= set(gens["policy_id"])
+    assert {"ref", "lead3", "openai-ppo-1.3b", "sft-smollm2", "bo2-smollm2"} <= set(gens["policy_id"])
     tasks = pd.read_parquet(run_dir / "study/tasks.parquet")
     assert set(tasks["item_id"].str.split("-").str[0]) == {"tldr", "cnndm"}
     # the report opens with the paper's Figure 1: preference vs size, with its numbers and whose labels they are

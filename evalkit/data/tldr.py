@@ -29,6 +29,7 @@ from evalkit.errors import EvalkitError
 log = logging.getLogger(__name__)
 
 OPENAI_PPO_POLICY = "openai-ppo-1.3b"
+OPENAI_PPO_FAMILY = "OpenAI GPT-3-style (released)"  # its model family in the report's size figure
 OPENAI_PPO_N_PARAMS = 1_300_000_000
 OPENAI_TLDR_FIELDS = ("id", "subreddit", "title", "post", "summary")
 

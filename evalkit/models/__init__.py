@@ -202,6 +202,12 @@ REAL_BASES = {
 }
 
 
+# Each lineage's model family: a size curve is fitted only within one (SmolLM2-135M is sold instruction-tuned,
+# Gemma-3-270M is a base model: the two are not one model at two sizes)
+BASE_FAMILIES = {"smollm2": "SmolLM2-Instruct", "gemma3-270m": "Gemma 3 (base)"}
+SCRATCH_FAMILY = "GPT-2 from scratch"
+
+
 def base_gguf(name: str, workdir: str | Path) -> Path:
     """The GGUF file of a real base (``REAL_BASES``); Gemma's is assembled (and checksummed by its package) from
     four chunk packages into ``workdir`` once. A clear error when a package is missing."""

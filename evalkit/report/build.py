@@ -113,24 +113,49 @@ def _rates_figure(rates: pd.DataFrame, dataset: str, baseline: str, source: str)
     return fig
 
 
+FAMILY_SEP = " · "  # a size fit's group: the kind within one model family
+MARKERS = "osD^vP*X"
+
+
+def group_label(group: str) -> str:
+    """"PPO (RLHF), SmolLM2-135M-Instruct" for the fit group "ppo · SmolLM2-135M-Instruct"."""
+    kind, _, family = group.partition(FAMILY_SEP)
+    return KIND_LABELS.get(kind, kind) + (f", {family}" if family else "")
+
+
+def fit_groups(d: pd.DataFrame) -> pd.DataFrame:
+    """``d`` with each policy's kind qualified by its model family (column ``family``, "" when unknown): the unit a size
+    fit may describe. A curve from one family's small model to another family's large one describes no model."""
+    fam = d["family"].fillna("") if "family" in d else pd.Series("", index=d.index)
+    return d.assign(policy_kind=np.where(fam != "", d["policy_kind"] + FAMILY_SEP + fam, d["policy_kind"]))
+
+
 def _size_figure(raw: pd.DataFrame | None, controlled: pd.DataFrame | None, points: pd.DataFrame, dataset: str, source: str):
-    """Fitted curves (raw solid, at equal length dashed, 95% bands) for the kinds in ``raw``; the observed rates of
-    every kind in ``points`` (a kind without a curve has no finite fit: dots only)."""
+    """Fitted curves (raw solid, at equal length dashed, 95% bands) for the fit groups in ``raw``; the observed rate of
+    every policy in ``points`` with its 95% interval, coloured by kind and marked by family (a group without a curve
+    has one size or no finite fit: dots only)."""
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    points = points.dropna(subset=["n_params"])
     fitted = set(raw["policy_kind"]) if raw is not None else set()
+    kinds = sorted(points["policy_kind"].unique(), key=lambda k: (list(KIND_LABELS).index(k) if k in KIND_LABELS else 99, k))
+    families = sorted(points["family"].fillna("").unique()) if "family" in points else [""]
     labelled: list[tuple[float, float]] = []
-    for k, (kind, p) in enumerate(points.groupby("policy_kind")):
-        color = f"C{k}"
-        name = KIND_LABELS.get(kind, kind)
-        if kind in fitted:
-            g = raw[raw["policy_kind"] == kind]
-            ax.plot(g["n_params"], g["predicted"], color=color, label=f"{name} (raw)")
+    for group, p in points.groupby(fit_groups(points)["policy_kind"]):
+        kind, family = p["policy_kind"].iloc[0], (p["family"].fillna("").iloc[0] if "family" in p else "")
+        color, marker = f"C{kinds.index(kind)}", MARKERS[families.index(family) % len(MARKERS)]
+        name = group_label(group)
+        if group in fitted:
+            g = raw[raw["policy_kind"] == group]
+            ax.plot(g["n_params"], g["predicted"], color=color, label=f"{name} (raw fit)")
             ax.fill_between(g["n_params"], g["ci_low"], g["ci_high"], alpha=0.15, color=color)
             if controlled is not None:
-                c = controlled[controlled["policy_kind"] == kind]
-                ax.plot(c["n_params"], c["predicted"], ls="--", color=color, label=f"{name} (length-controlled)")
-        ax.scatter(p["n_params"], p["rate"], color=color, s=12 + p["n"] / 4,
-                   label=None if kind in fitted else f"{name} (observed only: no finite fit)")
+                c = controlled[controlled["policy_kind"] == group]
+                ax.plot(c["n_params"], c["predicted"], ls="--", color=color, label=f"{name} (length-controlled fit)")
+        if {"boot_low", "boot_high"} <= set(p.columns):
+            ax.errorbar(p["n_params"], p["rate"], yerr=[np.maximum(p["rate"] - p["boot_low"], 0), np.maximum(p["boot_high"] - p["rate"], 0)],
+                        fmt="none", ecolor=color, alpha=0.5, capsize=2)
+        ax.scatter(p["n_params"], p["rate"], color=color, marker=marker, s=12 + p["n"] / 4,
+                   label=None if group in fitted else f"{name} (observed)")
         for r in p.itertuples():  # dots of several kinds at one size and rate: their labels stack, not overprint
             stacked = sum(1 for x, y in labelled if x == r.n_params and abs(y - r.rate) < 0.04)
             labelled.append((r.n_params, r.rate))
@@ -188,39 +213,85 @@ def _headline(rep: "Report", d: pd.DataFrame, dataset: str, baseline: str, sourc
     """The paper's Figure 1 first: fraction preferred to the baseline vs size, per kind with ≥ 2 sizes, raw and at equal
     length, item-clustered CIs, n per point; a sentence per kind at its largest size. Returns the headline numbers."""
     rep.heading(f"Headline: {dataset} summaries preferred to {baseline}, by model size")
-    kinds, _, separated = _size_kinds(d)
+    groups = fit_groups(d)
+    kinds, _, separated = _size_kinds(groups)
+    rates = preference_rates(d, n_boot=n_boot, rng=rng_for(seed, "rates", baseline, dataset))  # a stream per policy
+    family = d.drop_duplicates("policy_id").set_index("policy_id")["family"] if "family" in d else pd.Series(dtype=str)
+    rates["family"] = rates["policy_id"].map(family).fillna("")
+    rates = rates[rates["n"] >= SMALL_N]
+    title_source = "SIMULATED panel" if "SIMULATED" in source else source
+    caption = (f"{dataset}: fraction preferred to {baseline} vs model size (log parameters); colour: kind, marker: model "
+               f"family; dots: observed rate with its 95% item-clustered bootstrap interval, n beside each; curves (solid "
+               f"raw, dashed at equal length, 95% bands with item-clustered SE) only within one family measured at two "
+               f"sizes or more; {source}")
+    families = [f for f in sorted(rates["family"].unique()) if f]
+    if families:
+        rep.text(f"Labels: {source}. Model families: " + "; ".join(families) + ". A size curve is fitted only within one "
+                 "family (a line from one family's small model to another's large one describes no model); OpenAI's "
+                 "released summaries are a point of reference on the same axes.")
     if not kinds:
-        rates = preference_rates(d, n_boot=n_boot, rng=rng_for(seed, "rates", baseline, dataset))
-        rates = rates[rates["n"] >= SMALL_N].sort_values("rate", ascending=False)
-        rates.insert(0, "policy", readable_labels(rates))
-        rep.text(f"No policy kind has two sizes in the {dataset} comparisons, so there is no size curve. The main "
-                 f"comparison — the fraction of comparisons in which each policy's summary was preferred to {baseline} "
-                 f"(95% item-clustered interval; {source}):")
-        rep.bullets([f"{r.policy} ({r.policy_id}): {r.rate:.1%} [{r.boot_low:.1%}, {r.boot_high:.1%}], n={r.n}"
-                     for r in rates.itertuples()])
+        shown = rates.sort_values("rate", ascending=False).copy()
+        shown.insert(0, "policy", readable_labels(shown))
+        rep.text(f"No policy kind has two sizes in the {dataset} comparisons{' within one model family' if families else ''}, "
+                 f"so there is no size curve. The main comparison — the fraction of comparisons in which each policy's "
+                 f"summary was preferred to {baseline} (95% item-clustered interval; {source}):")
+        rep.bullets([f"{r.policy}{f' ({r.family})' if r.family else ''} ({r.policy_id}): {r.rate:.1%} "
+                     f"[{r.boot_low:.1%}, {r.boot_high:.1%}], n={r.n}" for r in shown.itertuples()])
+        _kind_order(rep, d, rates, baseline)
+        if families and rates["n_params"].notna().any():
+            rep.figure(_size_figure(None, None, rates, dataset, title_source), f"figure1_{dataset}", caption)
         return []
-    ds = d[d["policy_kind"].isin(kinds)]
-    rates = preference_rates(ds, n_boot=n_boot, rng=rng_for(seed, "rates", baseline, dataset))
+    ds = groups[groups["policy_kind"].isin(kinds)]
     raw, controlled = _size_curves(ds, separated)
+    grouped = rates.assign(group=fit_groups(rates)["policy_kind"])
     headline = []
     for kind in kinds:
-        top = rates[rates["policy_kind"] == kind].sort_values("n_params").iloc[-1]
-        low = rates[rates["policy_kind"] == kind].sort_values("n_params").iloc[0]
-        headline.append({"policy_kind": kind, "policy_id": top["policy_id"], "n_params": float(top["n_params"]),
-                         "rate": float(top["rate"]), "boot_low": float(top["boot_low"]), "boot_high": float(top["boot_high"]),
-                         "n": int(top["n"]), "smallest_rate": float(low["rate"]), "smallest_n_params": float(low["n_params"])})
+        mine = grouped[grouped["group"] == kind].sort_values("n_params")
+        top, low = mine.iloc[-1], mine.iloc[0]
+        headline.append({"policy_kind": top["policy_kind"], "family": top["family"], "policy_id": top["policy_id"],
+                         "n_params": float(top["n_params"]), "rate": float(top["rate"]), "boot_low": float(top["boot_low"]),
+                         "boot_high": float(top["boot_high"]), "n": int(top["n"]), "smallest_rate": float(low["rate"]),
+                         "smallest_n_params": float(low["n_params"])})
     rep.text(f"Labels: {source}. At each kind's largest size, the fraction of comparisons in which its summary was "
              f"preferred to {baseline} (95% item-clustered bootstrap interval), and the same at its smallest size:")
-    rep.bullets([f"{KIND_LABELS.get(h['policy_kind'], h['policy_kind'])} {params_label(h['n_params'])} ({h['policy_id']}): "
+    rep.bullets([f"{group_label(g)} {params_label(h['n_params'])} ({h['policy_id']}): "
                  f"{h['rate']:.1%} [{h['boot_low']:.1%}, {h['boot_high']:.1%}], n={h['n']}; at "
-                 f"{params_label(h['smallest_n_params'])}: {h['smallest_rate']:.1%}" for h in headline])
+                 f"{params_label(h['smallest_n_params'])}: {h['smallest_rate']:.1%}" for g, h in zip(kinds, headline)])
     if separated:
         rep.text(_separated_text(separated))
-    title_source = "SIMULATED panel" if "SIMULATED" in source else source
-    rep.figure(_size_figure(raw, controlled, rates, dataset, title_source), f"figure1_{dataset}",
-               f"{dataset}: fraction preferred to {baseline} vs model size (log parameters) per kind; solid raw, dashed at "
-               f"equal length; bands: 95% CI with item-clustered SE; dots: observed rate, n beside each; {source}")
+    _kind_order(rep, d, rates, baseline)
+    rep.figure(_size_figure(raw, controlled, rates, dataset, title_source), f"figure1_{dataset}", caption)
     return headline
+
+
+ORDER = ("ppo", "sft", "pretrained")  # the paper's central result: RLHF over SFT over pretrained, at every size
+
+
+def _kind_order(rep: "Report", d: pd.DataFrame, rates: pd.DataFrame, baseline: str) -> None:
+    """Per model family and size: does PPO ≥ SFT ≥ pretrained hold, raw and at equal length? Said with the rates."""
+    if "family" not in d:
+        return
+    table, _ = length_controlled(d) if (d["len_policy"] > 0).any() else (pd.DataFrame(columns=["policy_id", "controlled_rate"]), None)
+    controlled = table.set_index("policy_id")["controlled_rate"]
+    lines = []
+    for (family, size), g in rates[rates["policy_kind"].isin(ORDER)].groupby(["family", "n_params"]):
+        present = [k for k in ORDER if k in set(g["policy_kind"])]
+        if len(present) < 2:
+            continue
+        by_kind = g.set_index("policy_kind")
+        for what, values in (("raw", by_kind["rate"]), ("at equal length", by_kind["policy_id"].map(controlled))):
+            vals = [float(values[k]) for k in present]
+            if any(pd.isna(v) for v in vals):
+                lines.append(f"{family or 'one family'} {params_label(size)}, {what}: not estimable for every kind")
+                continue
+            holds = all(a >= b for a, b in zip(vals, vals[1:]))
+            lines.append(f"{family or 'one family'} {params_label(size)}, {what}: "
+                         + " ≥ ".join(f"{KIND_LABELS[k]} {v:.1%}" for k, v in zip(present, vals))
+                         + (" — holds" if holds else " — does NOT hold"))
+    if lines:
+        rep.text(f"The paper's ordering (PPO ≥ SFT ≥ pretrained in preference to {baseline}), point estimates per family "
+                 "and size:")
+        rep.bullets(lines)
 
 
 _TEMPERATURE = re.compile(r"_t(\d*\.?\d+)$")
@@ -353,31 +424,35 @@ def _likert_figure(likert: pd.DataFrame, means: pd.DataFrame, source: str):
 def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: str, baselines: tuple[str, ...] = ("ref",),
                  split: str | None = "valid2", n_boot: int = 1000, seed: int = 0, config: dict | None = None,
                  reward_models: tuple[str, ...] = (), policy_kl: dict[str, float] | None = None,
-                 primary_dataset: str | None = None, inputs: tuple[str | Path, ...] = ()) -> dict[str, Path]:
+                 primary_dataset: str | None = None, inputs: tuple[str | Path, ...] = (),
+                 policy_family: dict[str, str] | None = None) -> dict[str, Path]:
     """The study's report in ``out_dir``: report.md, report.html, figures, fits.parquet and manifest.json. It is
     built in a folder beside ``out_dir`` and put in its place whole at the end, so a failed or killed report leaves
-    the previous one as it was."""
+    the previous one as it was. ``policy_family``: each policy's model family (size curves stay within one)."""
     final = Path(out_dir)
     with artifacts.built_whole(final, lambda f: (artifacts.read_manifest(f) or {}).get("artifact") == "report",
                                "an evalkit report") as staging:
         written = _write_report(tables, staging, title, baselines, split, n_boot, seed, config, reward_models,
-                                policy_kl, primary_dataset, inputs)
+                                policy_kl, primary_dataset, inputs, policy_family)
     return {k: final / v.name if isinstance(v, Path) else v for k, v in written.items()}
 
 
 def _write_report(tables: dict[str, pd.DataFrame], out_dir: Path, title: str, baselines: tuple[str, ...], split: str | None,
                   n_boot: int, seed: int, config: dict | None, reward_models: tuple[str, ...],
-                  policy_kl: dict[str, float] | None, primary_dataset: str | None, inputs: tuple[str | Path, ...]) -> dict:
+                  policy_kl: dict[str, float] | None, primary_dataset: str | None, inputs: tuple[str | Path, ...],
+                  policy_family: dict[str, str] | None = None) -> dict:
     # every analysis draws from its own generator (seed, analysis, dataset): an interval does not depend on what
     # else the report contains
     rep = Report(out_dir, title)
+
+
     judg = tables["judgments"]
     if judg.empty:
         raise EvalkitError("no judgments to report on")
     source = label_source(judg)
     headline: list[dict] = []
     if baselines:
-        comp = comparisons(tables, baseline=baselines[0])
+        comp = family_comparisons(tables, baselines[0], policy_family)
         comp = comp[comp["split"] == split] if split else comp
         datasets = list(comp["dataset"].unique())
         first = primary_dataset if primary_dataset in datasets else (sorted(datasets)[0] if datasets else None)
@@ -391,7 +466,7 @@ def _write_report(tables: dict[str, pd.DataFrame], out_dir: Path, title: str, ba
              + (f"; preference rates on split {split} only." if split else "."))
 
     for baseline in baselines:
-        comp = comparisons(tables, baseline=baseline)
+        comp = family_comparisons(tables, baseline, policy_family)
         if split:
             comp = comp[comp["split"] == split]
         rep.heading(f"Preferred to {baseline}")
@@ -423,8 +498,9 @@ def _write_report(tables: dict[str, pd.DataFrame], out_dir: Path, title: str, ba
                 rep.text(f"Note: {r.policy_id} won {r.wins} of {r.n}; its rate sits at a bound and only the interval is informative.")
             # preference vs size, on the kinds measured at two or more sizes (one size leaves its slope unidentified)
             # and with a finite fit
-            kinds, one_size, separated = _size_kinds(d)
-            ds = d[d["policy_kind"].isin(kinds)]
+            grouped = fit_groups(d)
+            kinds, one_size, separated = _size_kinds(grouped)
+            ds = grouped[grouped["policy_kind"].isin(kinds)]
             if one_size:
                 rep.text(f"Preference vs size leaves out {', '.join(one_size)}: measured at one size only, a size slope "
                          "for it is not identified.")
@@ -434,7 +510,9 @@ def _write_report(tables: dict[str, pd.DataFrame], out_dir: Path, title: str, ba
                 raw, controlled = _size_curves(ds, separated)
                 if separated:
                     rep.text(_separated_text(separated))
-                rep.figure(_size_figure(raw, controlled, rates[rates["policy_kind"].isin(ds["policy_kind"])], dataset, source), f"size_{baseline}_{dataset}",
+                shown = rates.assign(family=rates["policy_id"].map(d.drop_duplicates("policy_id").set_index("policy_id")["family"]) if "family" in d else "")
+                shown = shown[fit_groups(shown)["policy_kind"].isin(ds["policy_kind"])]
+                rep.figure(_size_figure(raw, controlled, shown, dataset, source), f"size_{baseline}_{dataset}",
                            f"{dataset}: predicted preference vs size per policy kind, raw and at equal length; {source}")
                 fit = ds[~ds["policy_kind"].isin(separated)]
                 clusters = fit["item_id"].nunique()
@@ -475,7 +553,7 @@ def _write_report(tables: dict[str, pd.DataFrame], out_dir: Path, title: str, ba
     if policy_kl:
         from evalkit.analysis.rm_eval import kl_vs_preference
 
-        comp = comparisons(tables, baseline=baselines[0])
+        comp = family_comparisons(tables, baselines[0], policy_family)
         comp = comp[comp["split"] == split] if split else comp
         known = {p: k for p, k in policy_kl.items() if p in set(comp["policy_id"])}
         rep.heading("Preference vs KL from SFT")
@@ -489,6 +567,12 @@ def _write_report(tables: dict[str, pd.DataFrame], out_dir: Path, title: str, ba
                                         outputs={"figures": len(rep.figures), "fits": sum(len(f) for f in rep.fits)},
                                         extra={"headline": headline})
     return {**rep.write(manifest), "headline": headline}
+
+
+def family_comparisons(tables: dict[str, pd.DataFrame], baseline: str, policy_family: dict[str, str] | None) -> pd.DataFrame:
+    """The comparisons view with each policy's model family (column ``family``) when the study knows them."""
+    comp = comparisons(tables, baseline=baseline)
+    return comp.assign(family=comp["policy_id"].map(policy_family).fillna("")) if policy_family else comp
 
 
 def restrict(tables: dict[str, pd.DataFrame], dataset: str | None = None, split: str | None = None) -> dict[str, pd.DataFrame]:

@@ -396,6 +396,34 @@ def score_summaries(reward_model, tok, queries: list[list[int]], texts: list[str
     return out
 
 
+@torch.no_grad()
+def score_candidates(reward_model, tok, queries: list[list[int]], texts: list[str], n: int, contract,
+                     device=torch.device("cpu"), batch_size: int = 8) -> torch.Tensor:
+    """The same scores as :func:`score_summaries` for ``n`` candidate summaries per query (``texts`` query-major),
+    with each query run through the reward model once: its KV cache is copied to the ``n`` candidates, which then
+    run only their own summary tokens. For best-of-N the query is ~90% of every scored sequence."""
+    from evalkit.models import position_ids
+
+    summaries = [encode_summary(tok, t, contract.max_summary_tokens) for t in texts]
+    out = torch.zeros(len(texts))
+    head = reward_model.head
+    for chunk in by_length([len(q) for q in queries], batch_size):
+        q_ids, q_mask = (t.to(device) for t in pad_batch([queries[i] for i in chunk], tok.pad_token_id, side="left"))
+        prefix = reward_model.backbone(input_ids=q_ids, attention_mask=q_mask, position_ids=position_ids(q_mask), use_cache=True)
+        cache = prefix.cache
+        cache.batch_repeat_interleave(n)
+        rows = [i * n + k for i in chunk for k in range(n)]
+        s_ids, s_mask = (t.to(device) for t in pad_batch([summaries[r] for r in rows], tok.pad_token_id))
+        mask = torch.cat([q_mask.repeat_interleave(n, 0), s_mask], 1)
+        start = q_mask.sum(1).repeat_interleave(n)[:, None]
+        hidden = reward_model.backbone(input_ids=s_ids, attention_mask=mask, position_ids=start + torch.arange(s_ids.shape[1], device=device),
+                                       cache=cache, use_cache=True).last_hidden_state
+        last = hidden[torch.arange(len(rows), device=device), s_mask.sum(1) - 1]
+        with torch.autocast(last.device.type, enabled=False):
+            out[rows] = torch.nn.functional.linear(last.float(), head.weight.float(), head.bias.float()).squeeze(-1).cpu()
+    return out
+
+
 def best_index(scores: torch.Tensor, is_finished: list[bool], no_eos_score: float) -> int:
     """Best-of-N's pick: the highest score under the contract (an unfinished candidate scores ``no_eos_score``), ties
     (e.g. every candidate unfinished) broken by the reward model's own score."""
@@ -404,23 +432,24 @@ def best_index(scores: torch.Tensor, is_finished: list[bool], no_eos_score: floa
 
 
 def best_of_n_candidates(model, tok, reward_model, queries: list[list[int]], seeds: list[int], n: int, temperature: float,
-                         contract, prefill_chunk: int = 16) -> tuple[list[tuple[list[int], bool]], torch.Tensor, list[int]]:
+                         contract, prefill_chunk: int = 16, shared=None) -> tuple[list[tuple[list[int], bool]], torch.Tensor, list[int]]:
     """N samples per query (``seeds``: one per candidate, query-major), their RM scores in the canonical form and the
     index of each query's kept candidate (``best_index``). Returns (candidates as (ids, finished), raw scores, best)."""
-    cand_queries = [q for q in queries for _ in range(n)]
-    cands = sample(model, tok, queries, contract, temperature, seeds, batch_size=len(queries), prefill_chunk=prefill_chunk, repeats=n)
-    raw = score_summaries(reward_model, tok, cand_queries, [response_text(tok, ids) for ids, _ in cands], contract, batch_size=32)
+    cands = sample(model, tok, queries, contract, temperature, seeds, batch_size=len(queries), prefill_chunk=prefill_chunk, repeats=n,
+                   shared=shared)
+    device = next(reward_model.parameters()).device
+    raw = score_candidates(reward_model, tok, queries, [response_text(tok, ids) for ids, _ in cands], n, contract, device)
     best = [best_index(raw[q * n: (q + 1) * n], [fin for _, fin in cands[q * n: (q + 1) * n]], contract.no_eos_score)
             for q in range(len(queries))]
     return cands, raw, best
 
 
 def sample(model, tok, queries: list[list[int]], contract, temperature: float, seeds: list[int], batch_size: int = 32,
-           prefill_chunk: int = 16, repeats: int = 1) -> list[tuple[list[int], bool]]:
+           prefill_chunk: int = 16, repeats: int = 1, shared=None) -> list[tuple[list[int], bool]]:
     """Completions from ``evalkit.generate.decode_batch`` (the one sampling loop), with the contract's stop rule;
     queries are decoded in length-sorted batches and returned in their original order as (ids, finished). With
     ``repeats`` = N each query is prefilled once and sampled N times (``seeds`` and the result: N per query,
-    query-major)."""
+    query-major). ``shared``: a lineage's shared lower blocks (``evalkit.generate.SharedPrefix``)."""
     from evalkit.generate import Decoding, decode_batch, newline_token_ids
 
     stop = newline_token_ids(tok)
@@ -430,7 +459,7 @@ def sample(model, tok, queries: list[list[int]], contract, temperature: float, s
     out: list[tuple[list[int], bool]] = [([], False)] * (len(queries) * repeats)
     for chunk in iterate(order, batch_size):
         rows = [i * repeats + k for i in chunk for k in range(repeats)]
-        results = decode_batch(model, tok, [queries[i] for i in chunk], dec, [seeds[r] for r in rows], stop, prefill_chunk, repeats)
+        results = decode_batch(model, tok, [queries[i] for i in chunk], dec, [seeds[r] for r in rows], stop, prefill_chunk, repeats, shared)
         for r, (ids, hit) in zip(rows, results):
             out[r] = (ids, finished(ids, hit, stop_set))
     return out
@@ -499,12 +528,33 @@ class _Swap:
             setattr(self.module, name, value)
 
 
-def top_blocks(model: torch.nn.Module, k: int) -> _Swap:
-    """Within the context the model runs only its top ``k`` blocks, on hidden states passed as ``inputs_embeds``."""
+class _Swaps:
+    def __init__(self, *swaps: _Swap):
+        self.swaps = swaps
+
+    def __enter__(self):
+        for s in self.swaps:
+            s.__enter__()
+
+    def __exit__(self, *exc):
+        for s in reversed(self.swaps):
+            s.__exit__(*exc)
+
+
+def top_blocks(model: torch.nn.Module, k: int) -> _Swaps:
+    """Within the context the model runs only its top ``k`` blocks, on hidden states passed as ``inputs_embeds``.
+
+    Models that pick each block's attention by its position in the stack (Gemma 3 reads ``config.layer_types[i]``:
+    sliding-window or full attention) see the top ``k`` entries of that list too, or the top blocks would run with
+    the bottom blocks' masks."""
     base = getattr(model, "base_model", model)
     name = _layers_attr(base)
     layers = getattr(base, name)
-    return _Swap(base, **{name: torch.nn.ModuleList(list(layers)[len(layers) - k:])})
+    swaps = [_Swap(base, **{name: torch.nn.ModuleList(list(layers)[len(layers) - k:])})]
+    types = getattr(base.config, "layer_types", None)
+    if types:
+        swaps.append(_Swap(base.config, layer_types=list(types)[len(types) - k:]))
+    return _Swaps(*swaps)
 
 
 def trunk_digest(model: torch.nn.Module, k: int) -> str:

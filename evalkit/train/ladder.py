@@ -21,7 +21,8 @@ import torch
 
 from evalkit import artifacts
 from evalkit.errors import EvalkitError
-from evalkit.models import DEFAULT_LADDER, REAL_BASES, read_metadata
+from evalkit.models import BASE_FAMILIES, DEFAULT_LADDER, REAL_BASES, SCRATCH_FAMILY, read_metadata
+from evalkit.precision import resolve
 from evalkit.train.best_of_n import BestOfNConfig, best_of_n, read_best_of_n, write_best_of_n
 from evalkit.train.ppo import PPOConfig, ppo
 from evalkit.train.pretrain import PretrainConfig, pretrain
@@ -75,6 +76,12 @@ PRESETS = {
     # shared trunk, one pass over 200 held-out posts ~2.5 min (prefill-bound, ~450 tokens/s)
     "smollm2-cpu": LadderConfig(bases=("smollm2",), trainable_layers=4, sft_steps=60, sft_lr=2e-4, rm_lr=1e-4, rm_max_pairs=400,
                                 ppo_iterations=12, ppo_rollouts=16, ppo_lr=2e-5, best_of_n=4, eval_posts=200, bon_eval_posts=50),
+    # both real bases, every kind, sized for the default study on this 2-core CPU in bfloat16 (step times measured by
+    # benchmarks/train_throughput.py): the top 2 blocks train; held-out quality on 24 posts (12 for best-of-N), RM
+    # accuracy on 40 held-out posts
+    "real-cpu": LadderConfig(bases=("smollm2", "gemma3-270m"), trainable_layers=2, sft_steps=24, sft_lr=3e-4, rm_lr=1e-4,
+                             rm_max_pairs=96, rm_held_out_posts=40, ppo_iterations=4, ppo_rollouts=16, ppo_lr=5e-5,
+                             best_of_n=4, eval_posts=24, bon_eval_posts=12),
     # full settings for a GPU: both real bases, every block trains
     "smollm2": LadderConfig(bases=("smollm2", "gemma3-270m"), trainable_layers=0, sft_steps=2000, sft_lr=5e-5, sft_batch=16,
                             rm_lr=2e-5, ppo_iterations=200, ppo_rollouts=64, ppo_minibatch=16, ppo_lr=5e-6, best_of_n=16),
@@ -95,6 +102,11 @@ def size_names(cfg: LadderConfig) -> list[str]:
         else:
             raise EvalkitError(f"unknown ladder base {base!r}; known: scratch, {', '.join(REAL_BASES)}")
     return names
+
+
+def size_family(name: str) -> str:
+    """The model family of a ladder size: ``d<depth>`` sizes are one from-scratch family, a real base is its own."""
+    return SCRATCH_FAMILY if name not in BASE_FAMILIES else BASE_FAMILIES[name]
 
 
 def run_ladder(cfg: LadderConfig, out_dir: str | Path) -> dict:
@@ -173,7 +185,6 @@ def import_base(gguf: Path, out_dir: Path, eval_posts: int, precision: str = "au
     """A real base as the ladder's pretrained stage: imported, measured zero-shot on held-out posts, completed."""
     from evalkit.contract import read_contract
     from evalkit.models import import_gguf, load_causal_lm, load_tokenizer, write_metadata
-    from evalkit.precision import resolve
     from evalkit.train.quality import measure
 
     folder = import_gguf(gguf, out_dir)
@@ -191,7 +202,6 @@ def measure_best_of_n(folder: Path, n_posts: int, seed: int, precision: str = "a
     """Best-of-N's held-out quality: the kept summary of N samples per post (the same posts as every stage)."""
     import numpy as np
 
-    from evalkit.precision import resolve
     from evalkit.train.quality import bootstrap_ci, eval_items, rouge_l
 
     spec = read_best_of_n(folder)
