@@ -178,7 +178,7 @@ def layer_digests(folder: str | Path) -> list[str] | None:
                 if m is None and "embed" not in name and "wte" not in name:
                     continue  # the final norm and the head come after the blocks
                 t = fh.get_tensor(name)
-                groups.setdefault(int(m.group(1)) if m else -1, []).append((name, t.contiguous().view(torch.uint8).numpy().tobytes()))
+                groups.setdefault(int(m.group(1)) if m else -1, []).append((name, t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()))
     if -1 not in groups:
         return None
     return [hashlib.sha256(b"".join(n.encode() + b for n, b in sorted(groups[i]))).hexdigest() for i in sorted(groups)]

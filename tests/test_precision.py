@@ -151,3 +151,28 @@ def test_checkpoints_record_the_precision_they_were_trained_in(pretrained, sft_d
             assert meta["quality"]["precision"] == expected
         manifest = json.loads((folder / "manifest.json").read_text())
         assert manifest["metadata"]["precision"] == expected
+
+
+def test_held_out_quality_in_bf16_with_a_shared_trunk(tmp_path):
+    """measure() under bf16 weights with only the top blocks trained: the shared trunk digests bf16 weights (numpy
+    has no bfloat16) and the KL runs through it."""
+    from transformers import PreTrainedTokenizerFast
+
+    from evalkit.contract import Contract
+    from evalkit.train.quality import measure
+
+    policy, reference = _tiny_llama(), _tiny_llama()
+    with torch.no_grad():
+        common.decoder_layers(policy)[-1].mlp.up_proj.weight.add_(0.01)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{chr(97 + i): 2 + i for i in range(26)}, " ": 28, "\n": 29, ":": 30, ";": 31}
+    vocab.update({c: len(vocab) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ.,'?!0123456789-()/" if c not in vocab})
+    raw = Tokenizer(models.WordLevel({**vocab, "<unk>": len(vocab)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    assert len(tok) <= 97
+    q = measure(policy, tok, Contract(max_query_tokens=500, max_summary_tokens=4, context=600), tmp_path, n_posts=3,
+                kl_reference=reference, trainable_layers=1, precision="bfloat16")
+    assert q["precision"] == "bfloat16" and q["n_posts"] == 3 and q["kl_to_sft"] == q["kl_to_sft"]  # finite, not NaN
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}

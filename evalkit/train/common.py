@@ -110,11 +110,16 @@ def all_reduce_mean(value: float, d: Dist) -> float:
     return float(t.item() / d.world)
 
 
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's bytes in any dtype (numpy has no bfloat16: weights cast for a bf16 pass are digested too)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        h.update(_raw_bytes(p))
     return h.hexdigest()
 
 
@@ -564,7 +569,7 @@ def trunk_digest(model: torch.nn.Module, k: int) -> str:
     h = hashlib.sha256()
     for module in [base.get_input_embeddings(), *list(layers)[: len(layers) - k]]:
         for p in module.parameters():
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+            h.update(_raw_bytes(p))
     return h.hexdigest()
 
 
