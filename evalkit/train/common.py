@@ -405,20 +405,28 @@ def score_summaries(reward_model, tok, queries: list[list[int]], texts: list[str
 def score_candidates(reward_model, tok, queries: list[list[int]], texts: list[str], n: int, contract,
                      device=torch.device("cpu"), batch_size: int = 8) -> torch.Tensor:
     """The same scores as :func:`score_summaries` for ``n`` candidate summaries per query (``texts`` query-major),
-    with each query run through the reward model once: its KV cache is copied to the ``n`` candidates, which then
-    run only their own summary tokens. For best-of-N the query is ~90% of every scored sequence."""
+    with each query run through the reward model once (:func:`prefix_scores`). For best-of-N the query is ~90% of
+    every scored sequence."""
+    summaries = [encode_summary(tok, t, contract.max_summary_tokens) for t in texts]
+    return prefix_scores(reward_model, queries, summaries, n, tok.pad_token_id, device, batch_size)
+
+
+@torch.no_grad()
+def prefix_scores(reward_model, prefixes: list[list[int]], suffixes: list[list[int]], n: int, pad_id: int,
+                  device=torch.device("cpu"), batch_size: int = 8) -> torch.Tensor:
+    """Reward-model scores of ``prefix + suffix`` for ``n`` non-empty suffixes per prefix (query-major): each prefix
+    runs once, its KV cache is copied to its ``n`` rows, which then run only their suffix tokens. The score is read
+    at each suffix's last token, as the reward model reads a whole sequence's."""
     from evalkit.models import position_ids
 
-    summaries = [encode_summary(tok, t, contract.max_summary_tokens) for t in texts]
-    out = torch.zeros(len(texts))
+    out = torch.zeros(len(suffixes))
     head = reward_model.head
-    for chunk in by_length([len(q) for q in queries], batch_size):
-        q_ids, q_mask = (t.to(device) for t in pad_batch([queries[i] for i in chunk], tok.pad_token_id, side="left"))
-        prefix = reward_model.backbone(input_ids=q_ids, attention_mask=q_mask, position_ids=position_ids(q_mask), use_cache=True)
-        cache = prefix.cache
+    for chunk in by_length([len(q) for q in prefixes], batch_size):
+        q_ids, q_mask = (t.to(device) for t in pad_batch([prefixes[i] for i in chunk], pad_id, side="left"))
+        cache = reward_model.backbone(input_ids=q_ids, attention_mask=q_mask, position_ids=position_ids(q_mask), use_cache=True).cache
         cache.batch_repeat_interleave(n)
         rows = [i * n + k for i in chunk for k in range(n)]
-        s_ids, s_mask = (t.to(device) for t in pad_batch([summaries[r] for r in rows], tok.pad_token_id))
+        s_ids, s_mask = (t.to(device) for t in pad_batch([suffixes[r] for r in rows], pad_id))
         mask = torch.cat([q_mask.repeat_interleave(n, 0), s_mask], 1)
         start = q_mask.sum(1).repeat_interleave(n)[:, None]
         hidden = reward_model.backbone(input_ids=s_ids, attention_mask=mask, position_ids=start + torch.arange(s_ids.shape[1], device=device),
@@ -427,6 +435,16 @@ def score_candidates(reward_model, tok, queries: list[list[int]], texts: list[st
         with torch.autocast(last.device.type, enabled=False):
             out[rows] = torch.nn.functional.linear(last.float(), head.weight.float(), head.bias.float()).squeeze(-1).cpu()
     return out
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """The length of the common start of two token sequences, leaving each at least its last token."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return min(n, len(a) - 1, len(b) - 1)
 
 
 def best_index(scores: torch.Tensor, is_finished: list[bool], no_eos_score: float) -> int:

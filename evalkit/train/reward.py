@@ -187,13 +187,15 @@ def pair_rewards(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, d
 
 
 @torch.no_grad()
-def pair_correct(model, pairs, pad_id: int, device, batch_size: int = 16, precision: str = "float32") -> np.ndarray:
-    """Per pair: 1 when the chosen summary scores higher, 0 when lower, 0.5 on a tie."""
-    out = np.zeros(len(pairs))
-    for chunk in common.by_length([max(len(c), len(r)) for c, r in pairs], batch_size):
-        rc, rr = pair_rewards(model, [pairs[i] for i in chunk], pad_id, device, precision)
-        out[chunk] = ((rc > rr).float() + 0.5 * (rc == rr).float()).cpu().numpy()
-    return out
+def pair_correct(model, pairs, pad_id: int, device, batch_size: int = 8, precision: str = "float32") -> np.ndarray:
+    """Per pair: 1 when the chosen summary scores higher, 0 when lower, 0.5 on a tie. The two sequences of a pair
+    share their query: it runs once (``common.prefix_scores``), then each summary."""
+    cut = [common.shared_prefix(c, r) for c, r in pairs]
+    with prec.autocast(precision, device):
+        scores = common.prefix_scores(model, [c[:k] for (c, _), k in zip(pairs, cut)],
+                                      [seq[k:] for (c, r), k in zip(pairs, cut) for seq in (c, r)], 2, pad_id, device, batch_size)
+    rc, rr = scores[0::2], scores[1::2]
+    return ((rc > rr).float() + 0.5 * (rc == rr).float()).numpy()
 
 
 def accuracy(model, pairs, pad_id: int, device, batch_size: int = 16, precision: str = "float32") -> float:
