@@ -136,6 +136,9 @@ def test_rm_accuracy_by_size_and_kl_table(tmp_path):
         folders.append(f)
     table, summary = rm_accuracy_by_size(folders)
     assert summary["accuracy_per_doubling"] == pytest.approx(0.02)
+    write_metadata(folders[0], base="another-family")  # sizes of two families: no slope across them
+    _, mixed = rm_accuracy_by_size(folders)
+    assert mixed["accuracy_per_doubling"] is None and "different model families" in mixed["why_not"]
     assert (table["ci_low"] < table["accuracy"]).all()
     comp = pd.DataFrame({"policy_id": ["bon4"] * 10 + ["ppo"] * 10, "outcome": [1] * 6 + [0] * 4 + [1] * 8 + [0] * 2})
     kl = kl_vs_preference(comp, {"bon4": best_of_n_kl(4), "ppo": 3.8})

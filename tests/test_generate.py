@@ -10,6 +10,7 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 
 from conftest import ROOT, run_cli
 from evalkit import artifacts
@@ -168,3 +169,18 @@ def test_generate_under_torchrun_equals_single_process(tmp_path, sft_dir):
     assert len(one) == 10 * 2 + 10
     pd.testing.assert_frame_equal(ddp, one)
     assert json.loads((tmp_path / "ddp" / "manifest.json").read_text())["world_size"] == 2
+
+
+def test_sampling_draws_from_the_softmax_per_row_whatever_its_batch_mates():
+    from evalkit.generate import Decoding, _pick
+
+    p = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    logits = torch.log(p.clamp(min=1e-30)) * 0.7  # softmax(logits / 0.7) == p
+    dec = Decoding(temperature=0.7)
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.bincount(torch.cat([_pick(logits[None], dec, [gen]) for _ in range(5000)]), minlength=4).float()
+    assert counts[1] == 0 and torch.allclose(counts / counts.sum(), p, atol=0.02)
+    # a row's draw depends on its own generator only, not on which rows share its batch
+    alone = _pick(logits[None], dec, [torch.Generator().manual_seed(7)])
+    batch = _pick(torch.stack([torch.randn(4), logits, torch.randn(4)]), dec, [torch.Generator().manual_seed(s) for s in (3, 7, 9)])
+    assert batch[1] == alone[0]

@@ -24,13 +24,15 @@ def rm_accuracy_by_size(folders: list[str | Path]) -> tuple[pd.DataFrame, dict]:
         n = int(meta["n_held_out"])
         wins = round(meta["held_out_accuracy"] * n)
         lo, hi = wilson(np.array([wins]), np.array([n]))
-        rows.append({"reward_model": str(folder), "n_params": int(meta["n_params"]), "accuracy": meta["held_out_accuracy"],
-                     "n_held_out": n, "ci_low": float(lo[0]), "ci_high": float(hi[0])})
+        rows.append({"reward_model": str(folder), "base": meta.get("base") or "", "n_params": int(meta["n_params"]),
+                     "accuracy": meta["held_out_accuracy"], "n_held_out": n, "ci_low": float(lo[0]), "ci_high": float(hi[0])})
     df = pd.DataFrame(rows).sort_values("n_params").reset_index(drop=True)
-    slope = None
-    if df["n_params"].nunique() >= 2:
-        slope = float(np.polyfit(np.log2(df["n_params"]), df["accuracy"], 1)[0])
-    return df, {"accuracy_per_doubling": slope, "n_models": len(df)}
+    slope, why = None, "one size"
+    if df["base"].nunique() > 1:
+        why = "reward models of different model families: a slope across them is not a size effect"
+    elif df["n_params"].nunique() >= 2:
+        slope, why = float(np.polyfit(np.log2(df["n_params"]), df["accuracy"], 1)[0]), ""
+    return df, {"accuracy_per_doubling": slope, "n_models": len(df), "why_not": why}
 
 
 def kl_vs_preference(comparisons: pd.DataFrame, kl_by_policy: dict[str, float]) -> pd.DataFrame:

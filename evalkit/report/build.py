@@ -551,7 +551,7 @@ def _write_report(tables: dict[str, pd.DataFrame], out_dir: Path, title: str, ba
         table, summary = rm_accuracy_by_size(list(reward_models))
         rep.table(table)
         slope = summary["accuracy_per_doubling"]
-        rep.text("Accuracy gained per doubling of size: " + (f"{100 * slope:.2f} points" if slope is not None else "not measured (one size)")
+        rep.text("Accuracy gained per doubling of size: " + (f"{100 * slope:.2f} points" if slope is not None else f"not measured ({summary['why_not']})")
                  + " (the paper: ≈1.8 points).")
     if policy_kl:
         from evalkit.analysis.rm_eval import kl_vs_preference
