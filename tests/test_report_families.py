@@ -38,7 +38,7 @@ def test_size_curves_stay_within_one_family(tmp_path):
     assert "A size curve is fitted only within one family" in md and "Model families: A; B" in md
     # the ordering per family and size, raw and at equal length: holds in B by construction
     b_lines = [line for line in md.splitlines() if line.startswith("- B 200M")]
-    assert len(b_lines) == 2 and all("PPO (RLHF)" in line and "— holds" in line for line in b_lines), b_lines
+    assert len(b_lines) == 2 and all(line.endswith("PPO (RLHF) ≥ SFT ≥ pretrained holds") for line in b_lines), b_lines
     assert any(line.startswith("- A 1B, raw: PPO (RLHF)") for line in md.splitlines())
     assert (tmp_path / "figure1_tldr.png").stat().st_size > 1000
 

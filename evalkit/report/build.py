@@ -235,8 +235,8 @@ def _headline(rep: "Report", d: pd.DataFrame, dataset: str, baseline: str, sourc
         rep.text(f"No policy kind has two sizes in the {dataset} comparisons{' within one model family' if families else ''}, "
                  f"so there is no size curve. The main comparison — the fraction of comparisons in which each policy's "
                  f"summary was preferred to {baseline} (95% item-clustered interval; {source}):")
-        rep.bullets([f"{r.policy}{f' ({r.family})' if r.family else ''} ({r.policy_id}): {r.rate:.1%} "
-                     f"[{r.boot_low:.1%}, {r.boot_high:.1%}], n={r.n}" for r in shown.itertuples()])
+        rep.bullets([f"{r.policy}{f', {r.family}' if r.family else ''}{f' ({r.policy_id})' if r.policy_id != r.policy else ''}: "
+                     f"{r.rate:.1%} [{r.boot_low:.1%}, {r.boot_high:.1%}], n={r.n}" for r in shown.itertuples()])
         _kind_order(rep, d, rates, baseline)
         if not families or not rates["n_params"].notna().any():
             return []
@@ -289,8 +289,8 @@ def _kind_order(rep: "Report", d: pd.DataFrame, rates: pd.DataFrame, baseline: s
                 continue
             holds = all(a >= b for a, b in zip(vals, vals[1:]))
             lines.append(f"{family or 'one family'} {params_label(size)}, {what}: "
-                         + " ≥ ".join(f"{KIND_LABELS[k]} {v:.1%}" for k, v in zip(present, vals))
-                         + (" — holds" if holds else " — does NOT hold"))
+                         + ", ".join(f"{KIND_LABELS[k]} {v:.1%}" for k, v in zip(present, vals))
+                         + f" — {' ≥ '.join(KIND_LABELS[k] for k in present)} " + ("holds" if holds else "does NOT hold"))
     if lines:
         rep.text(f"The paper's ordering (PPO ≥ SFT ≥ pretrained in preference to {baseline}), point estimates per family "
                  "and size:")
