@@ -175,16 +175,19 @@ def layer_digests(folder: str | Path) -> list[str] | None:
     if not files:
         return None
     groups: dict[int, list[tuple[str, bytes]]] = {}
-    for path in files:
-        with safe_open(str(path), "pt") as fh:
-            for name in fh.keys():
-                if "wpe" in name:
-                    return None
-                m = _LAYER_INDEX.search(name)
-                if m is None and "embed" not in name and "wte" not in name:
-                    continue  # the final norm and the head come after the blocks
-                t = fh.get_tensor(name)
-                groups.setdefault(int(m.group(1)) if m else -1, []).append((name, t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()))
+    try:
+        for path in files:
+            with safe_open(str(path), "pt") as fh:
+                for name in fh.keys():
+                    if "wpe" in name:
+                        return None
+                    m = _LAYER_INDEX.search(name)
+                    if m is None and "embed" not in name and "wte" not in name:
+                        continue  # the final norm and the head come after the blocks
+                    t = fh.get_tensor(name)
+                    groups.setdefault(int(m.group(1)) if m else -1, []).append((name, t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()))
+    except Exception:  # noqa: BLE001 — an unreadable checkpoint shares nothing; loading it says what is wrong, in one line
+        return None
     if -1 not in groups:
         return None
     return [hashlib.sha256(b"".join(n.encode() + b for n, b in sorted(groups[i]))).hexdigest() for i in sorted(groups)]
@@ -435,7 +438,6 @@ def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, d
     (out_dir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     d = init_distributed()
     dec = replace(dec, dtype=prec.resolve(dec.dtype, d.device, "dtype"))
-    dtype = prec.DTYPES[dec.dtype]
     existing = _read_parts(out_dir)
     done_ids = set(existing["gen_id"])
     wanted: set[str] = set()  # this call's generations (parts from other settings stay cached but out of the table)
@@ -451,7 +453,8 @@ def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, d
             if last_use[id(sp)] < index:
                 sp.store.clear()  # its lineage is done: free the stored prefills
         shared = shared_prefixes.get(source)
-        model = load_causal_lm(source).eval().to(d.device, dtype)
+        model = load_causal_lm(source).eval().to(d.device)
+        prec.cast_weights(dec.dtype, model)
         tok = load_tokenizer(source)
         kind, n_params = ("best_of_n", int(best_of.get("n_params") or count_params(model)["n_params"])) if best_of else _policy_info(policy, model)
         contract = read_contract(source, model)
@@ -460,7 +463,8 @@ def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, d
         contracts[policy.policy_id] = contract.to_dict()
         reward_model = None
         if best_of:
-            reward_model = RewardModel.load(best_of["reward_model"]).eval().to(d.device, dtype)
+            reward_model = RewardModel.load(best_of["reward_model"]).eval().to(d.device)
+            prec.cast_weights(dec.dtype, reward_model)
             rm_contract = read_contract(best_of["reward_model"])
             same_lineage(contract, rm_contract, f"best-of-N policy {source}", f"reward model {best_of['reward_model']}")
             contract = rm_contract  # its no-EOS score is on the RM's scale

@@ -73,6 +73,17 @@ def autocast(resolved: str, device: torch.device | str = "cpu"):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolved == "bfloat16")
 
 
+def cast_weights(resolved: str, *models: torch.nn.Module | None) -> None:
+    """Hold the models' floating-point parameters in ``resolved``'s dtype for good — models that only decode — as
+    :func:`weights_as` does for a block: buffers (rotary frequencies) stay float32, so decoding here and sampling in
+    training compute the same numbers. Not for a model under DDP (assigning ``.data`` drops gradient hooks)."""
+    dtype = DTYPES[resolved]
+    for model in models:
+        for p in model.parameters() if model is not None else ():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
+
 @contextlib.contextmanager
 def weights_as(resolved: str, *models: torch.nn.Module | None) -> Iterator[None]:
     """Within the block the models' floating-point parameters are held in ``resolved``'s dtype (a no-grad pass:

@@ -73,7 +73,10 @@ def test_rollout_text_is_the_evaluation_text_and_the_rm_sees_the_canonical_form(
     table = generate(items, [Policy("p", str(sft_dir))], tmp_path / "gen", Decoding(temperature=0.9), progress=False)
     queries = [tok.encode(format_query(it, tok, contract.max_query_tokens), add_special_tokens=False) for it in items.to_dict("records")]
     seeds = [derive_seed("generate", "p", i, 0, 0) for i in items["item_id"]]
-    samples = common.sample(model, tok, queries, contract, 0.9, seeds)
+    from evalkit import precision
+
+    with precision.weights_as(precision.resolve("auto"), model):  # as PPO rollouts sample: generate's default precision
+        samples = common.sample(model, tok, queries, contract, 0.9, seeds)
     rollout_texts = [common.response_text(tok, ids) for ids, _ in samples]
     assert rollout_texts == list(table.set_index("item_id").loc[items["item_id"], "text"])
     newline = set(__import__("evalkit.generate", fromlist=["x"]).newline_token_ids(tok).tolist())

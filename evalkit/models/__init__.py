@@ -124,7 +124,9 @@ def load_tokenizer(folder: str | Path):
 
 
 def load_causal_lm(folder: str | Path, dtype=torch.float32):
-    """Any HF causal-LM folder (ours or a user's), on the CPU in fp32 unless told otherwise."""
+    """Any HF causal-LM folder (ours or a user's), on the CPU in fp32 unless told otherwise. ``dtype`` casts buffers
+    too (rotary frequencies): for a bf16 pass that matches training's, load float32 and use
+    ``evalkit.precision.cast_weights``."""
     from transformers import AutoModelForCausalLM
 
     folder = _check_folder(folder)

@@ -218,7 +218,6 @@ def _headline(rep: "Report", d: pd.DataFrame, dataset: str, baseline: str, sourc
     rates = preference_rates(d, n_boot=n_boot, rng=rng_for(seed, "rates", baseline, dataset))  # a stream per policy
     family = d.drop_duplicates("policy_id").set_index("policy_id")["family"] if "family" in d else pd.Series(dtype=str)
     rates["family"] = rates["policy_id"].map(family).fillna("")
-    rates = rates[rates["n"] >= SMALL_N]
     title_source = "SIMULATED panel" if "SIMULATED" in source else source
     caption = (f"{dataset}: fraction preferred to {baseline} vs model size (log parameters); colour: kind, marker: model "
                f"family; dots: observed rate with its 95% item-clustered bootstrap interval, n beside each; curves (solid "
@@ -236,7 +235,8 @@ def _headline(rep: "Report", d: pd.DataFrame, dataset: str, baseline: str, sourc
                  f"so there is no size curve. The main comparison — the fraction of comparisons in which each policy's "
                  f"summary was preferred to {baseline} (95% item-clustered interval; {source}):")
         rep.bullets([f"{r.policy}{f', {r.family}' if r.family else ''}{f' ({r.policy_id})' if r.policy_id != r.policy else ''}: "
-                     f"{r.rate:.1%} [{r.boot_low:.1%}, {r.boot_high:.1%}], n={r.n}" for r in shown.itertuples()])
+                     f"{r.rate:.1%} [{r.boot_low:.1%}, {r.boot_high:.1%}], n={r.n}"
+                     + (f" (fewer than {SMALL_N} judgments: read its interval)" if r.n < SMALL_N else "") for r in shown.itertuples()])
         _kind_order(rep, d, rates, baseline)
         if not families or not rates["n_params"].notna().any():
             return []
