@@ -36,7 +36,7 @@ from evalkit.data.query import DEFAULT_FORMAT, format_query
 from evalkit.errors import EvalkitError
 from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer, position_ids, read_metadata
 from evalkit.train.best_of_n import read_best_of_n
-from evalkit.train.common import pad_batch, top_blocks
+from evalkit.train.common import pad_batch, raw_bytes, top_blocks
 from evalkit.seeds import derive_seed, stable_hash
 
 log = logging.getLogger(__name__)
@@ -184,8 +184,7 @@ def layer_digests(folder: str | Path) -> list[str] | None:
                     m = _LAYER_INDEX.search(name)
                     if m is None and "embed" not in name and "wte" not in name:
                         continue  # the final norm and the head come after the blocks
-                    t = fh.get_tensor(name)
-                    groups.setdefault(int(m.group(1)) if m else -1, []).append((name, t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()))
+                    groups.setdefault(int(m.group(1)) if m else -1, []).append((name, raw_bytes(fh.get_tensor(name))))
     except Exception:  # noqa: BLE001 — an unreadable checkpoint shares nothing; loading it says what is wrong, in one line
         return None
     if -1 not in groups:

@@ -289,8 +289,11 @@ class RewardModel(nn.Module):
         ``inputs_embeds``: hidden states to start from (a shared trunk's output, with only the top blocks swapped in)."""
         hidden = self.backbone(input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
                                attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-        # the scalar head in float32 whatever the backbone's precision: a bf16 reward keeps ~3 significant digits,
-        # too few for Bradley-Terry differences, PPO's value targets and best-of-N's ranking
+        return self.head_scores(hidden)
+
+    def head_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The scalar head on hidden states, in float32 whatever the backbone's precision: a bf16 reward keeps ~3
+        significant digits, too few for Bradley-Terry differences, PPO's value targets and best-of-N's ranking."""
         with torch.autocast(hidden.device.type, enabled=False):
             w, b = self.head.weight, self.head.bias
             return torch.nn.functional.linear(hidden.float(), w.float(), b.float()).squeeze(-1)

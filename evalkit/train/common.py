@@ -4,6 +4,7 @@ checkpoint folders (HF weights + tokenizer + trainer_config.json + metrics.jsonl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -110,7 +111,7 @@ def all_reduce_mean(value: float, d: Dist) -> float:
     return float(t.item() / d.world)
 
 
-def _raw_bytes(t: torch.Tensor) -> bytes:
+def raw_bytes(t: torch.Tensor) -> bytes:
     """A tensor's bytes in any dtype (numpy has no bfloat16: weights cast for a bf16 pass are digested too)."""
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
@@ -119,7 +120,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(_raw_bytes(p))
+        h.update(raw_bytes(p))
     return h.hexdigest()
 
 
@@ -420,7 +421,6 @@ def prefix_scores(reward_model, prefixes: list[list[int]], suffixes: list[list[i
     from evalkit.models import position_ids
 
     out = torch.zeros(len(suffixes))
-    head = reward_model.head
     for chunk in by_length([len(q) for q in prefixes], batch_size):
         q_ids, q_mask = (t.to(device) for t in pad_batch([prefixes[i] for i in chunk], pad_id, side="left"))
         cache = reward_model.backbone(input_ids=q_ids, attention_mask=q_mask, position_ids=position_ids(q_mask), use_cache=True).cache
@@ -431,9 +431,7 @@ def prefix_scores(reward_model, prefixes: list[list[int]], suffixes: list[list[i
         start = q_mask.sum(1).repeat_interleave(n)[:, None]
         hidden = reward_model.backbone(input_ids=s_ids, attention_mask=mask, position_ids=start + torch.arange(s_ids.shape[1], device=device),
                                        cache=cache, use_cache=True).last_hidden_state
-        last = hidden[torch.arange(len(rows), device=device), s_mask.sum(1) - 1]
-        with torch.autocast(last.device.type, enabled=False):
-            out[rows] = torch.nn.functional.linear(last.float(), head.weight.float(), head.bias.float()).squeeze(-1).cpu()
+        out[rows] = reward_model.head_scores(hidden[torch.arange(len(rows), device=device), s_mask.sum(1) - 1]).cpu()
     return out
 
 
@@ -551,20 +549,8 @@ class _Swap:
             setattr(self.module, name, value)
 
 
-class _Swaps:
-    def __init__(self, *swaps: _Swap):
-        self.swaps = swaps
-
-    def __enter__(self):
-        for s in self.swaps:
-            s.__enter__()
-
-    def __exit__(self, *exc):
-        for s in reversed(self.swaps):
-            s.__exit__(*exc)
-
-
-def top_blocks(model: torch.nn.Module, k: int) -> _Swaps:
+@contextlib.contextmanager
+def top_blocks(model: torch.nn.Module, k: int) -> Iterator[None]:
     """Within the context the model runs only its top ``k`` blocks, on hidden states passed as ``inputs_embeds``.
 
     Models that pick each block's attention by its position in the stack (Gemma 3 reads ``config.layer_types[i]``:
@@ -573,11 +559,12 @@ def top_blocks(model: torch.nn.Module, k: int) -> _Swaps:
     base = getattr(model, "base_model", model)
     name = _layers_attr(base)
     layers = getattr(base, name)
-    swaps = [_Swap(base, **{name: torch.nn.ModuleList(list(layers)[len(layers) - k:])})]
     types = getattr(base.config, "layer_types", None)
-    if types:
-        swaps.append(_Swap(base.config, layer_types=list(types)[len(types) - k:]))
-    return _Swaps(*swaps)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_Swap(base, **{name: torch.nn.ModuleList(list(layers)[len(layers) - k:])}))
+        if types:
+            stack.enter_context(_Swap(base.config, layer_types=list(types)[len(types) - k:]))
+        yield
 
 
 def trunk_digest(model: torch.nn.Module, k: int) -> str:
@@ -587,7 +574,7 @@ def trunk_digest(model: torch.nn.Module, k: int) -> str:
     h = hashlib.sha256()
     for module in [base.get_input_embeddings(), *list(layers)[: len(layers) - k]]:
         for p in module.parameters():
-            h.update(_raw_bytes(p))
+            h.update(raw_bytes(p))
     return h.hexdigest()
 
 
