@@ -32,7 +32,8 @@ def main() -> None:
 
     from evalkit.data import format_query, load_items
     from evalkit.generate import Decoding, decode_batch
-    from evalkit.models import DEFAULT_LADDER, load_causal_lm, load_tokenizer
+    from evalkit.models import load_causal_lm, load_tokenizer
+    from evalkit.vocab import DEFAULT_LADDER
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default=None)

@@ -27,9 +27,10 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 
 def build_models(root: Path, depth: int) -> tuple[Path, Path, list[list[int]]]:
+    from evalkit import decoding
+    from evalkit.checkpoints import write_metadata
     from evalkit.contract import Contract
-    from evalkit.models import RewardModel, build_model, write_metadata
-    from evalkit.train import common
+    from evalkit.models import RewardModel, build_model
     from evalkit.train.sft import train_items
     from evalkit.train.tokenizer import TokenizerConfig, train_tokenizer
 
@@ -41,7 +42,7 @@ def build_models(root: Path, depth: int) -> tuple[Path, Path, list[list[int]]]:
     tok.save_pretrained(root / "rm")
     for folder in ("sft", "rm"):
         write_metadata(root / folder, contract=Contract(max_query_tokens=256).to_dict())
-    queries = [common.encode_query(tok, it, 256) for it in train_items(64).to_dict("records")]
+    queries = [decoding.encode_query(tok, it, 256) for it in train_items(64).to_dict("records")]
     return root / "sft", root / "rm", queries
 
 

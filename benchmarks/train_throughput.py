@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from evalkit import precision as prec
+from evalkit.checkpoints import write_metadata
 from evalkit.contract import read_contract
-from evalkit.models import RewardModel, import_gguf, load_causal_lm, load_tokenizer, smollm2_gguf, write_metadata
+from evalkit.models import RewardModel, import_gguf, load_causal_lm, load_tokenizer, smollm2_gguf
 from evalkit.train import common
 
 PRECISIONS = ("float32", "bfloat16")

@@ -1,33 +1,38 @@
 """evalkit: a harness for training and evaluating summarizers with human feedback (Stiennon et al., 2020).
 
-The public API for notebooks; the CLI is a thin shell over the same functions.
+The public API for notebooks; the CLI is a thin shell over the same functions. Names are loaded when first used
+(PEP 562), so ``import evalkit`` — and every CLI command that needs no model — does not load torch.
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
-from evalkit.artifacts import SCHEMAS, build_manifest, read_table, validate, write_manifest, write_table  # noqa: E402
-from evalkit.config import StudyConfig, load_study  # noqa: E402
-from evalkit.data import (  # noqa: E402
-    format_query,
-    load_cnndm,
-    load_gpt2_tokenizer,
-    load_items,
-    load_llm_judgments,
-    load_openai_comparisons,
-    load_openai_ppo_summaries,
-    load_tldr,
-    parse_tldr_query,
-    preferred_to_reference,
-)
-from evalkit.errors import EvalkitError  # noqa: E402
-from evalkit.generate import Decoding, Policy, generate  # noqa: E402
-from evalkit.pipeline import import_openai, prepare_study_data  # noqa: E402
-from evalkit.seeds import derive_seed  # noqa: E402
-from evalkit import analysis  # noqa: E402  (evalkit.analysis.preference_rates, size_fit, position_effect, ...)
+# public name -> the module that defines it
+_API = {
+    "SCHEMAS": "evalkit.artifacts", "build_manifest": "evalkit.artifacts", "read_table": "evalkit.artifacts",
+    "validate": "evalkit.artifacts", "write_manifest": "evalkit.artifacts", "write_table": "evalkit.artifacts",
+    "StudyConfig": "evalkit.config", "load_study": "evalkit.config",
+    "format_query": "evalkit.data", "load_cnndm": "evalkit.data", "load_gpt2_tokenizer": "evalkit.data", "load_items": "evalkit.data",
+    "load_llm_judgments": "evalkit.data", "load_openai_comparisons": "evalkit.data", "load_openai_ppo_summaries": "evalkit.data",
+    "load_tldr": "evalkit.data", "parse_tldr_query": "evalkit.data", "preferred_to_reference": "evalkit.data",
+    "EvalkitError": "evalkit.errors",
+    "Decoding": "evalkit.contract", "Policy": "evalkit.generate", "generate": "evalkit.generate",
+    "import_openai": "evalkit.pipeline", "prepare_study_data": "evalkit.pipeline", "run": "evalkit.pipeline",
+    "derive_seed": "evalkit.seeds",
+    "analysis": "evalkit.analysis",  # evalkit.analysis.preference_rates, size_fit, position_effect, ...
+}
+__all__ = sorted(_API)
 
-__all__ = [
-    "Decoding", "EvalkitError", "analysis", "Policy", "SCHEMAS", "generate", "StudyConfig", "build_manifest", "derive_seed", "format_query", "import_openai",
-    "load_cnndm", "load_gpt2_tokenizer", "load_items", "load_llm_judgments", "load_openai_comparisons", "load_openai_ppo_summaries",
-    "load_study", "load_tldr", "parse_tldr_query", "preferred_to_reference", "prepare_study_data", "read_table",
-    "validate", "write_manifest", "write_table",
-]
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'evalkit' has no attribute {name!r}")
+    module = importlib.import_module(_API[name])
+    value = module if module.__name__ == f"evalkit.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import platform
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,19 +27,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from evalkit import __version__
 from evalkit.errors import EvalkitError
+from evalkit.vocab import DATASETS, LABELER_KINDS, POLICY_KINDS, SIDES, SPLITS, TASK_KINDS, TASK_ROLES
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
-DATASETS = ("tldr", "cnndm")
-SPLITS = ("train", "valid1", "valid2")
-POLICY_KINDS = ("ref", "lead3", "pretrained", "sft", "ppo", "best_of_n", "external")
-TASK_KINDS = ("pairwise", "likert")
-TASK_ROLES = ("main", "overlap", "gold", "attention", "sentinel")
-LABELER_KINDS = ("human", "simulated", "llm", "imported")
-SIDES = ("left", "right")
 
 
 @dataclass(frozen=True)
@@ -260,9 +257,6 @@ def _pid_alive(pid: int) -> bool:
 def _sweep_dead(folder: Path, pattern: str) -> None:
     """Remove leftovers named by ``pattern`` (a regex whose group 1 is a pid) whose writing process is gone: what a
     killed process left half-written. A live process's files are never touched."""
-    import re
-    import shutil
-
     if not folder.is_dir():
         return
     rx = re.compile(pattern)
@@ -287,8 +281,6 @@ def atomic_write(path: str | os.PathLike, writer) -> Path:
     """Write through ``writer(tmp_path)`` into a temp file beside ``path``, fsync it, then rename over ``path``: a
     reader, or a process killed at any moment, sees the old file or the new one, never half of one. Temp files that a
     killed writer left for the same path are removed first."""
-    import re
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _sweep_dead(path.parent, rf"\.{re.escape(path.name)}\.(\d+)\.[^.]+\.tmp")
@@ -313,9 +305,6 @@ def staging_dir(final: str | os.PathLike, owned, what: str) -> Path:
     the same folder are removed. :func:`publish_dir` replaces ``final`` whole, so ``final`` must be absent, empty, or
     ``owned(final)`` — a folder of ``what`` ("an evalkit report") built before; anything else is refused here, before
     any work, and nothing of it is touched."""
-    import re
-    import shutil
-
     final = Path(final)
     if final.exists() and not final.is_dir():
         raise EvalkitError(f"{final} is a file; {what} is a folder, so give an empty or new folder")
@@ -334,8 +323,6 @@ def publish_dir(staging: Path, final: str | os.PathLike) -> Path:
     """Put the folder built in ``staging`` in place of ``final`` by two renames: whoever reads ``final`` sees the old
     folder whole or the new one whole. A process killed between the renames leaves no ``final`` (the next build
     makes it) and the old one beside it, removed by the next :func:`staging_dir`."""
-    import shutil
-
     final = Path(final)
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
@@ -351,8 +338,6 @@ def built_whole(final: str | os.PathLike, owned, what: str):
     """``with built_whole(folder, owned, what) as staging:`` build the folder's files in ``staging``; on success the
     folder is replaced whole (:func:`publish_dir`), on failure ``staging`` is removed and the folder left as it was.
     ``owned`` and ``what`` guard a folder of other files (:func:`staging_dir`)."""
-    import shutil
-
     staging = staging_dir(final, owned, what)
     try:
         yield staging
@@ -477,8 +462,6 @@ def fingerprint(config: Mapping, inputs: list[dict[str, object]]) -> str:
 
 def build_manifest(artifact: str, config: Mapping, inputs: Iterable[str | os.PathLike] = (), seeds: Mapping | None = None,
                    outputs: Mapping[str, int] | None = None, extra: Mapping | None = None) -> dict:
-    from evalkit import __version__
-
     described = describe_inputs(inputs)
     return {
         "artifact": artifact,
@@ -529,7 +512,7 @@ def readable(path: Path) -> bool:
         return False
     try:
         if path.suffix == ".parquet":
-            pq.ParquetFile(path).metadata
+            _ = pq.ParquetFile(path).metadata
         elif path.suffix == ".json":
             json.loads(path.read_text("utf-8"))
     except Exception:  # noqa: BLE001 - any failure to parse means "not whole"

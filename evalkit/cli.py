@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import sys
 from pathlib import Path
 
 import click
 
+from evalkit.checkpoints import read_metadata
+from evalkit.config import StudyConfig, load_study
+from evalkit.data import COMPARISON_BATCHES, comparison_batch, format_query, load_items, preferred_to_reference, read_openai_comparisons
+from evalkit.data.bundled import gpt2_bpe
 from evalkit.errors import EvalkitError
+from evalkit.report.build import params_label
+from evalkit.spec import apply_overrides, check_values, from_mapping
+from evalkit.study.build import build_study
+from evalkit.study.exchange import export_tasks, import_answers
+from evalkit.study.serve import collect_judgments, init_db, links, serve
+from evalkit.study.simulate import required_judgments
+from evalkit.train.presets import ladder_config
+from evalkit.train.tokenizer import TokenizerConfig, train_tokenizer
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,14 +47,12 @@ def data() -> None:
 @click.option("--max-tokens", default=512, show_default=True, type=click.IntRange(min=16), help="Query length limit (GPT-2 tokens).")
 def data_show(dataset: str, split: str | None, n: int, path: str | None, max_tokens: int) -> None:
     """Print formatted model queries (truncated to --max-tokens) with their references."""
-    from evalkit.data import format_query, load_gpt2_tokenizer, load_items
-
     items = load_items(dataset, split, path)
-    tok = load_gpt2_tokenizer()
+    tok = gpt2_bpe()  # GPT-2 BPE without transformers: showing data loads no model
     click.echo(f"# {dataset} {split or 'all splits'}: {len(items)} items; showing {min(n, len(items))}")
     for row in items.head(n).to_dict("records"):
         query = format_query(row, tok, max_tokens=max_tokens)
-        click.echo(f"\n=== {row['item_id']} ({row['split']}, {len(tok.encode(query))} query tokens)")
+        click.echo(f"\n=== {row['item_id']} ({row['split']}, {len(tok.encode(query).ids)} query tokens)")
         click.echo(query)
         click.echo(f"--- reference:\n{row['reference']}")
 
@@ -48,8 +60,6 @@ def data_show(dataset: str, split: str | None, n: int, path: str | None, max_tok
 @data.command("list")
 def data_list() -> None:
     """List the bundled data with item counts per split."""
-    from evalkit.data import COMPARISON_BATCHES, comparison_batch, load_items, read_openai_comparisons
-
     for name in ("tldr", "cnndm"):
         items = load_items(name)
         counts = items["split"].value_counts().reindex(["train", "valid1", "valid2"], fill_value=0)
@@ -61,8 +71,6 @@ def data_list() -> None:
 
 
 def _print_preferred(tables, split: str | None) -> None:
-    from evalkit.data import preferred_to_reference
-
     rates = preferred_to_reference(tables, split=split)
     if rates.empty:
         click.echo(f"  (no comparisons with the reference in {split or 'any split'})")
@@ -95,10 +103,7 @@ def run(study: str, overrides: tuple[str, ...], quick: bool, force: bool) -> Non
     """Run a study end to end: train its ladder, generate with every policy on its items (and transfer items), build
     the tasks, label them (the simulated panel when the study asks for it) and write the report. Re-running skips
     what is up to date; an interrupted run resumes."""
-    from evalkit.config import load_study
-    from evalkit.pipeline import run_study
-
-    import logging
+    from evalkit.pipeline import run as run_spec
 
     cfg = load_study(study, list(overrides), quick=quick)
     _quiet_hf()
@@ -110,22 +115,20 @@ def run(study: str, overrides: tuple[str, ...], quick: bool, force: bool) -> Non
         progress.setLevel(logging.INFO)
         progress.propagate = False  # one line per event, not a second copy from the root logger
     click.echo(f"study {cfg.id}: {cfg.study.title}" + (" (--quick profile)" if quick else ""))
-    result = run_study(cfg, force=force, echo=click.echo)
-    if result.get("policies"):
-        click.echo(f"  policies: {', '.join(result['policies'])}")
-    if "report" not in result:
+    result = run_spec(cfg, force=force, echo=click.echo)
+    if result.policies:
+        click.echo(f"  policies: {', '.join(result.policies)}")
+    if result.report is None:
         return
-    click.echo(f"report: {result['report']}")
-    for h in result.get("headline") or []:
-        from evalkit.report.build import params_label
-
+    click.echo(f"report: {result.report}")
+    for h in result.headline:
         family = f", {h['family']}" if h.get("family") else ""
         click.echo(f"  {h['policy_kind']:10s} {params_label(h['n_params']):>6s} ({h['policy_id']}{family}): {h['rate']:.1%} preferred to "
                    f"the reference [{h['boot_low']:.1%}, {h['boot_high']:.1%}], n={h['n']}")
-    if not result.get("headline"):
+    if not result.headline:
         click.echo("  (no policy kind at two sizes: no size headline; see the report's rates)")
-    times = ", ".join(f"{k} {v.get('seconds', 0):.0f}s" + (" (cached)" if v.get("skipped") else "") for k, v in result["stages"].items() if "seconds" in v)
-    click.echo(f"  stage times: {times}; this run {result.get('seconds', 0):.0f}s; manifest {result['run_json']}")
+    times = ", ".join(f"{k} {v.get('seconds', 0):.0f}s" + (" (cached)" if v.get("skipped") else "") for k, v in result.stages.items() if "seconds" in v)
+    click.echo(f"  stage times: {times}; this run {result.seconds:.0f}s; manifest {result.run_json}")
 
 
 @cli.command("generate")
@@ -149,8 +152,6 @@ def generate_cmd(study, dataset, split, path, n_items, policies, baselines, temp
                  max_query_tokens, dtype, out_dir) -> None:
     """Summaries from checkpoints (and baselines) for a dataset split → generations.parquet; re-running resumes."""
     _quiet_hf()
-    from evalkit.config import StudyConfig, load_study
-    from evalkit.data import load_items
     from evalkit.generate import Decoding, Policy, generate
 
     cfg = load_study(study) if study else StudyConfig()
@@ -188,9 +189,6 @@ def study() -> None:
 @click.option("--archive", is_flag=True, help="If labels were already collected, move the old study aside (judgments exported) and rebuild.")
 def study_build(study_path: str, overrides: tuple[str, ...], archive: bool) -> None:
     """Generations → tasks.parquet: balanced items, seeded left/right swaps, overlap, gold, attention and sentinels."""
-    from evalkit.config import load_study
-    from evalkit.study.build import build_study
-
     cfg = load_study(study_path, list(overrides))
     res = build_study(cfg, archive=archive)
     tasks = res["tasks"]
@@ -206,9 +204,6 @@ def study_build(study_path: str, overrides: tuple[str, ...], archive: bool) -> N
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def study_export(study_path: str, fmt: str, out_file: str, overrides: tuple[str, ...]) -> None:
     """Blind tasks for a crowd platform (texts as shown; no policy names or generation ids)."""
-    from evalkit.config import load_study
-    from evalkit.study.exchange import export_tasks
-
     cfg = load_study(study_path, list(overrides))
     path = export_tasks(cfg.out_dir / "study", fmt, out_file)
     click.echo(f"{path}: tasks exported as {fmt}")
@@ -220,9 +215,6 @@ def study_export(study_path: str, fmt: str, out_file: str, overrides: tuple[str,
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def study_import(study_path: str, answers: str, overrides: tuple[str, ...]) -> None:
     """Answers (CSV, JSON Lines or Label Studio JSON) → judgments.parquet, all rows or none; re-importing is a no-op."""
-    from evalkit.config import load_study
-    from evalkit.study.exchange import import_answers
-
     cfg = load_study(study_path, list(overrides))
     merged = import_answers(cfg.out_dir / "study", answers)
     click.echo(f"{cfg.out_dir / 'study' / 'judgments.parquet'}: {len(merged)} judgments")
@@ -236,12 +228,6 @@ def study_import(study_path: str, answers: str, overrides: tuple[str, ...]) -> N
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def study_serve(study_path: str, host: str, port: int, threads: int, overrides: tuple[str, ...]) -> None:
     """Serve the labeling web app (waitress; judgments in SQLite); prints each labeler's link and the admin link."""
-    from evalkit.config import load_study
-    from evalkit.study.serve import init_db, links, serve
-
-    import ipaddress
-    import socket
-
     cfg = load_study(study_path, list(overrides))
     folder = cfg.out_dir / "study"
     if not (folder / "tasks.parquet").is_file():
@@ -272,9 +258,6 @@ def study_serve(study_path: str, host: str, port: int, threads: int, overrides: 
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def study_collect(study_path: str, overrides: tuple[str, ...]) -> None:
     """The web app's judgments → judgments.parquet (swap undone)."""
-    from evalkit.config import load_study
-    from evalkit.study.serve import collect_judgments
-
     cfg = load_study(study_path, list(overrides))
     out = collect_judgments(cfg.out_dir / "study")
     click.echo(f"{cfg.out_dir / 'study' / 'judgments.parquet'}: {len(out)} judgments")
@@ -286,7 +269,6 @@ def study_collect(study_path: str, overrides: tuple[str, ...]) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def study_simulate(study_path: str, seed: int, overrides: tuple[str, ...]) -> None:
     """Answer the study's pairwise tasks with the simulated panel (calibrated on real labels); marked simulated."""
-    from evalkit.config import load_study
     from evalkit.pipeline import answer_with_panel
 
     cfg = load_study(study_path, list(overrides))
@@ -308,8 +290,6 @@ def study_simulate(study_path: str, seed: int, overrides: tuple[str, ...]) -> No
 @click.option("--icc", type=float, default=0.0, show_default=True, help="Within-item correlation of judgments.")
 def study_power(p1: float, p2: float, alpha: float, power_: float, per_item: int, icc: float) -> None:
     """Judgments per policy needed to detect a difference in preference rates."""
-    from evalkit.study.simulate import required_judgments
-
     for name, value in (("--alpha", alpha), ("--power", power_)):
         if not (0 < value < 1):
             raise EvalkitError(f"{name} {value}: expected a probability strictly between 0 and 1")
@@ -326,7 +306,6 @@ def study_power(p1: float, p2: float, alpha: float, power_: float, per_item: int
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def report_cmd(study_path: str, out_dir: str | None, overrides: tuple[str, ...]) -> None:
     """Analyse a study's judgments → reports/<id>/ (report.html, report.md, figures, fits.parquet, manifest.json)."""
-    from evalkit.config import load_study
     from evalkit.pipeline import report_study
 
     cfg = load_study(study_path, list(overrides))
@@ -336,8 +315,6 @@ def report_cmd(study_path: str, out_dir: str | None, overrides: tuple[str, ...])
 
 def _config(cls, fixed: dict, overrides: tuple[str, ...]):
     """A trainer config from required options plus ``--set key=value`` overrides (type-checked)."""
-    from evalkit.config import apply_overrides, check_values, from_mapping
-
     cfg = from_mapping(cls, apply_overrides(dict(fixed), list(overrides), cls), cls.__name__)
     check_values(cfg, "--set")
     return cfg
@@ -365,15 +342,11 @@ def train() -> None:
 @_SET
 def train_tokenizer_cmd(out_dir: str, overrides: tuple[str, ...]) -> None:
     """Train a byte-level BPE on the bundled training text."""
-    from evalkit.train.tokenizer import TokenizerConfig, train_tokenizer
-
     tok = train_tokenizer(out_dir, _config(TokenizerConfig, {}, overrides))
     click.echo(f"{out_dir}: tokenizer with {len(tok)} tokens (eos {tok.eos_token_id}, pad {tok.pad_token_id})")
 
 
 def _report(out_dir: str, stage: str) -> None:
-    from evalkit.models import read_metadata
-
     meta = read_metadata(out_dir)
     keys = ("n_params", "n_params_nonembedding", "n_params_trainable", "val_loss", "held_out_accuracy", "length_heuristic_accuracy",
             "n_train", "n_held_out", "final_score", "final_kl", "steps", "iterations")
@@ -446,7 +419,7 @@ def train_ppo_cmd(policy: str, reward_model: str, out_dir: str, overrides: tuple
 @_SET
 def train_ladder_cmd(out_dir: str, preset: str, bases: str | None, depths: str | None, overrides: tuple[str, ...]) -> None:
     """Pretrained → SFT → RM → PPO (+ best-of-N) at every size, each measured on held-out posts; re-running resumes."""
-    from evalkit.train.ladder import format_summary, ladder_config, run_ladder
+    from evalkit.train.ladder import format_summary, run_ladder
 
     try:
         sizes = tuple(int(x) for x in depths.split(",")) if depths else None

@@ -21,10 +21,13 @@ writes it into the one it makes (``evalkit.json``, key ``contract``). No stage r
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from evalkit.checkpoints import config_context, model_context, read_metadata
 from evalkit.errors import EvalkitError
+from evalkit.vocab import CONTEXT, MAX_QUERY_TOKENS, MAX_SUMMARY_TOKENS, check_precision
 
 STOP_RULE = "EOS or a token containing a newline; text cut at the first newline and stripped"
 NO_EOS_SDS = 4.0
@@ -40,9 +43,9 @@ def no_eos_score_for(reference_score_std: float | None, fallback: float = -1.0) 
 
 @dataclass(frozen=True)
 class Contract:
-    max_query_tokens: int = 512
-    max_summary_tokens: int = 48
-    context: int = 576
+    max_query_tokens: int = MAX_QUERY_TOKENS
+    max_summary_tokens: int = MAX_SUMMARY_TOKENS
+    context: int = CONTEXT
     stop: str = STOP_RULE
     no_eos_score: float = -1.0
 
@@ -83,29 +86,13 @@ class Contract:
         return q, s
 
 
-def model_context(model) -> int:
-    """Positions a Hugging Face causal LM can attend over (``n_positions`` / ``max_position_embeddings``)."""
-    cfg = model.config
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(cfg, name, None)
-        if value:
-            return int(value)
-    return 2048
-
-
 def read_contract(folder: str | Path, model=None) -> Contract:
     """The checkpoint's recorded contract; for an outside HF checkpoint without one, the paper's limits within its
-    context (the model's own positions)."""
-    from evalkit.models import read_metadata
-
+    context (the model's own positions: ``model``'s config when given, else the folder's ``config.json``)."""
     meta = read_metadata(folder)
     if "contract" in meta:
         return Contract.from_dict(meta["contract"], f"{folder}/evalkit.json")
-    if model is None:
-        from evalkit.models import load_causal_lm
-
-        model = load_causal_lm(folder)
-    context = model_context(model)
+    context = model_context(model.config) if model is not None else config_context(folder)
     base = Contract()
     q = min(base.max_query_tokens, context - base.max_summary_tokens - 1)
     return Contract(max_query_tokens=q, context=context).check(str(folder))
@@ -117,3 +104,32 @@ def same_lineage(a: Contract, b: Contract, what_a: str, what_b: str) -> None:
         if getattr(a, name) != getattr(b, name):
             raise EvalkitError(f"{what_a} and {what_b} disagree on {name} ({getattr(a, name)!r} vs {getattr(b, name)!r}); "
                                "train them from one lineage")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int | None = None  # None: the checkpoint contract's max_summary_tokens
+    n_samples: int = 1
+    seed: int = 0
+    max_query_tokens: int | None = None  # None: the checkpoint contract's max_query_tokens (a longer one is an error)
+    # the weights' dtype while decoding (evalkit.precision): auto = bfloat16 where the device has bf16 matrix units;
+    # greedy text may differ slightly from float32's. Generations record the resolved one.
+    dtype: str = "auto"
+
+    def check(self) -> "Decoding":
+        check_precision(self.dtype, "dtype")
+        if not math.isfinite(self.temperature) or not math.isfinite(self.top_p):
+            raise EvalkitError(f"temperature {self.temperature} / top_p {self.top_p}: expected finite numbers")
+        if self.temperature < 0:
+            raise EvalkitError(f"temperature {self.temperature} is negative; expected 0 (greedy) or more")
+        if not 0 < self.top_p <= 1:
+            raise EvalkitError(f"top_p {self.top_p} is outside (0, 1]")
+        if self.n_samples < 1 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
+            raise EvalkitError(f"n_samples {self.n_samples} / max_new_tokens {self.max_new_tokens}: expected at least 1")
+        if self.max_query_tokens is not None and self.max_query_tokens < 16:
+            raise EvalkitError(f"max_query_tokens {self.max_query_tokens}: expected at least 16")
+        if self.temperature == 0 and self.n_samples > 1:
+            raise EvalkitError(f"{self.n_samples} samples at temperature 0 would all be identical; set a temperature")
+        return self

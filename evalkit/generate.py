@@ -18,7 +18,6 @@ a re-run skips the ``gen_id``s already there, so a killed run loses at most the 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import time
@@ -26,55 +25,26 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
-import torch
-from safetensors import safe_open
+import torch.distributed as dist
+from tqdm import tqdm
 
-from evalkit import artifacts
-from evalkit import precision as prec
+from evalkit import artifacts, precision as prec
+from evalkit.checkpoints import read_metadata
 from evalkit.contract import read_contract, same_lineage
+from evalkit.data import load_openai_ppo_summaries
+from evalkit.data.openai import _frame, imported_gen_id
 from evalkit.data.query import DEFAULT_FORMAT, format_query
+from evalkit.decoding import POSTPROCESS, Decoding, SharedPrefix, best_of_n_candidates, decode_batch, newline_token_ids, postprocess
+from evalkit.distributed import init_distributed, shutdown_distributed
 from evalkit.errors import EvalkitError
-from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer, position_ids, read_metadata
-from evalkit.train.best_of_n import read_best_of_n
-from evalkit.train.common import pad_batch, raw_bytes, top_blocks
+from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer
 from evalkit.seeds import derive_seed, stable_hash
+from evalkit.train.best_of_n import read_best_of_n
 
 log = logging.getLogger(__name__)
 
-POSTPROCESS = "cut at the first newline, then strip whitespace"
 PARTS_DIR = "generations.parts"
 BASELINES = ("ref", "lead3", "openai-ppo-1.3b")
-
-
-@dataclass(frozen=True)
-class Decoding:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int | None = None  # None: the checkpoint contract's max_summary_tokens
-    n_samples: int = 1
-    seed: int = 0
-    max_query_tokens: int | None = None  # None: the checkpoint contract's max_query_tokens (a longer one is an error)
-    # the weights' dtype while decoding (evalkit.precision): auto = bfloat16 where the device has bf16 matrix units;
-    # greedy text may differ slightly from float32's. Generations record the resolved one.
-    dtype: str = "auto"
-
-    def check(self) -> "Decoding":
-        import math
-
-        prec.check(self.dtype, "dtype")
-        if not math.isfinite(self.temperature) or not math.isfinite(self.top_p):
-            raise EvalkitError(f"temperature {self.temperature} / top_p {self.top_p}: expected finite numbers")
-        if self.temperature < 0:
-            raise EvalkitError(f"temperature {self.temperature} is negative; expected 0 (greedy) or more")
-        if not 0 < self.top_p <= 1:
-            raise EvalkitError(f"top_p {self.top_p} is outside (0, 1]")
-        if self.n_samples < 1 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
-            raise EvalkitError(f"n_samples {self.n_samples} / max_new_tokens {self.max_new_tokens}: expected at least 1")
-        if self.max_query_tokens is not None and self.max_query_tokens < 16:
-            raise EvalkitError(f"max_query_tokens {self.max_query_tokens}: expected at least 16")
-        if self.temperature == 0 and self.n_samples > 1:
-            raise EvalkitError(f"{self.n_samples} samples at temperature 0 would all be identical; set a temperature")
-        return self
 
 
 @dataclass(frozen=True)
@@ -117,212 +87,6 @@ def gen_id(policy_id: str, item_id: str, dec: Decoding, query_format: str, sampl
                                 query_format, dec.seed, sample_idx, checkpoint, *([dec.dtype] if dec.dtype != "float32" else []))
 
 
-def postprocess(text: str) -> str:
-    return text.split("\n", 1)[0].strip()
-
-
-# ------------------------------------------------------------------------------------------------------- decoding
-
-def newline_token_ids(tok) -> torch.Tensor:
-    """Ids of every token whose text contains a newline (generation stops after one). Decoding the whole vocabulary
-    takes seconds for a 262k-word one (Gemma), and every checkpoint of a lineage loads its own tokenizer object, so
-    the answer is kept per vocabulary (its contents), not per object."""
-    key = (type(tok).__name__, len(tok), hash(frozenset(tok.get_vocab().items())))
-    if key not in _NEWLINE_IDS:
-        texts = tok.batch_decode([[i] for i in range(len(tok))])
-        _NEWLINE_IDS[key] = torch.tensor([i for i, text in enumerate(texts) if "\n" in text], dtype=torch.long)
-    return _NEWLINE_IDS[key]
-
-
-_NEWLINE_IDS: dict[tuple, torch.Tensor] = {}
-
-
-def _pick(logits: torch.Tensor, dec: Decoding, generators: list[torch.Generator] | None) -> torch.Tensor:
-    """Greedy, or one draw per row from its own generator by inverse CDF: a uniform per row, one cumulative sum and
-    one search for the whole batch (``torch.multinomial`` row by row took most of a 256-row step over Gemma's
-    262,144-word vocabulary)."""
-    if dec.temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / dec.temperature, dim=-1)
-    if dec.top_p < 1:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < dec.top_p
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    cdf = probs.cumsum(-1)
-    u = torch.stack([torch.rand((), generator=g) for g in generators]) * cdf[:, -1]
-    # the first token whose cumulative probability exceeds u: never one of probability 0
-    return torch.searchsorted(cdf, u[:, None], right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
-
-
-def _left_pad(t: torch.Tensor, width: int, dim: int, value=0) -> torch.Tensor:
-    extra = width - t.shape[dim]
-    if extra == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = extra
-    return torch.cat([torch.full(shape, value, dtype=t.dtype, device=t.device), t], dim=dim)
-
-
-_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
-
-
-def layer_digests(folder: str | Path) -> list[str] | None:
-    """Digests of a checkpoint's input embeddings, then of each transformer block, read from its safetensors files
-    (no model is built): equal prefixes mean bit-identical lower blocks. None for a model with learned absolute
-    positions (GPT-2's ``wpe`` enters after the embedding, so its lower blocks cannot be shared this way)."""
-    files = [f for f in sorted(Path(folder).glob("*.safetensors")) if f.name != "reward_head.safetensors"]
-    if not files:
-        return None
-    groups: dict[int, list[tuple[str, bytes]]] = {}
-    try:
-        for path in files:
-            with safe_open(str(path), "pt") as fh:
-                for name in fh.keys():
-                    if "wpe" in name:
-                        return None
-                    m = _LAYER_INDEX.search(name)
-                    if m is None and "embed" not in name and "wte" not in name:
-                        continue  # the final norm and the head come after the blocks
-                    groups.setdefault(int(m.group(1)) if m else -1, []).append((name, raw_bytes(fh.get_tensor(name))))
-    except Exception:  # noqa: BLE001 — an unreadable checkpoint shares nothing; loading it says what is wrong, in one line
-        return None
-    if -1 not in groups:
-        return None
-    return [hashlib.sha256(b"".join(n.encode() + b for n, b in sorted(groups[i]))).hexdigest() for i in sorted(groups)]
-
-
-class SharedPrefix:
-    """The lower blocks that the policies of one lineage share, bit-identical: SFT and PPO that trained only their top
-    blocks, best-of-N's SFT, and the base they started from. The first policy's prefill keeps, per chunk of queries,
-    the KV cache of blocks below ``depth`` and the hidden state entering block ``depth``; the others run only their
-    own blocks from ``depth`` up (then the final norm and the LM head) on it. The same numbers as each policy's own
-    full prefill, for a fraction of its cost."""
-
-    def __init__(self, depth: int):
-        self.depth, self.store = depth, {}
-
-    @classmethod
-    def plan(cls, sources: list[str]) -> dict[str, "SharedPrefix"]:
-        """One ``SharedPrefix`` per group of sources whose embeddings and first block agree, at the depth all of
-        them share (at least one block below the top runs per policy); sources alone in their group get none."""
-        digests = {s: layer_digests(s) for s in dict.fromkeys(sources)}
-        groups: dict[tuple[str, str], list[str]] = {}
-        for s, dg in digests.items():
-            if dg and len(dg) > 2:
-                groups.setdefault((dg[0], dg[1]), []).append(s)
-        out = {}
-        for members in groups.values():
-            if len(members) < 2:
-                continue
-            first = digests[members[0]]
-            depth = min(next((i for i, (a, b) in enumerate(zip(first, digests[m])) if a != b), len(first)) for m in members[1:])
-            depth = min(depth, len(first) - 1) - 1  # digest 0 is the embeddings; keep at least one block to run
-            if depth >= 1:
-                shared = cls(depth)
-                out.update({m: shared for m in members})
-        return out
-
-    def run(self, model, ids: torch.Tensor, mask: torch.Tensor):
-        """The model's prefill output for one chunk (``cache``, ``logits``), from the shared blocks when stored."""
-        key = (tuple(ids.flatten().tolist()), tuple(ids.shape))
-        pos = position_ids(mask)
-        if key not in self.store:
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, output_hidden_states=True)
-            self.store[key] = (list(out.cache.layers[: self.depth]), out.hidden_states[self.depth])
-            return out
-        from transformers import DynamicCache
-
-        lower, hidden = self.store[key]
-        cache = DynamicCache(config=model.config)  # every block's slot, made before the stack is cut to the top ones
-        with top_blocks(model, model.config.num_hidden_layers - self.depth):
-            out = model(inputs_embeds=hidden, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
-        out.cache.layers[: self.depth] = lower
-        return out
-
-
-@torch.no_grad()
-def _prefill(model, queries: list[list[int]], pad: int, chunk: int, max_new_tokens: int, repeats: int = 1,
-             shared: SharedPrefix | None = None):
-    """Run the prompts in chunks of similar length (little padding), then merge their KV caches, left-padded to
-    one width, into a preallocated (static) cache for a single decode batch: decoding then writes one position per
-    step instead of copying the whole cache. With ``repeats`` > 1 each prompt is run once and its cache copied into
-    that many consecutive rows (N samples of one query: best-of-N). With ``shared``, the lower blocks a lineage shares
-    run once per chunk for all its policies. Returns (cache, attention mask, next positions, last logits)."""
-    from transformers import StaticCache
-
-    caches, masks, logits = [], [], []
-    device = next(model.parameters()).device
-    for start in range(0, len(queries), chunk):
-        ids, mask = (t.to(device) for t in pad_batch(queries[start: start + chunk], pad, side="left"))
-        if shared is not None:
-            out = shared.run(model, ids, mask)
-        else:
-            out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
-        caches.append(out.cache)
-        masks.append(mask)
-        logits.append(out.logits[:, -1])
-    next_pos = torch.tensor([[len(q)] for q in queries], device=device).repeat_interleave(repeats, 0)
-    width = max(m.shape[1] for m in masks)
-    cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
-    for layer, layer_parts in zip(cache.layers, zip(*(c.layers for c in caches))):
-        layer.update(torch.cat([_left_pad(part.keys, width, 2) for part in layer_parts]).repeat_interleave(repeats, 0),
-                     torch.cat([_left_pad(part.values, width, 2) for part in layer_parts]).repeat_interleave(repeats, 0))
-    mask = torch.cat([_left_pad(m, width, 1) for m in masks]).repeat_interleave(repeats, 0)
-    return cache, mask, next_pos, torch.cat(logits).repeat_interleave(repeats, 0)
-
-
-@torch.no_grad()
-def decode_batch(model, tok, queries: list[list[int]], dec: Decoding, seeds: list[int] | None = None,
-                 stop_ids: torch.Tensor | None = None, prefill_chunk: int = 16, repeats: int = 1,
-                 shared: SharedPrefix | None = None) -> list[tuple[list[int], bool]]:
-    """Decode one batch with a KV cache: (new token ids, hit EOS) per query; rows stop at EOS or a newline token.
-
-    Prompts are prefilled in chunks of ``prefill_chunk`` (pass them sorted by length to keep padding small) and
-    decoded together, so a large decode batch does not pay for padding every prompt to the longest one. With
-    ``repeats`` = N every query is prefilled once and decoded N times (``seeds``: one per row, query-major); the
-    result has N rows per query in that order.
-    """
-    if dec.max_new_tokens is None:
-        raise EvalkitError("decode_batch needs a concrete max_new_tokens (the checkpoint contract's max_summary_tokens)")
-    pad = tok.pad_token_id
-    generators = [torch.Generator().manual_seed(s) for s in seeds] if dec.temperature > 0 else None
-    past, mask, next_pos, logits = _prefill(model, queries, pad, prefill_chunk, dec.max_new_tokens, repeats, shared)
-    device = mask.device
-    rows = len(queries) * repeats
-    active = list(range(rows))  # the output row of each row still in the decode batch
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    hit_eos = [False] * rows
-    produced: list[list[int]] = [[] for _ in range(rows)]
-    stop_ids = (stop_ids if stop_ids is not None else torch.tensor([], dtype=torch.long)).to(device)
-    for _ in range(dec.max_new_tokens):
-        # sampling draws from each row's own CPU generator, so a sample does not depend on the device or its batch-mates
-        token = _pick(logits.float().cpu(), dec, generators).to(device)
-        token_list, was_done = token.tolist(), done.tolist()
-        is_eos = token == tok.eos_token_id
-        for row, (i, finished) in enumerate(zip(active, was_done)):
-            if not finished:
-                produced[i].append(token_list[row])
-                hit_eos[i] = token_list[row] == tok.eos_token_id
-        done |= is_eos | torch.isin(token, stop_ids)
-        if bool(done.all()):
-            break
-        if int(done.sum()) * 4 >= len(active):  # finished rows leave the batch (when a quarter of it is done)
-            keep = ~done
-            for layer in past.layers:
-                layer.keys, layer.values = layer.keys[keep], layer.values[keep]
-            kept = keep.tolist()
-            active = [i for i, k in zip(active, kept) if k]
-            generators = [g for g, k in zip(generators, kept) if k] if generators is not None else None
-            mask, next_pos, token, done = mask[keep], next_pos[keep], token[keep], done[keep]
-        token = token.masked_fill(done, pad)
-        mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, cache=past, use_cache=True)
-        past, logits = out.cache, out.logits[:, -1]
-        next_pos = next_pos + 1
-    return [(p, bool(h)) for p, h in zip(produced, hit_eos)]
-
-
 # ------------------------------------------------------------------------------------------------------ baselines
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
@@ -351,9 +115,6 @@ def lead3(article: str) -> str:
 
 def baseline_rows(items: pd.DataFrame, name: str) -> pd.DataFrame:
     """Generations rows for a non-model policy: ``ref``, ``lead3`` or ``openai-ppo-1.3b``."""
-    from evalkit.data import load_openai_ppo_summaries
-    from evalkit.data.openai import _frame, imported_gen_id
-
     if name == "openai-ppo-1.3b":
         gens = load_openai_ppo_summaries()
         out = gens[gens["item_id"].isin(items["item_id"])]
@@ -386,10 +147,8 @@ def _policy_info(policy: Policy, model) -> tuple[str, int]:
 
 def _best_of_n(model, tok, reward_model, queries, seeds, spec: dict, dec: Decoding, contract, prefill_chunk: int,
                shared: SharedPrefix | None = None):
-    """N samples per query at the spec's temperature (the one sampling loop, ``train.common.sample``); each is scored
+    """N samples per query at the spec's temperature (the one sampling loop, ``train.decoding.sample``); each is scored
     in the contract's canonical form, an unfinished one gets the contract's no-EOS score; the best is kept."""
-    from evalkit.train.common import best_of_n_candidates
-
     n, temperature = int(spec["n"]), float(spec.get("temperature", 0.7))
     cand_seeds = [derive_seed("best-of-n", s, j) for s in seeds for j in range(n)]
     cands, _, best = best_of_n_candidates(model, tok, reward_model, queries, cand_seeds, n, temperature, contract, prefill_chunk, shared)
@@ -424,10 +183,6 @@ def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, d
 
     Under ``torchrun`` each rank decodes every world-th item of the length-sorted list (on its GPU when present) and
     writes its own parts; rank 0 then merges one table, equal to a single-process run's."""
-    from tqdm import tqdm
-
-    from evalkit.train.common import init_distributed, shutdown_distributed
-
     dec = dec.check()
     if items.empty:
         raise EvalkitError("no items to summarise")
@@ -504,15 +259,11 @@ def generate(items: pd.DataFrame, policies: list[Policy], out_dir: str | Path, d
                              "checkpoint": str(policy.checkpoint), "temperature": temperature,
                              "top_p": dec.top_p if temperature > 0 and not best_of else None, "seed": seed if temperature > 0 else None,
                              "sample_idx": k, "text": text, "n_tokens": len(new_ids), "hit_eos": hit})
-            from evalkit.data.openai import _frame
-
             artifacts.write_table(_frame(rows, "generations"), out_dir / PARTS_DIR / f"part-{stable_hash(*[r['gen_id'] for r in rows])}.parquet", "generations")
             bar.update(len(chunk))
             bar.set_postfix(items_per_s=f"{len(chunk) / (time.perf_counter() - t0):.1f}")
         bar.close()
     if d.enabled:
-        import torch.distributed as dist
-
         dist.barrier()  # every rank's parts are written
     table = _read_parts(out_dir)
     table = table[table["gen_id"].isin(wanted)]

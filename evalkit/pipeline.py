@@ -7,19 +7,34 @@ the manifest last, so an interrupted run is simply re-run.
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import pandas as pd
 
 from evalkit import artifacts
-from evalkit.config import StudyConfig
-from evalkit.data import bundled_path, comparison_batch, load_items, load_openai_comparisons, load_openai_ppo_summaries
+from evalkit.checkpoints import read_metadata
+from evalkit.config import StudyConfig, load_study
+from evalkit.data import bundled_path, comparison_batch, load_openai_comparisons, load_openai_ppo_summaries
 from evalkit.data.bundled import CNNDM_CSV, TLDR_CSV
 from evalkit.data.openai import merge_tables
+from evalkit.data.tldr import OPENAI_PPO_FAMILY, OPENAI_PPO_POLICY
 from evalkit.errors import EvalkitError
+from evalkit.generate import Decoding, Policy, checkpoint_fingerprint, generate
+from evalkit.report.build import build_report
+from evalkit.study.build import build_study
+from evalkit.study.exchange import load_study_tables
+from evalkit.study.items import read_judgments, study_items_of, transfer_items_of
+from evalkit.study.simulate import calibrate, simulate_judgments
+from evalkit.train.best_of_n import read_best_of_n
+from evalkit.train.ladder import format_summary, ladder_checkpoints, run_ladder
+from evalkit.train.presets import config_digest, ladder_config, ladder_dict, size_family, size_names
+from evalkit.vocab import LADDER_STAGES
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +74,6 @@ def import_openai(files: Iterable[str], out_dir: str | Path, force: bool = False
     return StageResult(out_dir, tables, skipped=False)
 
 
-def study_items_of(cfg: StudyConfig) -> pd.DataFrame:
-    """The items a study is about: its dataset split (the first ``n_items`` by id when set)."""
-    items = load_items(cfg.data.dataset, cfg.data.split, cfg.data.path)
-    if cfg.data.n_items:
-        items = items.sort_values("item_id").head(cfg.data.n_items)
-    return items.reset_index(drop=True)
-
-
 def prepare_study_data(cfg: StudyConfig, force: bool = False) -> StageResult:
     """The study's items, the released human comparisons and external summaries, as one folder of tables.
 
@@ -77,7 +84,8 @@ def prepare_study_data(cfg: StudyConfig, force: bool = False) -> StageResult:
     comparison_paths = [comparison_batch(f) for f in cfg.released.comparisons]
     data_path = Path(cfg.data.path) if cfg.data.path else bundled_path(TLDR_CSV if cfg.data.dataset == "tldr" else CNNDM_CSV)
     inputs = [data_path, *comparison_paths]
-    config = {"stage": "study-data", **cfg.to_dict()}
+    spec = cfg.to_dict()
+    config = {"stage": "study-data", "data": spec["data"], "released": spec["released"]}  # all it reads
     outputs = [f"{n}.parquet" for n in TABLES]
     if not force and artifacts.up_to_date(out_dir, config, inputs, outputs):
         log.info("%s is up to date; skipping", out_dir)
@@ -100,16 +108,6 @@ def prepare_study_data(cfg: StudyConfig, force: bool = False) -> StageResult:
     return StageResult(out_dir, tables, skipped=False)
 
 
-def transfer_items_of(cfg: StudyConfig) -> pd.DataFrame:
-    """The out-of-domain items the same policies summarise (``[data] transfer``), or an empty frame."""
-    if not cfg.data.transfer:
-        return artifacts.empty_table("items")
-    items = load_items(cfg.data.transfer, cfg.data.transfer_split)
-    if cfg.data.transfer_items:
-        items = items.sort_values("item_id").head(cfg.data.transfer_items)
-    return items.drop(columns=[c for c in items.columns if c == "source_id"]).reset_index(drop=True)
-
-
 # ------------------------------------------------------------------------------------------------------- training
 
 LADDER_POLICY_PREFIX = {"pretrained": "pretrained", "sft": "sft", "ppo": "ppo"}  # best-of-N: bo<N>
@@ -118,10 +116,8 @@ LADDER_POLICY_PREFIX = {"pretrained": "pretrained", "sft": "sft", "ppo": "ppo"} 
 def study_ladders(cfg: StudyConfig) -> list[tuple]:
     """Each ``[[train]]`` ladder as ``(TrainConfig, LadderConfig, folder)``. A folder is keyed by a hash of its ladder
     config, so a changed spec trains anew and never reuses checkpoints trained under other settings."""
-    from evalkit.train.ladder import STAGES, config_digest, ladder_config
-
     def stages(kinds: set[str]) -> str:  # SFT and an RM under PPO and best-of-N
-        return ",".join(s for s in STAGES if s in kinds or (s in ("sft", "rm") and kinds & {"ppo", "best_of_n"}))
+        return ",".join(s for s in LADDER_STAGES if s in kinds or (s in ("sft", "rm") and kinds & {"ppo", "best_of_n"}))
 
     out = []
     for t in cfg.train:
@@ -132,8 +128,6 @@ def study_ladders(cfg: StudyConfig) -> list[tuple]:
 
 def train_for_study(cfg: StudyConfig, echo=print) -> list[dict]:
     """Run (or resume) the study's ladders; each summary's ``ran`` lists the stages that ran this time."""
-    from evalkit.train.ladder import format_summary, run_ladder
-
     summaries = []
     for _, ladder, out in study_ladders(cfg):
         summary = run_ladder(ladder, out)
@@ -145,10 +139,6 @@ def train_for_study(cfg: StudyConfig, echo=print) -> list[dict]:
 
 def _ladder_policies(cfg: StudyConfig) -> list[tuple]:
     """The ladders' policies (named ``<kind>-<size>``) with their ladder size: ``(Policy, size)``."""
-    from evalkit.generate import Policy
-    from evalkit.train.best_of_n import read_best_of_n
-    from evalkit.train.ladder import ladder_checkpoints
-
     out = []
     for t, ladder, folder in study_ladders(cfg):
         for row in ladder_checkpoints(ladder, folder):
@@ -161,16 +151,11 @@ def _ladder_policies(cfg: StudyConfig) -> list[tuple]:
 
 def study_families(cfg: StudyConfig) -> dict[str, str]:
     """Each known policy's model family (ladder sizes and OpenAI's released summaries); [[policies]] have none."""
-    from evalkit.data.tldr import OPENAI_PPO_FAMILY, OPENAI_PPO_POLICY
-    from evalkit.train.ladder import size_family
-
     return {**{p.policy_id: size_family(size) for p, size in _ladder_policies(cfg)}, OPENAI_PPO_POLICY: OPENAI_PPO_FAMILY}
 
 
 def study_policies(cfg: StudyConfig) -> list:
     """Every checkpoint policy of the study: the ladder's (named ``<kind>-<size>``) then ``[[policies]]``."""
-    from evalkit.generate import Policy
-
     policies = [p for p, _ in _ladder_policies(cfg)]
     policies += [Policy.from_config(p) for p in cfg.policies]
     ids = [p.policy_id for p in policies]
@@ -182,8 +167,6 @@ def study_policies(cfg: StudyConfig) -> list:
 
 def study_reward_models(cfg: StudyConfig) -> list[str]:
     """The ladder's reward models (for accuracy vs size) plus any the report section names."""
-    from evalkit.train.ladder import size_names
-
     rms = [str(out / n / "rm") for _, ladder, out in study_ladders(cfg) for n in size_names(ladder) if (out / n / "rm" / "manifest.json").is_file()]
     return rms + [r for r in cfg.report.reward_models if r not in rms]
 
@@ -191,8 +174,6 @@ def study_reward_models(cfg: StudyConfig) -> list[str]:
 def generate_for_study(cfg: StudyConfig, items: pd.DataFrame, progress: bool = False) -> pd.DataFrame:
     """The study's policies (ladder and [[policies]]) and baselines ([generate].baselines) on its items and on its
     transfer items → ``<out>/generations``."""
-    from evalkit.generate import Decoding, generate
-
     g = cfg.generate
     policies = study_policies(cfg)
     transfer = transfer_items_of(cfg)
@@ -203,26 +184,9 @@ def generate_for_study(cfg: StudyConfig, items: pd.DataFrame, progress: bool = F
     return generate(items, policies, cfg.out_dir / "generations", dec, g.baselines, batch_size=g.batch_size, progress=progress)
 
 
-def read_judgments(target: Path) -> pd.DataFrame:
-    """A study's judgments. A damaged file (unreadable Parquet) is kept, renamed ``judgments.parquet.corrupt``, with a
-    warning, and the study continues without it: simulated answers are made again, the web app's can be collected
-    again (`evalkit study collect`), and imported files imported again."""
-    try:
-        return artifacts.read_table(target, "judgments")
-    except EvalkitError as exc:
-        aside = target.with_name(target.name + ".corrupt")
-        target.replace(aside)
-        log.warning("%s; kept as %s. Answers collected by the web app can be collected again with `evalkit study "
-                    "collect`; imported answer files must be imported again", exc, aside)
-        return artifacts.empty_table("judgments")
-
-
 def answer_with_panel(cfg: StudyConfig, seed: int = 0):
     """Answer the study's built tasks with the calibrated simulated panel; its judgments (marked simulated) replace
     earlier simulated ones in ``judgments.parquet`` and keep every other judgment."""
-    from evalkit.study.exchange import load_study_tables
-    from evalkit.study.simulate import calibrate, simulate_judgments
-
     folder = cfg.out_dir / "study"
     tables = load_study_tables(folder)
     model = calibrate()
@@ -238,8 +202,6 @@ def answer_with_panel(cfg: StudyConfig, seed: int = 0):
 
 def simulate_study(cfg: StudyConfig, seed: int = 0):
     """Build the study's tasks, then answer them with the simulated panel."""
-    from evalkit.study.build import build_study
-
     built = build_study(cfg)
     sim, model = answer_with_panel(cfg, seed)
     return built, sim, model
@@ -247,12 +209,6 @@ def simulate_study(cfg: StudyConfig, seed: int = 0):
 
 def report_study(cfg: StudyConfig, out_dir: str | Path | None = None) -> dict[str, Path]:
     """``evalkit report``: the study's judgments (or the released comparisons it names) → ``reports/<id>/``."""
-    from evalkit.data import comparison_batch, load_openai_comparisons
-    from evalkit.models import read_metadata
-    from evalkit.report.build import build_report
-    from evalkit.study.exchange import load_study_tables
-    from evalkit.train.best_of_n import read_best_of_n
-
     r = cfg.report
     inputs: list[Path] = []
     if r.source == "released":
@@ -273,8 +229,6 @@ def report_study(cfg: StudyConfig, out_dir: str | Path | None = None) -> dict[st
         kl = spec["kl_from_sft"] if spec else read_metadata(policy.checkpoint).get("final_kl")
         if kl is not None:
             policy_kl[policy.policy_id] = float(kl)
-    import warnings
-
     out = Path(out_dir or cfg.report_dir)
     with warnings.catch_warnings():  # separated or rank-deficient fits are said in the report's words, not as warnings
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -303,9 +257,6 @@ def run_study(cfg: StudyConfig, force: bool = False, echo=print) -> dict:
     it finishes; a re-run skips stages whose key and outputs are unchanged, and an interrupted run resumes (training
     and generation also resume inside the stage: finished checkpoints and written generation parts are kept).
     """
-    import json
-    import time
-
     run_path = cfg.out_dir / "run.json"
     try:
         previous = json.loads(run_path.read_text("utf-8")).get("stages", {}) if run_path.is_file() else {}
@@ -340,8 +291,6 @@ def run_study(cfg: StudyConfig, force: bool = False, echo=print) -> dict:
 
     ladders = study_ladders(cfg)
     if ladders:
-        from evalkit.train.ladder import ladder_dict
-
         step("train", {"ladders": [[ladder_dict(lc), str(d)] for _, lc, d in ladders]}, [], lambda: train_for_study(cfg, echo),
              done=lambda: all(_ladder_complete(d) for _, _, d in ladders))
         result["ladder_dirs"] = [d for _, _, d in ladders]
@@ -353,8 +302,6 @@ def run_study(cfg: StudyConfig, force: bool = False, echo=print) -> dict:
     policies = study_policies(cfg)
     gen_path = cfg.out_dir / "generations" / "generations.parquet"
     if policies or cfg.generate.baselines:
-        from evalkit.generate import checkpoint_fingerprint
-
         gen_key = {"generate": spec["generate"], "data": spec["data"],
                    "policies": [[p.policy_id, p.checkpoint, checkpoint_fingerprint(p.checkpoint)] for p in policies]}
         step("generate", gen_key, [], lambda: generate_for_study(cfg, items, progress=True), [gen_path])
@@ -363,13 +310,14 @@ def run_study(cfg: StudyConfig, force: bool = False, echo=print) -> dict:
     if not gen_path.is_file():
         echo("no generations: declare [[policies]], a [train] ladder or [generate].baselines to build a study")
         return result
-    from evalkit.study.build import build_study
 
-    build_key = {"stage": "study-build", **spec}
+    # each stage's key covers only the parts of the spec it reads: a report setting never re-keys the study build
+    build_key = {"stage": "study-build", "data": spec["data"], "design": spec["design"], "labelers": spec["labelers"],
+                 "seed": cfg.study.seed, "out": str(cfg.out_dir)}
     step("build", build_key, [gen_path], lambda: build_study(cfg), _study_files(cfg))
     judgments = cfg.out_dir / "study" / "judgments.parquet"
     if cfg.study.simulate:
-        step("labels", {"simulate": True, "seed": 0}, _study_files(cfg), lambda: answer_with_panel(cfg), [judgments])
+        step("labels", {"simulate": True, "seed": cfg.study.seed}, _study_files(cfg), lambda: answer_with_panel(cfg, cfg.study.seed), [judgments])
     elif not judgments.is_file():
         result["waiting_for_labels"] = True
         echo(f"[labels] the study is built in {cfg.out_dir / 'study'} and has no judgments yet. Collect them with "
@@ -380,8 +328,6 @@ def run_study(cfg: StudyConfig, force: bool = False, echo=print) -> dict:
 
 
 def _run_report(cfg: StudyConfig, step, report_dir: Path, inputs: list[Path], result: dict, started: float) -> dict:
-    import time
-
     spec = cfg.to_dict()
     rms = study_reward_models(cfg)
     report_key = {"report": spec["report"], "study": spec["study"], "released": spec["released"], "rms": rms, "out": str(report_dir)}
@@ -397,10 +343,36 @@ def _run_report(cfg: StudyConfig, step, report_dir: Path, inputs: list[Path], re
 
 
 def _ladder_complete(ladder_dir: Path) -> bool:
-    import json
-
     path = ladder_dir / "ladder.json"
     try:
         return path.is_file() and "summary" in json.loads(path.read_text("utf-8"))
     except json.JSONDecodeError:
         return False
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What ``run`` did: each stage's record (its key, seconds, whether it was skipped, its outputs' hashes), the
+    policies, the ladder folders, the report and its headline rates; ``waiting_for_labels`` when a study without a
+    simulated panel has no judgments yet."""
+
+    study: StudyConfig
+    stages: dict[str, dict]
+    run_json: Path
+    policies: list[str] = field(default_factory=list)
+    ladder_dirs: list[Path] = field(default_factory=list)
+    report: Path | None = None
+    headline: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    waiting_for_labels: bool = False
+
+
+def run(spec: str | Path | StudyConfig = "studies/default", overrides: Iterable[str] = (), quick: bool = False,
+        force: bool = False, echo=print) -> RunRecord:
+    """``evalkit run`` for a notebook and the CLI alike: a study spec (a folder, its study.toml, or a loaded
+    ``StudyConfig``) run through every stage it declares; see ``run_study``."""
+    cfg = spec if isinstance(spec, StudyConfig) else load_study(spec, list(overrides), quick=quick)
+    result = run_study(cfg, force=force, echo=echo)
+    return RunRecord(study=cfg, stages=result["stages"], run_json=result["run_json"], policies=result.get("policies", []),
+                     ladder_dirs=result.get("ladder_dirs", []), report=result.get("report"), headline=result.get("headline") or [],
+                     seconds=result.get("seconds", 0.0), waiting_for_labels=bool(result.get("waiting_for_labels")))

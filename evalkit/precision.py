@@ -23,9 +23,8 @@ from typing import Iterator
 
 import torch
 
-from evalkit.errors import EvalkitError
+from evalkit.vocab import check_precision
 
-PRECISIONS = ("auto", "float32", "bfloat16")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -53,15 +52,9 @@ def native_bf16(device: torch.device | str) -> bool:
     return False
 
 
-def check(precision: str, where: str = "precision") -> str:
-    if precision not in PRECISIONS:
-        raise EvalkitError(f"{where} {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    return precision
-
-
 def resolve(precision: str, device: torch.device | str = "cpu", where: str = "precision") -> str:
     """``float32`` or ``bfloat16``: ``auto`` decided by the device's matrix units, an explicit choice kept."""
-    check(precision, where)
+    check_precision(precision, where)
     if precision == "auto":
         return "bfloat16" if native_bf16(device) else "float32"
     return precision

@@ -7,11 +7,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from rules import coverage_rule_tables, write_tables  # noqa: E402
+
 from evalkit.train.pretrain import PretrainConfig, pretrain  # noqa: E402
 from evalkit.train.reward import RewardConfig, train_reward_model  # noqa: E402
 from evalkit.train.sft import SFTConfig, sft  # noqa: E402
 from evalkit.train.tokenizer import TokenizerConfig, train_tokenizer  # noqa: E402
-from rules import coverage_rule_tables, write_tables  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -111,8 +111,9 @@ def test_vectorised_bootstrap_matches_refits():
     sample = rng.choice(items, size=len(items), replace=True)
     resampled = pd.concat([df[df["item_id"] == i] for i in sample], ignore_index=True).assign(log_n_params=lambda x: np.log(x["n_params"].astype(float)))
     ref = smf.glm("outcome ~ C(policy_kind) * log_n_params", resampled, family=sm.families.Binomial()).fit()
-    from evalkit.analysis.preference import _batched_logit
     import patsy
+
+    from evalkit.analysis.preference import _batched_logit
 
     cells = resampled.groupby("policy_id").agg(policy_kind=("policy_kind", "first"), log_n_params=("log_n_params", "first"),
                                                 wins=("outcome", "sum"), n=("outcome", "size")).reset_index()
@@ -125,7 +126,7 @@ def test_vectorised_bootstrap_matches_refits():
 
 def test_rm_accuracy_by_size_and_kl_table(tmp_path):
     from evalkit.analysis.rm_eval import kl_vs_preference, rm_accuracy_by_size
-    from evalkit.models import write_metadata
+    from evalkit.checkpoints import write_metadata
     from evalkit.train.best_of_n import best_of_n_kl
 
     folders = []

@@ -6,10 +6,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import baseline_study
 
 from evalkit.errors import EvalkitError
-
-from conftest import baseline_study
 
 
 def test_the_same_answers_under_another_name_are_one_judgment(tmp_path):

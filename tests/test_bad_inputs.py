@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, baseline_study
 
 RECORD = json.loads((ROOT / "evalkit/data/bundled/openai_sff/batch18.json").read_text().splitlines()[0])

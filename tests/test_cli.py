@@ -3,7 +3,6 @@
 import json
 
 import pandas as pd
-
 from conftest import ROOT, run_cli
 
 

@@ -8,13 +8,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import Q
+
+from evalkit import decoding
+from evalkit.checkpoints import read_metadata
 from evalkit.contract import Contract, read_contract
 from evalkit.errors import EvalkitError
-from evalkit.models import RewardModel, load_causal_lm, load_tokenizer, read_metadata
+from evalkit.models import RewardModel, decoder_layers, load_causal_lm, load_tokenizer
 from evalkit.train import common
-
 
 # ------------------------------------------------------------------------------------------------------ contract
 
@@ -62,7 +63,7 @@ def test_outside_checkpoint_without_a_contract_gets_the_papers_limits_within_its
 
 
 def test_rollout_text_is_the_evaluation_text_and_the_rm_sees_the_canonical_form(sft_dir, rm_dir, tmp_path):
-    """PPO rollouts (common.sample) and evalkit generate decode the same sample to the same text, and the RM scores
+    """PPO rollouts (decoding.sample) and evalkit generate decode the same sample to the same text, and the RM scores
     that text as query + " " + text + EOS: no newline token, whatever the completion stopped on."""
     from evalkit.data import format_query, load_items
     from evalkit.generate import Decoding, Policy, generate
@@ -76,16 +77,16 @@ def test_rollout_text_is_the_evaluation_text_and_the_rm_sees_the_canonical_form(
     from evalkit import precision
 
     with precision.weights_as(precision.resolve("auto"), model):  # as PPO rollouts sample: generate's default precision
-        samples = common.sample(model, tok, queries, contract, 0.9, seeds)
-    rollout_texts = [common.response_text(tok, ids) for ids, _ in samples]
+        samples = decoding.sample(model, tok, queries, contract, 0.9, seeds)
+    rollout_texts = [decoding.response_text(tok, ids) for ids, _ in samples]
     assert rollout_texts == list(table.set_index("item_id").loc[items["item_id"], "text"])
     newline = set(__import__("evalkit.generate", fromlist=["x"]).newline_token_ids(tok).tolist())
     for q, text in zip(queries, rollout_texts):
-        summary = common.encode_summary(tok, text, contract.max_summary_tokens)
+        summary = decoding.encode_summary(tok, text, contract.max_summary_tokens)
         assert summary[-1] == tok.eos_token_id and not set(summary) & newline
     rm = RewardModel.load(rm_dir).eval()
-    a = common.score_summaries(rm, tok, queries, rollout_texts, contract)
-    b = common.score_summaries(rm, tok, queries, list(table.set_index("item_id").loc[items["item_id"], "text"]), contract)
+    a = decoding.score_summaries(rm, tok, queries, rollout_texts, contract)
+    b = decoding.score_summaries(rm, tok, queries, list(table.set_index("item_id").loc[items["item_id"], "text"]), contract)
     assert torch.equal(a, b)
 
 
@@ -132,11 +133,11 @@ def test_trainable_layers_leave_the_lower_blocks_bit_identical(pretrained, tmp_p
 
     out = sft(SFTConfig(init=str(pretrained), steps=3, batch_size=4, max_items=32, trainable_layers=1, eval_posts=0), tmp_path / "top1")
     before, after = load_causal_lm(pretrained), load_causal_lm(out)
-    lower = common.decoder_layers(before)[0].state_dict()
-    for name, value in common.decoder_layers(after)[0].state_dict().items():
+    lower = decoder_layers(before)[0].state_dict()
+    for name, value in decoder_layers(after)[0].state_dict().items():
         assert torch.equal(value, lower[name]), name
     assert torch.equal(before.get_input_embeddings().weight, after.get_input_embeddings().weight)
-    top_before, top_after = common.decoder_layers(before)[1].state_dict(), common.decoder_layers(after)[1].state_dict()
+    top_before, top_after = decoder_layers(before)[1].state_dict(), decoder_layers(after)[1].state_dict()
     assert any(not torch.equal(top_after[k], top_before[k]) for k in top_before)
     meta = read_metadata(out)
     assert meta["trainable_layers"] == 1 and meta["n_layers"] == 2
@@ -156,7 +157,7 @@ def test_shared_trunk_gives_the_same_logprobs_and_values_as_whole_models():
     policy = _tiny_llama().eval()
     value = RewardModel.from_causal_lm(_tiny_llama(), seed=1).eval()
     with torch.no_grad():
-        for p in common.decoder_layers(value.backbone)[3].parameters():  # a different top block: still one trunk
+        for p in decoder_layers(value.backbone)[3].parameters():  # a different top block: still one trunk
             p.add_(0.1)
     trunk = common.SharedTrunk.build([policy, value.backbone], 1)
     assert trunk is not None
@@ -170,7 +171,7 @@ def test_shared_trunk_gives_the_same_logprobs_and_values_as_whole_models():
         assert torch.allclose(full, shared, atol=1e-6)
         assert torch.allclose(token_values(value, ids, mask), token_values(value, ids, mask, trunk, hidden), atol=1e-6)
     with torch.no_grad():
-        common.decoder_layers(value.backbone)[0].mlp.up_proj.weight.add_(0.1)  # lower blocks differ: no sharing
+        decoder_layers(value.backbone)[0].mlp.up_proj.weight.add_(0.1)  # lower blocks differ: no sharing
     assert common.SharedTrunk.build([policy, value.backbone], 1) is None
 
 

@@ -11,8 +11,8 @@ import time
 import pandas as pd
 import pytest
 import torch
-
 from conftest import ROOT, run_cli
+
 from evalkit import artifacts
 from evalkit.data import load_items
 from evalkit.generate import PARTS_DIR, Decoding, Policy, generate, lead3, postprocess
@@ -120,12 +120,12 @@ def test_bad_input_is_one_line_exit_2(tmp_path, sft_dir):
 
 
 def test_best_of_n_policy_keeps_the_reward_models_favourite(tmp_path, items, sft_dir, rm_dir):
-    from evalkit.models import RewardModel, load_tokenizer
-    from evalkit.train.best_of_n import best_of_n_kl, write_best_of_n
-    from evalkit.contract import read_contract
     import torch
 
-    from evalkit.train.common import encode_query, score_summaries
+    from evalkit.contract import read_contract
+    from evalkit.decoding import encode_query, score_summaries
+    from evalkit.models import RewardModel, load_tokenizer
+    from evalkit.train.best_of_n import best_of_n_kl, write_best_of_n
 
     folder = write_best_of_n(tmp_path / "bon", sft_dir, rm_dir, n=4)
     few = items.head(4)
@@ -172,7 +172,7 @@ def test_generate_under_torchrun_equals_single_process(tmp_path, sft_dir):
 
 
 def test_sampling_draws_from_the_softmax_per_row_whatever_its_batch_mates():
-    from evalkit.generate import Decoding, _pick
+    from evalkit.decoding import Decoding, _pick
 
     p = torch.tensor([0.1, 0.0, 0.6, 0.3])
     logits = torch.log(p.clamp(min=1e-30)) * 0.7  # softmax(logits / 0.7) == p

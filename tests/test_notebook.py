@@ -3,9 +3,8 @@
 import shutil
 
 import nbformat
-from nbclient import NotebookClient
-
 from conftest import ROOT
+from nbclient import NotebookClient
 
 
 def test_analysis_notebook_executes(tmp_path):

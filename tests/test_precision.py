@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from evalkit import precision as prec
+from evalkit.checkpoints import read_metadata
 from evalkit.errors import EvalkitError
-from evalkit.models import RewardModel, read_metadata
+from evalkit.models import RewardModel, decoder_layers
 from evalkit.train import common
 
 
@@ -32,7 +33,7 @@ def test_this_machines_flags_are_read():
 def test_an_unknown_precision_is_a_one_line_error():
     with pytest.raises(EvalkitError, match="precision 'fp16': expected one of auto, float32, bfloat16"):
         prec.resolve("fp16")
-    from evalkit.config import check_values
+    from evalkit.spec import check_values
     from evalkit.train.sft import SFTConfig
 
     with pytest.raises(EvalkitError, match="sft: precision 'half'"):
@@ -163,7 +164,7 @@ def test_held_out_quality_in_bf16_with_a_shared_trunk(tmp_path):
 
     policy, reference = _tiny_llama(), _tiny_llama()
     with torch.no_grad():
-        common.decoder_layers(policy)[-1].mlp.up_proj.weight.add_(0.01)
+        decoder_layers(policy)[-1].mlp.up_proj.weight.add_(0.01)
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {"<pad>": 0, "<eos>": 1, **{chr(97 + i): 2 + i for i in range(26)}, " ": 28, "\n": 29, ":": 30, ";": 31}

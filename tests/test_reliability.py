@@ -11,8 +11,8 @@ from urllib.parse import urlencode
 
 import pandas as pd
 import pytest
-
 from conftest import ROOT, baseline_study, run_cli
+
 from evalkit.errors import EvalkitError
 
 

@@ -3,8 +3,8 @@ tidy fits, the exact counts, and plain words where an analysis cannot run."""
 
 import re
 
-
 from conftest import run_cli
+
 from evalkit import artifacts
 
 
@@ -58,8 +58,8 @@ def test_likert_study_report(tmp_path):
     import csv
 
     import numpy as np
-
     from conftest import baseline_study
+
     from evalkit.study.exchange import import_answers
 
     settings = [f"study.out_dir={tmp_path}", "design.kind=likert", "design.items_per_policy=30", "labelers.count=3",
@@ -83,7 +83,7 @@ def test_likert_study_report(tmp_path):
 
 
 def test_report_with_reward_models(tmp_path):
-    from evalkit.models import write_metadata
+    from evalkit.checkpoints import write_metadata
 
     folders = []
     for n_params, acc in ((1_000_000, 0.55), (4_000_000, 0.59)):
@@ -127,9 +127,9 @@ def tables_from_comparisons(comp):
 
 def test_figure_1_from_a_study_with_sizes(tmp_path):
     import numpy as np
+    from test_analysis import simulate_study
 
     from evalkit.report.build import build_report
-    from test_analysis import simulate_study
 
     comp = simulate_study(np.random.default_rng(5), n_items=60)
     comp["len_policy"] = comp["len_policy"].round().clip(lower=1)

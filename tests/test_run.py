@@ -231,3 +231,42 @@ def test_quick_needs_a_profile_and_train_overrides_are_checked(tmp_path):
     assert quick.out_dir == Path("runs/default-quick") and quick.report_dir == Path("reports/default-quick")
     moved = load_study(ROOT / "studies/default", ["report.out_dir=elsewhere/r"], quick=True)
     assert moved.report_dir == Path("elsewhere/r-quick") and load_study(ROOT / "studies/default").report_dir == Path("reports/default")
+
+
+def test_a_stage_reruns_only_when_what_it_reads_changes(tmp_path, monkeypatch):
+    """Each stage's key covers only the part of the spec it reads: a report setting re-runs the report alone (the
+    built study and its labels are kept), a design setting re-builds and re-labels but does not re-generate."""
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "study.toml"
+    spec.write_text(textwrap.dedent(f"""
+        [study]
+        id = "keys"
+        seed = 5
+        simulate = true
+        out_dir = "{tmp_path / 'run'}"
+        [data]
+        n_items = 8
+        [released]
+        comparisons = []
+        [generate]
+        baselines = ["ref", "lead3", "openai-ppo-1.3b"]
+        [design]
+        items_per_policy = 8
+        [labelers]
+        count = 3
+        [report]
+        n_boot = 50
+        """))
+    invoke("run", spec)
+    judgments = (tmp_path / "run/study/judgments.parquet").read_bytes()
+    out = invoke("run", spec, "--set", "report.n_boot=60")
+    assert "[data] up to date" in out
+    for stage in ("generate", "build", "labels"):
+        assert f"[{stage}] up to date" in out, out
+    assert "[report] running" in out
+    assert (tmp_path / "run/study/judgments.parquet").read_bytes() == judgments
+    out = invoke("run", spec, "--set", "report.n_boot=60", "--set", "design.gold_fraction=0.2")
+    assert "[generate] up to date" in out and "[build] running" in out and "[labels] running" in out and "[report] running" in out
+    # the simulated labels are drawn with the study's seed (recorded in the labels stage's key)
+    run = json.loads((tmp_path / "run/run.json").read_text())
+    assert run["stages"]["labels"]["skipped"] is False

@@ -5,8 +5,9 @@ attention layers)."""
 import pytest
 import torch
 
+from evalkit import decoding
 from evalkit.contract import Contract
-from evalkit.models import RewardModel
+from evalkit.models import RewardModel, decoder_layers, final_norm
 from evalkit.train import common
 
 
@@ -40,13 +41,13 @@ def _lm(arch: str):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3"])
 def test_candidates_share_their_query_pass_and_score_the_same(arch, monkeypatch):
-    monkeypatch.setattr(common, "encode_summary", lambda tok, t, m, add_eos=True: tok.encode(" " + t)[:m] + [tok.eos_token_id])
+    monkeypatch.setattr(decoding, "encode_summary", lambda tok, t, m, add_eos=True: tok.encode(" " + t)[:m] + [tok.eos_token_id])
     rm = RewardModel.from_causal_lm(_lm(arch)).eval()
     queries = [list(range(5, 17)), [11, 12, 13], list(range(20, 40))]  # longer than the sliding window, and shorter
     texts = ["ab", "cde fgh", "x", "", "hello there, a longer one", "q", "zz top", "a b c", "mm"]
     contract = Contract(max_query_tokens=100, context=256)
-    shared = common.score_candidates(rm, ByteTok(), queries, texts, 3, contract)
-    whole = common.score_summaries(rm, ByteTok(), [q for q in queries for _ in range(3)], texts, contract)
+    shared = decoding.score_candidates(rm, ByteTok(), queries, texts, 3, contract)
+    whole = decoding.score_summaries(rm, ByteTok(), [q for q in queries for _ in range(3)], texts, contract)
     assert torch.allclose(shared, whole, atol=1e-5), (shared, whole)
 
 
@@ -57,9 +58,9 @@ def _tuned_copy(lm, seed=1):
     tuned = copy.deepcopy(lm)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in common.decoder_layers(tuned)[-1].parameters():
+        for p in decoder_layers(tuned)[-1].parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
-        common.final_norm(tuned).weight.add_(0.1)
+        final_norm(tuned).weight.add_(0.1)
     return tuned.eval()
 
 
@@ -77,7 +78,7 @@ def _deep(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_a_lineage_shares_its_lower_blocks_in_generation_and_decodes_the_same(arch, tmp_path):
-    from evalkit.generate import Decoding, SharedPrefix, decode_batch, layer_digests
+    from evalkit.decoding import Decoding, SharedPrefix, decode_batch, layer_digests
 
     base = _deep(arch)
     tuned = _tuned_copy(base)
@@ -131,6 +132,6 @@ def test_reward_pairs_share_their_query_and_rank_the_same(arch):
         rc, rr = pair_rewards(rm, pairs, 0, torch.device("cpu"))
     expected = ((rc > rr).float() + 0.5 * (rc == rr).float()).numpy()
     assert (pair_correct(rm, pairs, 0, torch.device("cpu")) == expected).all() and expected[2] == 0.5
-    scores = common.prefix_scores(rm, [p[0][: common.shared_prefix(*p)] for p in pairs],
-                                  [s[common.shared_prefix(*p):] for p in pairs for s in p], 2, 0)
+    scores = decoding.prefix_scores(rm, [p[0][: decoding.shared_prefix(*p)] for p in pairs],
+                                  [s[decoding.shared_prefix(*p):] for p in pairs for s in p], 2, 0)
     assert torch.allclose(scores[0::2], rc, atol=1e-5) and torch.allclose(scores[1::2], rr, atol=1e-5)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_study_serve import Server, free_port, make_study
 
 from evalkit.study.serve import collect_judgments, links
-from test_study_serve import Server, free_port, make_study
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed (make test installs it)")

@@ -3,8 +3,8 @@
 import dataclasses
 
 import pytest
-
 from conftest import baseline_study, run_cli
+
 from evalkit import artifacts
 from evalkit.study.build import build_study
 

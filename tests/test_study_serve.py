@@ -12,8 +12,8 @@ import time
 from urllib.parse import urlencode, urlparse
 
 import pytest
-
 from conftest import ROOT, baseline_study
+
 from evalkit.study.serve import collect_judgments, init_db, links
 
 

@@ -4,8 +4,8 @@ reproducible; the power calculation matches the textbook value."""
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import run_cli
+
 from evalkit.study.simulate import FEATURES, PanelModel, calibrate, features, fit_panel, predict_left, required_judgments
 
 

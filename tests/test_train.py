@@ -8,16 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli
+
+from evalkit import decoding
+from evalkit.checkpoints import read_metadata
+from evalkit.data.corpus import assert_no_held_out, pretraining_texts
 from evalkit.errors import EvalkitError
-from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer, read_metadata
+from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer
 from evalkit.train import common
 from evalkit.train.reward import RewardConfig, train_reward_model
 from evalkit.train.sft import SFTConfig, sft
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TINY_SFT  # noqa: E402
+
 
 def first_last(rows, key, k=5):
     vals = [r[key] for r in rows if key in r]
@@ -37,17 +41,18 @@ def test_pretraining_corpus_refuses_held_out_text():
 
     leak = load_items("tldr", "valid2").head(1)
     with pytest.raises(EvalkitError, match="held-out text may not be trained on"):
-        common.assert_no_held_out(leak, "corpus")
+        assert_no_held_out(leak, "corpus")
     disguised = leak.assign(split="train")
     with pytest.raises(EvalkitError, match="is held out"):
-        common.assert_no_held_out(disguised, "corpus")
-    texts = common.pretraining_texts()
+        assert_no_held_out(disguised, "corpus")
+    texts = pretraining_texts()
     held = load_items("tldr", "valid2")
     assert not set(texts) & {f"{t}\n\n{b}" for t, b in zip(held["title"], held["body"])}
 
 
 def test_ladder_spans_ten_times_and_records_n_params(tokenizer_dir):
-    from evalkit.models import DEFAULT_LADDER, build_model
+    from evalkit.models import build_model
+    from evalkit.vocab import DEFAULT_LADDER
 
     tok = load_tokenizer(tokenizer_dir)
     sizes = [count_params(build_model(depth, tok))["n_params_nonembedding"] for depth in DEFAULT_LADDER]
@@ -142,11 +147,11 @@ def test_reward_read_at_last_real_token(rm_dir, tokenizer_dir):
     tok = load_tokenizer(tokenizer_dir)
     rm = RewardModel.load(rm_dir).eval()
     seq = tok.encode("SUBREDDIT: r/tifu\n\nTITLE: x\n\nPOST: y\n\nTL;DR: z") + [tok.eos_token_id]
-    ids, mask = common.pad_batch([seq, seq + seq[:3]], tok.pad_token_id)
+    ids, mask = decoding.pad_batch([seq, seq + seq[:3]], tok.pad_token_id)
     with torch.no_grad():
         r = rm(ids, mask)
         values = rm.values(ids, mask)
-        padded_ids, padded_mask = common.pad_batch([seq, [0] * (len(seq) + 7)], tok.pad_token_id)
+        padded_ids, padded_mask = decoding.pad_batch([seq, [0] * (len(seq) + 7)], tok.pad_token_id)
         r_padded = rm(padded_ids, padded_mask)
     assert r[0] == pytest.approx(values[0, len(seq) - 1].item())  # the EOS position, not a pad after it
     assert r_padded[0] == pytest.approx(r[0].item(), abs=1e-5)  # more padding changes nothing
@@ -173,11 +178,11 @@ def test_reward_model_learns_known_rule_and_is_centred(rm_dir):
     train, _, _ = split_pairs(pairs, "valid2", 0.15)
     records = items[items["item_id"].isin(train["item_id"])].to_dict("records")
     tok, contract = load_tokenizer(rm_dir), read_contract(rm_dir)
-    queries = [common.encode_query(tok, r, contract.max_query_tokens) for r in records]
+    queries = [decoding.encode_query(tok, r, contract.max_query_tokens) for r in records]
     from evalkit.precision import autocast
 
     with autocast(meta["precision"]):  # centred in the precision it was trained in (bf16 moves the mean by ~1e-3)
-        scores = common.score_summaries(RewardModel.load(rm_dir).eval(), tok, queries, [i["reference"] for i in records], contract)
+        scores = decoding.score_summaries(RewardModel.load(rm_dir).eval(), tok, queries, [i["reference"] for i in records], contract)
     assert abs(float(scores.mean())) < 1e-3
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-
+from scipy.stats import norm
 
 SMALL_N = 20  # judgments: fewer, and a policy's estimate is listed apart as "too few judgments"
 
@@ -175,7 +175,6 @@ def position_effect(tables: dict[str, pd.DataFrame], level: float = 0.95) -> dic
     standard errors.
     """
     import statsmodels.api as sm
-    from scipy.stats import norm
 
     df = _placement(tables)
     naive = float(df["left_won"].mean()) if len(df) else float("nan")

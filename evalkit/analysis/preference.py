@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pandas as pd
 from scipy.stats import norm
@@ -80,8 +82,6 @@ def cluster_bootstrap_rates(df: pd.DataFrame, group: str = "policy_id", cluster:
     Vectorised: per group, the cluster sums and counts form two vectors, and all replicates are one matrix product
     of multinomial cluster weights with them.
     """
-    import zlib
-
     rng = rng if rng is not None else np.random.default_rng(0)
     base = int(rng.integers(2**63))  # each group draws from its own stream: its interval does not depend on the others
     rows = []
@@ -123,8 +123,8 @@ def _prepare(df: pd.DataFrame, length: bool) -> pd.DataFrame:
 
 
 def _glm(formula: str, d: pd.DataFrame, cluster: str | tuple[str, str]):
-    import statsmodels.formula.api as smf
     import statsmodels.api as sm
+    import statsmodels.formula.api as smf
 
     groups = d[cluster].astype("category").cat.codes.to_numpy() if isinstance(cluster, str) else \
         np.column_stack([d[c].astype("category").cat.codes.to_numpy() for c in cluster])

@@ -8,14 +8,13 @@ import numpy as np
 import pandas as pd
 
 from evalkit.analysis.preference import wilson
+from evalkit.checkpoints import read_metadata
 from evalkit.errors import EvalkitError
 
 
 def rm_accuracy_by_size(folders: list[str | Path]) -> tuple[pd.DataFrame, dict]:
     """Held-out accuracy of reward-model checkpoints with Wilson intervals, and the accuracy gained per doubling of
     size (least squares on log2 n_params; the paper: ≈1.8 points per doubling)."""
-    from evalkit.models import read_metadata
-
     rows = []
     for folder in folders:
         meta = read_metadata(folder)

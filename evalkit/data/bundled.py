@@ -6,6 +6,8 @@ import functools
 from importlib import resources
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
 from evalkit.errors import EvalkitError
 
 TLDR_CSV = "tldr/oai1b_ppo1.3b_vs_ref.csv"
@@ -20,6 +22,8 @@ COMPARISON_BATCHES = {
     "batch0_cnndm": "openai_sff/batch0_cnndm.json",
     "edit_b2_eval_test": "openai_sff/edit_b2_eval_test.json",
 }
+# the reward model's default labels: every released TL;DR batch of real human judgments
+DEFAULT_COMPARISONS = ("batch13", "batch18")
 
 
 def bundled_path(relative: str) -> Path:
@@ -41,6 +45,16 @@ def comparison_batch(name: str) -> Path:
 
 
 @functools.lru_cache(maxsize=1)
+def gpt2_bpe():
+    """The same GPT-2 byte-level BPE as a ``tokenizers.Tokenizer`` (no transformers, no torch): for counting and
+    truncating queries where no model is loaded (``evalkit data show``)."""
+    folder = bundled_path(GPT2_TOKENIZER_DIR)
+    tok = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
 def load_gpt2_tokenizer():
     """OpenAI's GPT-2 byte-level BPE from the bundled ``vocab.json`` and ``merges.txt`` (50,257 tokens)."""
     from transformers import GPT2Tokenizer

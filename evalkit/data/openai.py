@@ -16,6 +16,8 @@ from typing import Iterable
 
 import pandas as pd
 
+from evalkit.artifacts import SCHEMAS, conform
+from evalkit.data.bundled import comparison_batch
 from evalkit.data.io import iter_jsonl, require_keys
 from evalkit.data.splits import check_split
 from evalkit.errors import EvalkitError
@@ -105,8 +107,6 @@ def _item_from_info(info: dict, where: str, source: str) -> dict:
 def read_openai_comparisons(path: str | Path) -> dict[str, pd.DataFrame]:
     """Parse one released comparison file (a path, or a bundled short name such as ``batch18``) into ``items``,
     ``generations``, ``tasks`` and ``judgments`` frames."""
-    from evalkit.data.bundled import comparison_batch
-
     path = comparison_batch(str(path)) if not Path(path).is_file() else Path(path)
     source = path.name
     stem = path.stem
@@ -184,8 +184,6 @@ def read_openai_comparisons(path: str | Path) -> dict[str, pd.DataFrame]:
 
 
 def _frame(rows: Iterable[dict], name: str) -> pd.DataFrame:
-    from evalkit.artifacts import SCHEMAS, conform
-
     return conform(pd.DataFrame(list(rows), columns=[c.name for c in SCHEMAS[name]]), name)
 
 

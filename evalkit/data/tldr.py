@@ -18,13 +18,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from evalkit import artifacts
 from evalkit.artifacts import conform
 from evalkit.data.bundled import COMPARISON_BATCHES, TLDR_CSV, bundled_path
 from evalkit.data.io import iter_jsonl, read_csv_columns, require_keys
-from evalkit.data.openai import read_openai_comparisons, tldr_item_id
+from evalkit.data.openai import _frame, imported_gen_id, read_openai_comparisons, tldr_item_id
 from evalkit.data.query import parse_tldr_query
 from evalkit.data.splits import SPLIT_ALIASES, check_split, hash_split
 from evalkit.errors import EvalkitError
+from evalkit.seeds import stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ OPENAI_TLDR_FIELDS = ("id", "subreddit", "title", "post", "summary")
 def released_splits() -> dict[str, str]:
     """item_id → split recorded for the posts in the bundled released human comparisons."""
     out: dict[str, str] = {}
-    for name, rel in COMPARISON_BATCHES.items():
+    for rel in COMPARISON_BATCHES.values():
         items = read_openai_comparisons(bundled_path(rel))["items"]
         for item_id, split in zip(items["item_id"], items["split"]):
             out.setdefault(item_id, split)
@@ -118,8 +120,6 @@ def load_tldr(split: str | None = None, path: str | Path | None = None, file_spl
 
 def load_openai_ppo_summaries(split: str | None = None) -> pd.DataFrame:
     """OpenAI's released 1.3B RLHF summaries of the bundled posts as ``generations`` rows (policy ``openai-ppo-1.3b``)."""
-    from evalkit.data.openai import _frame, imported_gen_id
-
     items = load_tldr(split=split)
     df = read_csv_columns(bundled_path(TLDR_CSV), ("query", "postprocessed_response"))
     text_of = {}
@@ -146,10 +146,6 @@ def load_llm_judgments(split: str | None = None) -> dict[str, pd.DataFrame]:
     task per judged post (sides as the judge saw them: ``shuffled_index`` 0 = the RLHF summary first) and one judgment
     by labeler ``gpt-4`` with ``labeler_kind="llm"``. Generation ids equal those of ``openai-ppo-1.3b`` and ``ref``,
     so the same pair judged by people or by the simulated panel can be matched."""
-    from evalkit import artifacts
-    from evalkit.data.openai import _frame, imported_gen_id
-    from evalkit.seeds import stable_hash
-
     items = load_tldr(split=split)
     known = set(items["item_id"])
     ppo = load_openai_ppo_summaries(split).set_index("item_id")

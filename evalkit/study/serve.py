@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import html
@@ -25,6 +26,7 @@ import math
 import os
 import re
 import secrets
+import select
 import sqlite3
 import threading
 import time
@@ -36,7 +38,7 @@ import pandas as pd
 
 from evalkit import artifacts
 from evalkit.errors import EvalkitError
-from evalkit.study.exchange import CONFIDENCE_LABELS, LIKERT_AXES, load_study_tables
+from evalkit.study.exchange import CONFIDENCE_LABELS, LIKERT_AXES, human_judgment_id, load_study_tables
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +205,6 @@ if(e.key==='Enter'){{e.preventDefault();document.getElementById('answer').reques
 
 
 def _inline_hash(block: str, tag: str) -> str:
-    import base64
-
     content = re.search(rf"<{tag}>(.*?)</{tag}>", block, re.S).group(1)
     return "'sha256-" + base64.b64encode(hashlib.sha256(content.encode()).digest()).decode() + "'"
 
@@ -452,8 +452,6 @@ def collect_judgments(study_dir: str | Path) -> pd.DataFrame:
     df["preferred"] = None
     df.loc[pairwise, "preferred"] = ["left" if c < 5 else "right" for c in df.loc[pairwise, "confidence"]]
     df["preferred_gen_id"] = df["gen_id_left"].where(df["preferred"] == "left", df["gen_id_right"]).where(pairwise, None)
-    from evalkit.study.exchange import human_judgment_id
-
     df["judgment_id"] = [human_judgment_id(t, lab) for t, lab in zip(df["task_id"], df["labeler_id"])]
     df["labeler_kind"] = "human"
     df["source"] = f"web:{db.name}"
@@ -480,8 +478,6 @@ def run_paced(server, pause: float = LOOP_PAUSE_S) -> None:
     lets each pass gather the events that arrived meanwhile: ~2,500-2,600 judgments/s on the same load, p99 under
     50 ms (benchmarks/serve_load.py), at most 0.3 ms added to a request's latency, nothing when the server is idle
     (the poll itself waits)."""
-    import select
-
     from waitress import wasyncore
 
     sockets = getattr(server, "map", None) or server._map  # a MultiSocketServer (a host with several addresses) or one

@@ -28,6 +28,8 @@ import pandas as pd
 from scipy.stats import norm
 
 from evalkit import artifacts
+from evalkit.analysis.agreement import labeler_agreement
+from evalkit.data import comparison_batch, load_openai_comparisons
 from evalkit.errors import EvalkitError
 from evalkit.seeds import rng_for, stable_hash
 
@@ -107,9 +109,6 @@ def predict_left(model: PanelModel, pairs: pd.DataFrame) -> np.ndarray:
 
 def calibrate(batches: tuple[str, ...] = ("batch13", "batch18", "batch0_cnndm")) -> PanelModel:
     """Fit the panel on the released human labels; held-out agreement measured on items not used for the fit."""
-    from evalkit.analysis.agreement import labeler_agreement
-    from evalkit.data import comparison_batch, load_openai_comparisons
-
     tables = load_openai_comparisons([comparison_batch(b) for b in batches])
     pairs = released_pairs(tables)
     held = pairs["item_id"].map(lambda i: int(stable_hash("panel-holdout", i), 16) % 5 == 0)

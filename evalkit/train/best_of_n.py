@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from evalkit import precision as prec
+from evalkit import decoding, precision as prec
+from evalkit.artifacts import write_json
+from evalkit.checkpoints import read_metadata
 from evalkit.contract import read_contract, same_lineage
+from evalkit.data.io import read_json_object
 from evalkit.errors import EvalkitError
-from evalkit.models import RewardModel, load_causal_lm, load_tokenizer, read_metadata
+from evalkit.models import RewardModel, load_causal_lm, load_tokenizer
 from evalkit.seeds import derive_seed
-from evalkit.train import common
 
 
 def best_of_n_kl(n: int) -> float:
@@ -39,7 +41,7 @@ class BestOfNConfig:
 def best_of_n(cfg: BestOfNConfig, items: pd.DataFrame) -> pd.DataFrame:
     """For each item: the N samples' texts and RM scores, and which one is kept (``is_best``).
 
-    Samples come from the one batched decoder (``common.sample``) under the SFT checkpoint's contract; each is scored
+    Samples come from the one batched decoder (``decoding.sample``) under the SFT checkpoint's contract; each is scored
     in the canonical form the RM was trained on; an unfinished sample gets the contract's no-EOS score."""
     best_of_n_kl(cfg.n)
     tok = load_tokenizer(cfg.policy)
@@ -48,16 +50,16 @@ def best_of_n(cfg: BestOfNConfig, items: pd.DataFrame) -> pd.DataFrame:
     policy = load_causal_lm(cfg.policy).eval()
     rm = RewardModel.load(cfg.reward_model).eval()
     records = items.to_dict("records")
-    queries = [common.encode_query(tok, it, contract.max_query_tokens) for it in records]
+    queries = [decoding.encode_query(tok, it, contract.max_query_tokens) for it in records]
     seeds = [derive_seed("best-of-n", cfg.policy, it["item_id"], cfg.seed, k) for it in records for k in range(cfg.n)]
     with prec.weights_as(prec.resolve(cfg.precision, "cpu"), policy, rm):
-        samples, raw, best = common.best_of_n_candidates(policy, tok, rm, queries, seeds, cfg.n, cfg.temperature, contract)
+        samples, raw, best = decoding.best_of_n_candidates(policy, tok, rm, queries, seeds, cfg.n, cfg.temperature, contract)
     rows = []
     for i, item in enumerate(records):
         for k in range(cfg.n):
             ids, fin = samples[i * cfg.n + k]
             score = float(raw[i * cfg.n + k]) if fin else contract.no_eos_score
-            rows.append({"item_id": item["item_id"], "sample_idx": k, "text": common.response_text(tok, ids), "score": score,
+            rows.append({"item_id": item["item_id"], "sample_idx": k, "text": decoding.response_text(tok, ids), "score": score,
                          "finished": fin, "n_tokens": len(ids), "is_best": k == best[i]})
     return pd.DataFrame(rows)
 
@@ -75,8 +77,6 @@ SPEC_FILE = "best_of_n.json"
 def write_best_of_n(folder: str | Path, policy: str | Path, reward_model: str | Path, n: int, temperature: float = 0.7) -> Path:
     """A best-of-N policy folder: ``best_of_n.json`` naming the SFT policy, the RM, N, the sampling temperature and
     the analytic KL. ``evalkit generate --policy FOLDER`` samples from it."""
-    from evalkit.artifacts import write_json
-
     folder = Path(folder)
     meta = read_metadata(policy)
     contract = read_contract(reward_model)
@@ -91,7 +91,6 @@ def read_best_of_n(folder: str | Path) -> dict | None:
     path = Path(folder) / SPEC_FILE
     if not path.is_file():
         return None
-    from evalkit.data.io import read_json_object
 
     spec = read_json_object(path)
     for key in ("policy", "reward_model", "n"):

@@ -4,116 +4,32 @@ checkpoint folders (HF weights + tokenizer + trainer_config.json + metrics.jsonl
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
-import os
+import math
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.distributed as dist
 
 from evalkit import artifacts
+from evalkit.checkpoints import write_metadata
+from evalkit.decoding import pad_batch
+from evalkit.distributed import Dist, broadcast_object, init_distributed
 from evalkit.errors import EvalkitError
+from evalkit.models import decoder_layers, final_norm, final_norm_attr, layers_attr, position_ids, raw_bytes, swapped, top_blocks
 from evalkit.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
-HELD_OUT_SPLITS = ("valid1", "valid2")
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "trainer_config.json"
-
-
-# ---------------------------------------------------------------------------------------------------------- data
-
-def assert_no_held_out(items: pd.DataFrame, what: str) -> None:
-    """Refuse any valid1/valid2 item in a training corpus (by split and by id against every known held-out item)."""
-    from evalkit.data import load_items
-
-    bad = items[items["split"].isin(HELD_OUT_SPLITS)]
-    if len(bad):
-        raise EvalkitError(f"{what}: item {bad['item_id'].iloc[0]} is in split {bad['split'].iloc[0]}; held-out text may not be trained on")
-    held_out = set()
-    for dataset in items["dataset"].unique():
-        for split in HELD_OUT_SPLITS:
-            held_out |= set(load_items(dataset, split)["item_id"])
-    leaked = sorted(set(items["item_id"]) & held_out)
-    if leaked:
-        raise EvalkitError(f"{what}: item {leaked[0]} is held out (valid1/valid2) in the bundled data; it may not be trained on")
-
-
-def pretraining_texts(max_items: int | None = None) -> list[str]:
-    """Documents for pretraining: TL;DR ``train`` posts (title and post) and the CNN/DM ``train`` articles."""
-    from evalkit.data import load_items
-
-    tldr = load_items("tldr", "train")
-    cnndm = load_items("cnndm", "train")
-    assert_no_held_out(pd.concat([tldr, cnndm]), "pretraining corpus")
-    texts = [f"{t}\n\n{b}" for t, b in zip(tldr["title"], tldr["body"])] + list(cnndm["body"])
-    order = np.random.default_rng(derive_seed("pretraining-corpus")).permutation(len(texts))
-    texts = [texts[i] for i in order]
-    return texts[:max_items] if max_items else texts
-
-
-# ------------------------------------------------------------------------------------------------ distributed
-
-@dataclasses.dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-
-def init_distributed(threads: int = 0) -> Dist:
-    """Join the process group when launched by ``torchrun`` (gloo on CPU, NCCL on GPU); a single process otherwise."""
-    if threads:
-        torch.set_num_threads(threads)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = torch.cuda.is_available()
-    if world > 1:
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo")
-        rank = dist.get_rank()
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-        return Dist(rank, world, device)
-    return Dist(0, 1, torch.device("cuda") if use_cuda else torch.device("cpu"))
-
-
-def shutdown_distributed(d: Dist) -> None:
-    """Wait for every rank, then leave the process group (a rank exiting while gloo threads run aborts)."""
-    if d.enabled and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def all_reduce_mean(value: float, d: Dist) -> float:
-    if not d.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
-    return float(t.item() / d.world)
-
-
-def raw_bytes(t: torch.Tensor) -> bytes:
-    """A tensor's bytes in any dtype (numpy has no bfloat16: weights cast for a bf16 pass are digested too)."""
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -185,8 +101,6 @@ _last_progress: dict[str, float] = {}
 
 def append_metrics(out_dir: Path, row: dict) -> None:
     """One metrics row; also a progress log line (``evalkit`` logger, INFO) at most every 15 s per folder."""
-    import time
-
     with open(out_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(row, default=float) + "\n")
         fh.flush()
@@ -238,8 +152,6 @@ def load_weights(state: dict | None, models: dict[str, torch.nn.Module]) -> None
 
 def finish_checkpoint(out_dir: Path, cfg: Any, stage: str, inputs: list[Path], extra: dict) -> None:
     """Mark a checkpoint complete: metadata, trainer_config.json and manifest.json; the resume state is removed."""
-    from evalkit.models import write_metadata
-
     write_metadata(out_dir, stage=stage, **extra)
     artifacts.write_json(out_dir / CONFIG_FILE, config_dict(cfg))
     files = [p for p in inputs if p.is_file()]
@@ -255,92 +167,15 @@ def input_files(folder: str | Path | None) -> list[Path]:
     return sorted(p for p in folder.glob("*.safetensors")) + [p for p in (folder / "tokenizer.json",) if p.is_file()]
 
 
-def iterate(seq: list, size: int) -> Iterator[list]:
-    for i in range(0, len(seq), size):
-        yield seq[i: i + size]
-
-
-def by_length(lengths: list[int], size: int) -> Iterator[list[int]]:
-    """Index batches in order of length, so that each padded batch wastes little compute on padding."""
-    yield from iterate(sorted(range(len(lengths)), key=lambda i: lengths[i]), size)
-
-
-# ------------------------------------------------------------------------------------------------ tokenization
-
-def encode_query(tok, item: dict, max_query_tokens: int) -> list[int]:
-    """The item's query (REFERENCE.md format, truncated to fit) as token ids."""
-    from evalkit.data.query import format_query
-
-    return list(tok.encode(format_query(item, tok, max_tokens=max_query_tokens), add_special_tokens=False))
-
-
-def encode_summary(tok, text: str, max_summary_tokens: int, add_eos: bool = True) -> list[int]:
-    """' ' + summary, at most ``max_summary_tokens`` tokens, then EOS."""
-    from evalkit.data.query import format_summary
-
-    ids = list(tok.encode(format_summary(text), add_special_tokens=False))[:max_summary_tokens]
-    return ids + [tok.eos_token_id] if add_eos else ids
-
-
-def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad to a rectangle; returns (input_ids, attention_mask)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if side == "right":
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        else:
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
-    return ids, mask
-
-
 def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
     """Linear warm-up, then cosine decay to 10% of ``base_lr``."""
-    import math
-
     if step < warmup:
         return base_lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def broadcast_object(obj: Any, d: Dist) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 # ------------------------------------------------------------------------------------------------- parameters
-
-LAYER_ATTRS = ("layers", "h", "blocks")  # the block stack: Llama/Gemma, GPT-2, others
-NORM_ATTRS = ("norm", "ln_f", "final_layernorm")  # the final norm after it
-
-
-def _attr(base: torch.nn.Module, names: tuple[str, ...], kind: type) -> str | None:
-    return next((n for n in names if isinstance(getattr(base, n, None), kind)), None)
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The stack of transformer blocks of a causal LM or backbone (GPT-2 ``h``, Llama/Gemma ``layers``)."""
-    base = getattr(model, "base_model", model)
-    name = _attr(base, LAYER_ATTRS, torch.nn.ModuleList)
-    if name:
-        return getattr(base, name)
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    if not lists:
-        raise EvalkitError(f"{type(model).__name__}: no stack of transformer blocks found")
-    return max(lists, key=len)
-
-
-def final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
-    base = getattr(model, "base_model", model)
-    name = _attr(base, NORM_ATTRS, torch.nn.Module)
-    return getattr(base, name) if name else None
-
 
 def freeze_lower_layers(model: torch.nn.Module, trainable_layers: int, extra: tuple[torch.nn.Module, ...] = ()) -> dict:
     """Train only the top ``trainable_layers`` blocks (plus the final norm and ``extra`` modules, e.g. a reward head);
@@ -373,119 +208,6 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-# ------------------------------------------------------------------------------------------- sampling and scoring
-
-def finished(ids: list[int], hit_eos: bool, stop_ids: set[int]) -> bool:
-    """Whether a completion stopped by the contract's rule (EOS or a newline token) rather than running out."""
-    return hit_eos or bool(ids and ids[-1] in stop_ids)
-
-
-def response_text(tok, ids: list[int]) -> str:
-    """A completion's summary text: special tokens dropped, cut at the first newline, stripped (the contract's rule)."""
-    from evalkit.generate import postprocess
-
-    return postprocess(tok.decode([t for t in ids if t != tok.eos_token_id], skip_special_tokens=True))
-
-
-@torch.no_grad()
-def score_summaries(reward_model, tok, queries: list[list[int]], texts: list[str], contract, device=torch.device("cpu"),
-                    batch_size: int = 16) -> torch.Tensor:
-    """Reward-model scores of summaries in the contract's canonical form: query + " " + text + EOS.
-
-    Every scorer (RM training and evaluation, PPO, best-of-N, held-out quality) goes through this form, so the RM
-    never sees a newline token or a multi-line completion it was not trained on."""
-    seqs = [q + encode_summary(tok, t, contract.max_summary_tokens) for q, t in zip(queries, texts)]
-    out = torch.zeros(len(seqs))
-    for chunk in by_length([len(s) for s in seqs], batch_size):
-        ids, mask = pad_batch([seqs[i] for i in chunk], tok.pad_token_id)
-        out[chunk] = reward_model(ids.to(device), mask.to(device)).float().cpu()
-    return out
-
-
-@torch.no_grad()
-def score_candidates(reward_model, tok, queries: list[list[int]], texts: list[str], n: int, contract,
-                     device=torch.device("cpu"), batch_size: int = 8) -> torch.Tensor:
-    """The same scores as :func:`score_summaries` for ``n`` candidate summaries per query (``texts`` query-major),
-    with each query run through the reward model once (:func:`prefix_scores`). For best-of-N the query is ~90% of
-    every scored sequence."""
-    summaries = [encode_summary(tok, t, contract.max_summary_tokens) for t in texts]
-    return prefix_scores(reward_model, queries, summaries, n, tok.pad_token_id, device, batch_size)
-
-
-@torch.no_grad()
-def prefix_scores(reward_model, prefixes: list[list[int]], suffixes: list[list[int]], n: int, pad_id: int,
-                  device=torch.device("cpu"), batch_size: int = 8) -> torch.Tensor:
-    """Reward-model scores of ``prefix + suffix`` for ``n`` non-empty suffixes per prefix (query-major): each prefix
-    runs once, its KV cache is copied to its ``n`` rows, which then run only their suffix tokens. The score is read
-    at each suffix's last token, as the reward model reads a whole sequence's."""
-    from evalkit.models import position_ids
-
-    out = torch.zeros(len(suffixes))
-    for chunk in by_length([len(q) for q in prefixes], batch_size):
-        q_ids, q_mask = (t.to(device) for t in pad_batch([prefixes[i] for i in chunk], pad_id, side="left"))
-        cache = reward_model.backbone(input_ids=q_ids, attention_mask=q_mask, position_ids=position_ids(q_mask), use_cache=True).cache
-        cache.batch_repeat_interleave(n)
-        rows = [i * n + k for i in chunk for k in range(n)]
-        s_ids, s_mask = (t.to(device) for t in pad_batch([suffixes[r] for r in rows], pad_id))
-        mask = torch.cat([q_mask.repeat_interleave(n, 0), s_mask], 1)
-        start = q_mask.sum(1).repeat_interleave(n)[:, None]
-        hidden = reward_model.backbone(input_ids=s_ids, attention_mask=mask, position_ids=start + torch.arange(s_ids.shape[1], device=device),
-                                       cache=cache, use_cache=True).last_hidden_state
-        out[rows] = reward_model.head_scores(hidden[torch.arange(len(rows), device=device), s_mask.sum(1) - 1]).cpu()
-    return out
-
-
-def shared_prefix(a: list[int], b: list[int]) -> int:
-    """The length of the common start of two token sequences, leaving each at least its last token."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return min(n, len(a) - 1, len(b) - 1)
-
-
-def best_index(scores: torch.Tensor, is_finished: list[bool], no_eos_score: float) -> int:
-    """Best-of-N's pick: the highest score under the contract (an unfinished candidate scores ``no_eos_score``), ties
-    (e.g. every candidate unfinished) broken by the reward model's own score."""
-    keys = [(float(s) if fin else no_eos_score, float(s)) for s, fin in zip(scores, is_finished)]
-    return max(range(len(keys)), key=lambda i: keys[i])
-
-
-def best_of_n_candidates(model, tok, reward_model, queries: list[list[int]], seeds: list[int], n: int, temperature: float,
-                         contract, prefill_chunk: int = 16, shared=None) -> tuple[list[tuple[list[int], bool]], torch.Tensor, list[int]]:
-    """N samples per query (``seeds``: one per candidate, query-major), their RM scores in the canonical form and the
-    index of each query's kept candidate (``best_index``). Returns (candidates as (ids, finished), raw scores, best)."""
-    cands = sample(model, tok, queries, contract, temperature, seeds, batch_size=len(queries), prefill_chunk=prefill_chunk, repeats=n,
-                   shared=shared)
-    device = next(reward_model.parameters()).device
-    raw = score_candidates(reward_model, tok, queries, [response_text(tok, ids) for ids, _ in cands], n, contract, device)
-    best = [best_index(raw[q * n: (q + 1) * n], [fin for _, fin in cands[q * n: (q + 1) * n]], contract.no_eos_score)
-            for q in range(len(queries))]
-    return cands, raw, best
-
-
-def sample(model, tok, queries: list[list[int]], contract, temperature: float, seeds: list[int], batch_size: int = 32,
-           prefill_chunk: int = 16, repeats: int = 1, shared=None) -> list[tuple[list[int], bool]]:
-    """Completions from ``evalkit.generate.decode_batch`` (the one sampling loop), with the contract's stop rule;
-    queries are decoded in length-sorted batches and returned in their original order as (ids, finished). With
-    ``repeats`` = N each query is prefilled once and sampled N times (``seeds`` and the result: N per query,
-    query-major). ``shared``: a lineage's shared lower blocks (``evalkit.generate.SharedPrefix``)."""
-    from evalkit.generate import Decoding, decode_batch, newline_token_ids
-
-    stop = newline_token_ids(tok)
-    stop_set = set(stop.tolist())
-    dec = Decoding(temperature=temperature, max_new_tokens=contract.max_summary_tokens, max_query_tokens=contract.max_query_tokens)
-    order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
-    out: list[tuple[list[int], bool]] = [([], False)] * (len(queries) * repeats)
-    for chunk in iterate(order, batch_size):
-        rows = [i * repeats + k for i in chunk for k in range(repeats)]
-        results = decode_batch(model, tok, [queries[i] for i in chunk], dec, [seeds[r] for r in rows], stop, prefill_chunk, repeats, shared)
-        for r, (ids, hit) in zip(rows, results):
-            out[r] = (ids, finished(ids, hit, stop_set))
-    return out
-
-
 def join_query_response(queries: list[list[int]], responses: list[list[int]], pad_id: int
                         ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """Left-padded queries followed by right-padded responses: (ids, attention mask, query width, response mask).
@@ -506,7 +228,6 @@ def response_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, q_len: int, 
     Logits are divided by the sampling temperature, as where the tokens were sampled. With a shared trunk and its
     output ``hidden``, only the model's top blocks run.
     """
-    from evalkit.models import position_ids
 
     n_resp = ids.shape[1] - q_len
     kw = dict(attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=n_resp + 1, use_cache=False)
@@ -526,51 +247,10 @@ def response_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, q_len: int, 
 
 # ---------------------------------------------------------------------------------------------- shared frozen trunk
 
-def _layers_attr(base: torch.nn.Module) -> str:
-    name = _attr(base, LAYER_ATTRS, torch.nn.ModuleList)
-    if name is None:
-        raise EvalkitError(f"{type(base).__name__}: no stack of transformer blocks found")
-    return name
-
-
-class _Swap:
-    """Temporarily replace attributes of a module (restored on exit, also on error)."""
-
-    def __init__(self, module: torch.nn.Module, **attrs):
-        self.module, self.attrs, self.saved = module, attrs, {}
-
-    def __enter__(self):
-        for name, value in self.attrs.items():
-            self.saved[name] = getattr(self.module, name)
-            setattr(self.module, name, value)
-
-    def __exit__(self, *exc):
-        for name, value in self.saved.items():
-            setattr(self.module, name, value)
-
-
-@contextlib.contextmanager
-def top_blocks(model: torch.nn.Module, k: int) -> Iterator[None]:
-    """Within the context the model runs only its top ``k`` blocks, on hidden states passed as ``inputs_embeds``.
-
-    Models that pick each block's attention by its position in the stack (Gemma 3 reads ``config.layer_types[i]``:
-    sliding-window or full attention) see the top ``k`` entries of that list too, or the top blocks would run with
-    the bottom blocks' masks."""
-    base = getattr(model, "base_model", model)
-    name = _layers_attr(base)
-    layers = getattr(base, name)
-    types = getattr(base.config, "layer_types", None)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(_Swap(base, **{name: torch.nn.ModuleList(list(layers)[len(layers) - k:])}))
-        if types:
-            stack.enter_context(_Swap(base.config, layer_types=list(types)[len(types) - k:]))
-        yield
-
-
 def trunk_digest(model: torch.nn.Module, k: int) -> str:
     """A digest of everything below the top ``k`` blocks: the embeddings and the lower blocks."""
     base = getattr(model, "base_model", model)
-    layers = getattr(base, _layers_attr(base))
+    layers = getattr(base, layers_attr(base))
     h = hashlib.sha256()
     for module in [base.get_input_embeddings(), *list(layers)[: len(layers) - k]]:
         for p in module.parameters():
@@ -596,7 +276,7 @@ class SharedTrunk:
         if k <= 0:
             return None
         bases = [getattr(m, "base_model", m) for m in models]
-        if any(hasattr(b, "wpe") for b in bases) or k >= len(getattr(bases[0], _layers_attr(bases[0]))):
+        if any(hasattr(b, "wpe") for b in bases) or k >= len(getattr(bases[0], layers_attr(bases[0]))):
             return None
         digests = {trunk_digest(m, k) for m in models}
         if len(digests) != 1:
@@ -606,14 +286,13 @@ class SharedTrunk:
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        from evalkit.models import position_ids
 
         base = getattr(self.model, "base_model", self.model)
-        name = _layers_attr(base)
+        name = layers_attr(base)
         layers = getattr(base, name)
         swaps = {name: torch.nn.ModuleList(list(layers)[: len(layers) - self.k])}
-        norm = _attr(base, NORM_ATTRS, torch.nn.Module)
+        norm = final_norm_attr(base)
         if norm:
             swaps[norm] = torch.nn.Identity()
-        with _Swap(base, **swaps):
+        with swapped(base, **swaps):
             return base(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).last_hidden_state

@@ -14,104 +14,35 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from evalkit import artifacts
-from evalkit.errors import EvalkitError
-from evalkit.models import BASE_FAMILIES, DEFAULT_LADDER, REAL_BASES, SCRATCH_FAMILY, read_metadata
+from evalkit.checkpoints import read_metadata, write_metadata
+from evalkit.contract import read_contract
+from evalkit.models import RewardModel, base_gguf, import_gguf, load_causal_lm, load_tokenizer
 from evalkit.precision import resolve
 from evalkit.train.best_of_n import BestOfNConfig, best_of_n, read_best_of_n, write_best_of_n
 from evalkit.train.ppo import PPOConfig, ppo
+from evalkit.train.presets import LadderConfig, config_digest, ladder_config, ladder_dict, size_family, size_names  # noqa: F401
 from evalkit.train.pretrain import PretrainConfig, pretrain
-from evalkit.train.reward import DEFAULT_COMPARISONS, RewardConfig, train_reward_model
+from evalkit.train.quality import bootstrap_ci, eval_items, measure, paired_difference, read_quality, rescore, rouge_l
+from evalkit.train.reward import RewardConfig, train_reward_model
 from evalkit.train.sft import SFTConfig, sft
-from evalkit.train.tokenizer import TokenizerConfig, train_tokenizer
+from evalkit.train.tokenizer import train_tokenizer
+from evalkit.vocab import LADDER_STAGES
 
 log = logging.getLogger(__name__)
 
-STAGES = ("pretrained", "sft", "rm", "ppo", "best_of_n")
-
-
-@dataclass(frozen=True)
-class LadderConfig:
-    bases: tuple[str, ...] = ("scratch",)  # "scratch" (one size per depth) and/or real bases: smollm2, gemma3-270m
-    depths: tuple[int, ...] = DEFAULT_LADDER
-    comparisons: tuple[str, ...] = DEFAULT_COMPARISONS  # the RM's labels (real human judgments)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    max_query_tokens: int = 512  # the contract of from-scratch lineages (real bases: 512 within their context)
-    pretrain_steps: int = 300
-    pretrain_seq_len: int = 576  # ≥ query + summary + EOS
-    pretrain_batch: int = 16
-    pretrain_lr: float = 3e-3
-    sft_steps: int = 200
-    sft_batch: int = 8
-    sft_lr: float = 1e-3
-    rm_epochs: int = 1
-    rm_lr: float = 3e-4
-    rm_max_pairs: int = 0
-    rm_held_out_posts: int = 0  # 0 = accuracy on every held-out post
-    ppo_iterations: int = 20
-    ppo_rollouts: int = 16
-    ppo_minibatch: int = 8
-    ppo_lr: float = 3e-5
-    trainable_layers: int = 0  # real bases: train only the top k blocks (0 = all)
-    best_of_n: int = 16
-    eval_posts: int = 200
-    bon_eval_posts: int = 200
-    stages: tuple[str, ...] = STAGES  # which stages to train (SFT, RM follow when a later stage needs them)
-    precision: str = "auto"  # every stage's: bfloat16 where the device has bf16 matrix units, else float32
-    seed: int = 0
-
-
-PRESETS = {
-    "default": LadderConfig(),
-    # minutes on a 2-core CPU
-    "tiny": LadderConfig(depths=(1, 2, 4), tokenizer=TokenizerConfig(vocab_size=4096, max_documents=800), max_query_tokens=192,
-                         pretrain_steps=60, pretrain_seq_len=256, sft_steps=40, ppo_iterations=6, ppo_rollouts=8, best_of_n=4),
-    # the real-weights ladder sized for this 2-core CPU (≤ 60 min): the top 4 of SmolLM2's 30 blocks train
-    # measured here: a SFT step (8 posts) 9.5 s, a RM step (8 pairs) 15 s, a PPO iteration (16 episodes) ~65 s with the
-    # shared trunk, one pass over 200 held-out posts ~2.5 min (prefill-bound, ~450 tokens/s)
-    "smollm2-cpu": LadderConfig(bases=("smollm2",), trainable_layers=4, sft_steps=60, sft_lr=2e-4, rm_lr=1e-4, rm_max_pairs=400,
-                                ppo_iterations=12, ppo_rollouts=16, ppo_lr=2e-5, best_of_n=4, eval_posts=200, bon_eval_posts=50),
-    # both real bases, every kind, sized for the default study on this 2-core CPU in bfloat16 (step times measured by
-    # benchmarks/train_throughput.py): the top 2 blocks train; held-out quality on 24 posts (12 for best-of-N), RM
-    # accuracy on 40 held-out posts
-    "real-cpu": LadderConfig(bases=("smollm2", "gemma3-270m"), trainable_layers=2, sft_steps=24, sft_lr=3e-4, rm_lr=1e-4,
-                             rm_max_pairs=96, rm_held_out_posts=40, ppo_iterations=4, ppo_rollouts=16, ppo_lr=5e-5,
-                             best_of_n=4, eval_posts=24, bon_eval_posts=12),
-    # full settings for a GPU: both real bases, every block trains
-    "smollm2": LadderConfig(bases=("smollm2", "gemma3-270m"), trainable_layers=0, sft_steps=2000, sft_lr=5e-5, sft_batch=16,
-                            rm_lr=2e-5, ppo_iterations=200, ppo_rollouts=64, ppo_minibatch=16, ppo_lr=5e-6, best_of_n=16),
-}
 
 
 def _done(folder: Path) -> bool:
     return (folder / "manifest.json").is_file()
 
 
-def size_names(cfg: LadderConfig) -> list[str]:
-    names = []
-    for base in cfg.bases:
-        if base == "scratch":
-            names += [f"d{depth}" for depth in cfg.depths]
-        elif base in REAL_BASES:
-            names.append(base)
-        else:
-            raise EvalkitError(f"unknown ladder base {base!r}; known: scratch, {', '.join(REAL_BASES)}")
-    return names
-
-
-def size_family(name: str) -> str:
-    """The model family of a ladder size: ``d<depth>`` sizes are one from-scratch family, a real base is its own."""
-    return SCRATCH_FAMILY if name not in BASE_FAMILIES else BASE_FAMILIES[name]
-
-
 def run_ladder(cfg: LadderConfig, out_dir: str | Path) -> dict:
-    from evalkit.models import base_gguf
-
     out_dir = Path(out_dir)
     names = size_names(cfg)
     path = out_dir / "ladder.json"
@@ -183,10 +114,6 @@ def run_ladder(cfg: LadderConfig, out_dir: str | Path) -> dict:
 
 def import_base(gguf: Path, out_dir: Path, eval_posts: int, precision: str = "auto") -> Path:
     """A real base as the ladder's pretrained stage: imported, measured zero-shot on held-out posts, completed."""
-    from evalkit.contract import read_contract
-    from evalkit.models import import_gguf, load_causal_lm, load_tokenizer, write_metadata
-    from evalkit.train.quality import measure
-
     folder = import_gguf(gguf, out_dir)
     model, tok = load_causal_lm(folder).eval(), load_tokenizer(folder)
     resolved = resolve(precision, "cpu")
@@ -200,10 +127,6 @@ def import_base(gguf: Path, out_dir: Path, eval_posts: int, precision: str = "au
 
 def measure_best_of_n(folder: Path, n_posts: int, seed: int, precision: str = "auto") -> dict:
     """Best-of-N's held-out quality: the kept summary of N samples per post (the same posts as every stage)."""
-    import numpy as np
-
-    from evalkit.train.quality import bootstrap_ci, eval_items, rouge_l
-
     spec = read_best_of_n(folder)
     if n_posts <= 0:
         return {}
@@ -223,10 +146,6 @@ def measure_best_of_n(folder: Path, n_posts: int, seed: int, precision: str = "a
 
 def ladder_summary(out_dir: Path, names: list[str]) -> list[dict]:
     """One row per size and stage: held-out quality, RM accuracy vs the length heuristic, PPO's gain over SFT."""
-    from evalkit.contract import read_contract
-    from evalkit.models import RewardModel, load_tokenizer
-    from evalkit.train.quality import paired_difference, read_quality, rescore
-
     rows = []
     for name in names:
         d = out_dir / name
@@ -247,7 +166,7 @@ def ladder_summary(out_dir: Path, names: list[str]) -> list[dict]:
         if pre_q is not None and sft_q is not None:
             both = sft_q.merge(pre_q, on="item_id", suffixes=("", "_pre"))
             rouge_gain = paired_difference(both["rouge_l"].to_numpy(), both["rouge_l_pre"].to_numpy())
-        for stage in STAGES:
+        for stage in LADDER_STAGES:
             meta = read_best_of_n(d / stage) if stage == "best_of_n" else read_metadata(d / stage)
             if not meta:
                 continue
@@ -291,47 +210,6 @@ def format_summary(rows: list[dict]) -> list[str]:
         lines.append(f"{r['size']:12s} {r['stage']:10s} {params:>8s} {f(r.get('distinct_fraction'), '.2f'):>8s} "
                      f"{f(r.get('mean_tokens'), '.1f'):>6s} {f(r.get('rouge_l')):>7s} {f(r.get('rm_score')):>8s} {f(r.get('kl_to_sft'), '.2f'):>6s} {r.get('precision') or '-':>9s}  {notes}")
     return lines
-
-
-def ladder_config(preset: str, depths: tuple[int, ...] | None = None, bases: tuple[str, ...] | None = None,
-                  overrides: tuple[str, ...] | list[str] = ()) -> LadderConfig:
-    """A preset with its sizes and ``key=value`` field overrides (type-checked) applied."""
-    from dataclasses import asdict
-
-    from evalkit.config import apply_overrides, from_mapping
-
-    if preset not in PRESETS:
-        raise EvalkitError(f"unknown ladder preset {preset!r}; known: {', '.join(PRESETS)}")
-    cfg = PRESETS[preset]
-    if depths:
-        cfg = replace(cfg, depths=tuple(depths))
-    if bases:
-        cfg = replace(cfg, bases=tuple(bases))
-    if overrides:
-        raw = {k: v for k, v in asdict(cfg).items() if k != "tokenizer"}
-        cfg = replace(from_mapping(LadderConfig, apply_overrides(raw, list(overrides), LadderConfig), "ladder"), tokenizer=cfg.tokenizer)
-    from evalkit.config import check_values
-
-    check_values(cfg, "ladder")
-    bad = [s for s in cfg.stages if s not in STAGES]
-    if bad:
-        raise EvalkitError(f"ladder stages has {bad[0]!r}; expected some of {', '.join(STAGES)}")
-    if any(d < 1 for d in cfg.depths):
-        raise EvalkitError(f"ladder depths {list(cfg.depths)}: expected positive integers")
-    size_names(cfg)
-    return cfg
-
-
-def ladder_dict(cfg: LadderConfig) -> dict:
-    """The config as plain JSON data (nested tokenizer config included): what ladder.json records and the hash keys."""
-    return json.loads(json.dumps(cfg, default=lambda o: o.__dict__))
-
-
-def config_digest(cfg: LadderConfig) -> str:
-    """A short hash of everything that shapes the ladder's checkpoints (its folder name in a study)."""
-    from evalkit.seeds import stable_hash
-
-    return stable_hash(json.dumps(ladder_dict(cfg), sort_keys=True))[:10]
 
 
 def ladder_checkpoints(cfg: LadderConfig, out_dir: str | Path) -> list[dict]:

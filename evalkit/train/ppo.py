@@ -28,13 +28,15 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from evalkit import precision as prec
+from evalkit import decoding, distributed, precision as prec
+from evalkit.checkpoints import read_metadata
 from evalkit.contract import read_contract, same_lineage
 from evalkit.errors import EvalkitError
-from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer, read_metadata
+from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer, top_blocks
 from evalkit.seeds import derive_seed
 from evalkit.train import common
-from evalkit.train.quality import measure, paired_difference, read_quality
+from evalkit.train.quality import measure, paired_difference, read_quality, rescore
+from evalkit.train.sft import train_items
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, d: common.Dist | None = None) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, d: distributed.Dist | None = None) -> torch.Tensor:
     """Zero mean, unit variance over the masked entries (of every rank's batch under torchrun)."""
     stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
     if d is not None and d.enabled:
@@ -101,7 +103,7 @@ def token_values(model, ids, mask, trunk=None, hidden=None) -> torch.Tensor:
     if hidden is None:
         return model(ids, mask, per_token=True)
     inner = getattr(model, "module", model)
-    with common.top_blocks(inner.backbone, trunk.k):
+    with top_blocks(inner.backbone, trunk.k):
         return model(None, mask, per_token=True, inputs_embeds=hidden)
 
 
@@ -129,10 +131,8 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
         raise EvalkitError(f"rollouts {cfg.rollouts} is not a multiple of minibatch_size {cfg.minibatch_size}")
     d, state = common.start_run(out_dir, cfg, resume)
     precision = prec.resolve(cfg.precision, d.device)
-    from evalkit.train.sft import train_items
-
     items = train_items(cfg.max_items).to_dict("records")
-    queries = [common.encode_query(tok, it, contract.max_query_tokens) for it in items]
+    queries = [decoding.encode_query(tok, it, contract.max_query_tokens) for it in items]
     if not queries:
         raise EvalkitError("no TL;DR train posts to run PPO on")
     order = EpisodeOrder(len(queries), cfg.seed)
@@ -166,7 +166,7 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
         episodes = range(first, first + cfg.rollouts)
         batch_q = [queries[order[e]] for e in episodes]
         with prec.weights_as(precision, policy):
-            samples = common.sample(policy, tok, batch_q, contract, cfg.temperature,
+            samples = decoding.sample(policy, tok, batch_q, contract, cfg.temperature,
                                     [derive_seed("ppo-rollout", cfg.seed, e) for e in episodes], batch_size=cfg.rollouts)
         responses = [ids for ids, _ in samples]
         is_finished = torch.tensor([fin for _, fin in samples], device=d.device)
@@ -175,8 +175,8 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
 
         with torch.no_grad(), prec.autocast(precision, d.device):
             # 2. score: the RM on the canonical form of each summary; an unfinished one gets the no-EOS score
-            texts = [common.response_text(tok, r) for r in responses]
-            scores = common.score_summaries(reward_model, tok, batch_q, texts, contract, d.device).to(d.device)
+            texts = [decoding.response_text(tok, r) for r in responses]
+            scores = decoding.score_summaries(reward_model, tok, batch_q, texts, contract, d.device).to(d.device)
             scores = torch.where(is_finished, scores, torch.full_like(scores, contract.no_eos_score))
 
             # 3. log-probabilities under the policy and the SFT reference; values per response token
@@ -235,15 +235,15 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
                     stats["ratio"].append(masked_mean(ratio, m).item())
 
         # 7. log (means over ranks), adapt β, save
-        mean_kl = common.all_reduce_mean(float(kl.sum(1).mean()), d)
-        score = common.all_reduce_mean(float(scores.mean()), d)
+        mean_kl = distributed.all_reduce_mean(float(kl.sum(1).mean()), d)
+        score = distributed.all_reduce_mean(float(scores.mean()), d)
         row = {
             "step": it + 1, "score": score, "kl": mean_kl, "beta": beta, "reward": score - beta * mean_kl,
-            "mean_length": common.all_reduce_mean(float(resp_mask.sum(1).mean()), d),
-            "no_eos_fraction": common.all_reduce_mean(float((~is_finished).float().mean()), d),
+            "mean_length": distributed.all_reduce_mean(float(resp_mask.sum(1).mean()), d),
+            "no_eos_fraction": distributed.all_reduce_mean(float((~is_finished).float().mean()), d),
             "first_ratio": stats["ratio"][0], "elapsed_s": time.perf_counter() - t0,
             "episodes": (it + 1) * cfg.rollouts * d.world, "shared_trunk": trunk is not None,
-            **{k: common.all_reduce_mean(sum(v) / len(v), d) for k, v in stats.items() if k != "ratio"},
+            **{k: distributed.all_reduce_mean(sum(v) / len(v), d) for k, v in stats.items() if k != "ratio"},
         }
         if cfg.adaptive_kl:
             error = max(-0.2, min(0.2, mean_kl / cfg.kl_target - 1))
@@ -273,15 +273,13 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
             "init": str(cfg.policy), "reward_model": str(cfg.reward_model), "kl_coef": cfg.kl_coef, "world_size": d.world,
             "replica_digests": digests, "contract": contract.to_dict(), "quality": quality, "precision": precision,
         })
-    common.shutdown_distributed(d)
+    distributed.shutdown_distributed(d)
     return out_dir
 
 
 def gain_over_sft(ppo_dir: Path, sft_dir: str | Path, reward_model, tok, contract, device, precision: str = "float32") -> dict:
     """The held-out RM score of PPO's summaries minus SFT's on the same posts (SFT's stored ``quality.parquet``,
     rescored with this RM), with a bootstrap CI over posts, and the length ratio PPO/SFT."""
-    from evalkit.train.quality import rescore
-
     ours = read_quality(ppo_dir)
     theirs = rescore(sft_dir, reward_model, tok, contract, device, precision)
     if ours is None or theirs is None or "rm_score" not in ours:

@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from evalkit import precision as prec
+from evalkit import distributed, precision as prec
 from evalkit.contract import Contract
+from evalkit.data import load_items
+from evalkit.data.corpus import pretraining_texts
 from evalkit.models import build_model, count_params, load_tokenizer
 from evalkit.seeds import derive_seed
 from evalkit.train import common
@@ -53,8 +55,6 @@ def token_stream(tok, texts: list[str]) -> torch.Tensor:
 
 
 def held_out_texts(n: int = 64) -> list[str]:
-    from evalkit.data import load_items
-
     items = load_items("tldr", "valid1").head(n)
     return [f"{t}\n\n{b}" for t, b in zip(items["title"], items["body"])]
 
@@ -78,7 +78,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True) -> P
     precision = prec.resolve(cfg.precision, d.device)
 
     # 1. corpus → one token stream, cut into blocks of seq_len + 1 (inputs and shifted labels)
-    stream = token_stream(tok, common.pretraining_texts(cfg.max_documents or None))
+    stream = token_stream(tok, pretraining_texts(cfg.max_documents or None))
     n_blocks = (len(stream) - 1) // cfg.seq_len
     blocks = stream[: n_blocks * cfg.seq_len].view(n_blocks, cfg.seq_len)
 
@@ -114,7 +114,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True) -> P
         opt.step()
         step += 1
         tokens += x.numel() * d.world
-        loss_value = common.all_reduce_mean(loss.item(), d)
+        loss_value = distributed.all_reduce_mean(loss.item(), d)
         if d.main:
             common.append_metrics(out_dir, {"step": step, "loss": loss_value, "lr": lr, "epoch": epoch,
                                             "tokens_per_s": tokens / (time.perf_counter() - t0)})
@@ -136,5 +136,5 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True) -> P
             "contract": contract.to_dict(), "base": "scratch",
             "world_size": d.world, "replica_digests": digests, "precision": precision,
         })
-    common.shutdown_distributed(d)
+    distributed.shutdown_distributed(d)
     return out_dir

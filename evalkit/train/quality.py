@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from rouge_score import rouge_scorer
 
-from evalkit import artifacts
-from evalkit import precision as prec
+from evalkit import artifacts, decoding, precision as prec
+from evalkit.data import load_items
 from evalkit.seeds import derive_seed
 from evalkit.train import common
 
@@ -37,8 +38,6 @@ EVAL_SPLIT = "valid1"
 
 def eval_items(n_posts: int) -> pd.DataFrame:
     """The held-out posts quality is measured on: TL;DR valid1 posts with a reference, the first ``n_posts`` by id."""
-    from evalkit.data import load_items
-
     items = load_items("tldr", EVAL_SPLIT)
     items = items[items["reference"].notna()].sort_values("item_id")
     return items.head(n_posts).reset_index(drop=True)
@@ -46,8 +45,6 @@ def eval_items(n_posts: int) -> pd.DataFrame:
 
 @functools.lru_cache(maxsize=1)
 def _scorer():
-    from rouge_score import rouge_scorer
-
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
@@ -88,7 +85,7 @@ def sequence_kl(policy, reference, queries: list[list[int]], responses: list[lis
     when only the top blocks were trained, the shared lower blocks run once for both models."""
     out = np.zeros(len(queries))
     trunk = common.SharedTrunk.build([policy, reference], trainable_layers) if trainable_layers else None
-    for chunk in common.by_length([len(q) for q in queries], batch_size):
+    for chunk in decoding.by_length([len(q) for q in queries], batch_size):
         q, r = [queries[i] for i in chunk], [responses[i] for i in chunk]
         ids, mask, q_len, resp_mask = common.join_query_response(q, r, pad_id)
         ids, mask, resp_mask = ids.to(device), mask.to(device), resp_mask.to(device)
@@ -122,9 +119,9 @@ def _measure(model, tok, contract, out_dir, n_posts, reward_model, kl_reference,
              trainable_layers) -> dict:
     items = eval_items(n_posts)
     records = items.to_dict("records")
-    queries = [common.encode_query(tok, it, contract.max_query_tokens) for it in records]
-    greedy = common.sample(model, tok, queries, contract, 0.0, [0] * len(queries), batch_size=batch_size)
-    texts = [common.response_text(tok, ids) for ids, _ in greedy]
+    queries = [decoding.encode_query(tok, it, contract.max_query_tokens) for it in records]
+    greedy = decoding.sample(model, tok, queries, contract, 0.0, [0] * len(queries), batch_size=batch_size)
+    texts = [decoding.response_text(tok, ids) for ids, _ in greedy]
     table = pd.DataFrame({
         "item_id": items["item_id"], "text": texts,
         "n_tokens": [len([t for t in ids if t != tok.eos_token_id]) for ids, _ in greedy],
@@ -135,11 +132,11 @@ def _measure(model, tok, contract, out_dir, n_posts, reward_model, kl_reference,
                "mean_tokens": float(table["n_tokens"].mean()), "finished_fraction": float(table["finished"].mean()),
                "rouge_l": float(table["rouge_l"].mean()), "rouge_l_ci": bootstrap_ci(table["rouge_l"].to_numpy())}
     if reward_model is not None:
-        table["rm_score"] = common.score_summaries(reward_model, tok, queries, texts, contract, device).numpy()
+        table["rm_score"] = decoding.score_summaries(reward_model, tok, queries, texts, contract, device).numpy()
         summary["rm_score"] = float(table["rm_score"].mean())
     if kl_reference is not None:
         seeds = [derive_seed("quality-kl", it["item_id"]) for it in records]
-        samples = common.sample(model, tok, queries, contract, kl_temperature, seeds, batch_size=batch_size)
+        samples = decoding.sample(model, tok, queries, contract, kl_temperature, seeds, batch_size=batch_size)
         kl = sequence_kl(model, kl_reference, queries, [ids for ids, _ in samples], tok.pad_token_id, kl_temperature, device,
                          trainable_layers=trainable_layers)
         table["kl_to_sft"] = kl
@@ -163,7 +160,7 @@ def rescore(folder: str | Path, reward_model, tok, contract, device=torch.device
     if table is None:
         return None
     items = eval_items(10**9).set_index("item_id").loc[table["item_id"]].reset_index()
-    queries = [common.encode_query(tok, it, contract.max_query_tokens) for it in items.to_dict("records")]
+    queries = [decoding.encode_query(tok, it, contract.max_query_tokens) for it in items.to_dict("records")]
     with prec.weights_as(precision, reward_model):
-        table["rm_score"] = common.score_summaries(reward_model, tok, queries, list(table["text"].fillna("")), contract, device).numpy()
+        table["rm_score"] = decoding.score_summaries(reward_model, tok, queries, list(table["text"].fillna("")), contract, device).numpy()
     return table

@@ -21,19 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from evalkit import artifacts
-from evalkit import precision as prec
+from evalkit import artifacts, decoding, distributed, precision as prec
+from evalkit.checkpoints import read_metadata
 from evalkit.contract import NO_EOS_SDS, no_eos_score_for, read_contract
+from evalkit.data import COMPARISON_BATCHES, bundled_path, comparison_batch, load_items, parse_tldr_query, read_openai_comparisons, tldr_item_id
+from evalkit.data.bundled import DEFAULT_COMPARISONS
+from evalkit.data.io import read_csv_columns
+from evalkit.data.splits import unit_interval
 from evalkit.errors import EvalkitError
+from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer
 from evalkit.seeds import derive_seed
-from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer, read_metadata
 from evalkit.train import common
+from evalkit.train.quality import EVAL_SPLIT, bootstrap_ci, paired_difference
 
 log = logging.getLogger(__name__)
 
 
 LLM_JUDGED = "oai1b-gpt4-judged"  # the bundled GPT-4 verdicts on OpenAI's 1.3B PPO summary vs the reference
-DEFAULT_COMPARISONS = ("batch13", "batch18")  # every released TL;DR batch of real human judgments
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,6 @@ def preference_pairs(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 def llm_judged_pairs() -> tuple[pd.DataFrame, pd.DataFrame]:
     """The bundled GPT-4 verdicts (OpenAI 1.3B PPO summary vs human reference) as pairs marked ``labeler_kind=llm``."""
-    from evalkit.data import bundled_path, load_items, parse_tldr_query, tldr_item_id
-    from evalkit.data.io import read_csv_columns
-
     df = read_csv_columns(bundled_path("tldr/oai1b_gpt4_judged.csv"), ("query", "postprocessed_response", "reference_responses", "preferred"))
     rows = []
     for query, ours, ref, verdict in zip(df["query"], df["postprocessed_response"], df["reference_responses"], df["preferred"]):
@@ -103,8 +104,6 @@ def llm_judged_pairs() -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def comparison_sources(names: tuple[str, ...]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """All pairs of the named sources, each row marked with its ``source`` and ``labeler_kind``; and their items."""
-    from evalkit.data import COMPARISON_BATCHES, comparison_batch, read_openai_comparisons
-
     if not names:
         raise EvalkitError("no comparisons to train the reward model on; name released batches (batch13, batch18) or folders")
     frames, items = [], []
@@ -128,8 +127,6 @@ def comparison_sources(names: tuple[str, ...]) -> tuple[pd.DataFrame, pd.DataFra
 
 def evaluation_posts(eval_split: str) -> set[str]:
     """The TL;DR posts studies evaluate on: every bundled TL;DR item of the evaluation split."""
-    from evalkit.data import load_items
-
     return set(load_items("tldr", eval_split)["item_id"])
 
 
@@ -145,10 +142,6 @@ def split_pairs(pairs: pd.DataFrame, eval_split: str, held_out_fraction: float) 
     Evaluation posts (the studies' ``eval_split``) are dropped entirely. The held-out set is post-disjoint from
     training: every post the trainers measure quality on (TL;DR valid1, so RM scores there are out of sample), plus a
     fraction of the remaining posts chosen by a hash of the post id; only human judgments are held out."""
-    from evalkit.data.splits import unit_interval
-    from evalkit.train.quality import EVAL_SPLIT
-    from evalkit.data import load_items
-
     if not 0 < held_out_fraction < 1:
         raise EvalkitError(f"held_out_fraction {held_out_fraction}: expected a fraction in (0, 1)")
     eval_ids = evaluation_posts(eval_split)
@@ -171,16 +164,16 @@ def encode_pairs(tok, pairs: pd.DataFrame, items: pd.DataFrame, contract) -> lis
     out = []
     for item_id, chosen, rejected in zip(pairs["item_id"], pairs["chosen"], pairs["rejected"]):
         item = {"item_id": item_id, **by_id.loc[item_id].to_dict()}
-        query = common.encode_query(tok, item, contract.max_query_tokens)
-        out.append((query + common.encode_summary(tok, chosen, contract.max_summary_tokens),
-                    query + common.encode_summary(tok, rejected, contract.max_summary_tokens)))
+        query = decoding.encode_query(tok, item, contract.max_query_tokens)
+        out.append((query + decoding.encode_summary(tok, chosen, contract.max_summary_tokens),
+                    query + decoding.encode_summary(tok, rejected, contract.max_summary_tokens)))
     return out
 
 
 def pair_rewards(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, device,
                  precision: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of the chosen and the rejected sequences, one forward pass over both (the head in float32)."""
-    ids, mask = common.pad_batch([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
+    ids, mask = decoding.pad_batch([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
     with prec.autocast(precision, device):
         r = model(ids.to(device), mask.to(device))
     return r[: len(pairs)], r[len(pairs):]
@@ -189,10 +182,10 @@ def pair_rewards(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, d
 @torch.no_grad()
 def pair_correct(model, pairs, pad_id: int, device, batch_size: int = 8, precision: str = "float32") -> np.ndarray:
     """Per pair: 1 when the chosen summary scores higher, 0 when lower, 0.5 on a tie. The two sequences of a pair
-    share their query: it runs once (``common.prefix_scores``), then each summary."""
-    cut = [common.shared_prefix(c, r) for c, r in pairs]
+    share their query: it runs once (``decoding.prefix_scores``), then each summary."""
+    cut = [decoding.shared_prefix(c, r) for c, r in pairs]
     with prec.autocast(precision, device):
-        scores = common.prefix_scores(model, [c[:k] for (c, _), k in zip(pairs, cut)],
+        scores = decoding.prefix_scores(model, [c[:k] for (c, _), k in zip(pairs, cut)],
                                       [seq[k:] for (c, r), k in zip(pairs, cut) for seq in (c, r)], 2, pad_id, device, batch_size)
     rc, rr = scores[0::2], scores[1::2]
     return ((rc > rr).float() + 0.5 * (rc == rr).float()).numpy()
@@ -212,8 +205,6 @@ def length_heuristic(pairs: pd.DataFrame) -> np.ndarray:
 def held_out_report(correct: np.ndarray, held: pd.DataFrame, seed: int) -> dict:
     """RM accuracy and the length heuristic on the held-out pairs, each with a post-clustered 95% CI, and their
     paired difference (RM − heuristic) with its CI."""
-    from evalkit.train.quality import bootstrap_ci, paired_difference
-
     posts = held["item_id"].to_numpy()
     heuristic = length_heuristic(held)
     return {
@@ -277,8 +268,8 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
         loss.backward()
         torch.nn.utils.clip_grad_norm_(common.trainable(model), 1.0)
         opt.step()
-        acc = common.all_reduce_mean(float((rc > rr).float().mean()), d)
-        loss_value = common.all_reduce_mean(loss.item(), d)
+        acc = distributed.all_reduce_mean(float((rc > rr).float().mean()), d)
+        loss_value = distributed.all_reduce_mean(loss.item(), d)
         if d.main:
             common.append_metrics(out_dir, {"step": step + 1, "loss": loss_value, "accuracy": acc,
                                             "lr": lr, "elapsed_s": time.perf_counter() - t0})
@@ -289,13 +280,13 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
     model.eval()
     digests = common.check_replicas_in_sync(model, d)
     if not d.main:
-        common.shutdown_distributed(d)
+        distributed.shutdown_distributed(d)
         return out_dir
     ref_items = items[items["item_id"].isin(train["item_id"]) & items["reference"].notna()]
     records = ref_items.to_dict("records")
-    queries = [common.encode_query(tok, r, contract.max_query_tokens) for r in records]
+    queries = [decoding.encode_query(tok, r, contract.max_query_tokens) for r in records]
     with prec.autocast(precision, d.device):
-        ref_scores = common.score_summaries(model, tok, queries, [r["reference"] for r in records], contract, d.device)
+        ref_scores = decoding.score_summaries(model, tok, queries, [r["reference"] for r in records], contract, d.device)
     shift = float(ref_scores.mean()) if len(ref_scores) else 0.0
     with torch.no_grad():
         model.head.bias -= shift
@@ -323,5 +314,5 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
         "world_size": d.world, "replica_digests": digests, "contract": contract.to_dict(), "init": str(cfg.init),
         "no_eos_rule": f"{NO_EOS_SDS:g} SD of reference scores below their mean (0)", "precision": precision,
     })
-    common.shutdown_distributed(d)
+    distributed.shutdown_distributed(d)
     return out_dir

@@ -16,9 +16,12 @@ import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from evalkit import precision as prec
+from evalkit import decoding, distributed, precision as prec
+from evalkit.checkpoints import read_metadata
 from evalkit.contract import read_contract
-from evalkit.models import count_params, load_causal_lm, load_tokenizer, read_metadata
+from evalkit.data import load_items
+from evalkit.data.corpus import assert_no_held_out
+from evalkit.models import count_params, load_causal_lm, load_tokenizer
 from evalkit.train import common
 from evalkit.train.quality import measure
 
@@ -48,8 +51,8 @@ def sft_examples(tok, items: pd.DataFrame, max_query_tokens: int, max_summary_to
     """(input ids, labels) with labels = IGNORE on the query so only summary tokens carry loss."""
     out = []
     for item in items.to_dict("records"):
-        query = common.encode_query(tok, item, max_query_tokens)
-        summary = common.encode_summary(tok, item["reference"], max_summary_tokens)
+        query = decoding.encode_query(tok, item, max_query_tokens)
+        summary = decoding.encode_summary(tok, item["reference"], max_summary_tokens)
         out.append((query + summary, [IGNORE] * len(query) + summary))
     return out
 
@@ -71,8 +74,8 @@ class SummaryLoss(torch.nn.Module):
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ids, mask = common.pad_batch([e[0] for e in examples], pad_id)
-    labels, _ = common.pad_batch([e[1] for e in examples], IGNORE)
+    ids, mask = decoding.pad_batch([e[0] for e in examples], pad_id)
+    labels, _ = decoding.pad_batch([e[1] for e in examples], IGNORE)
     return ids, mask, labels
 
 
@@ -80,7 +83,7 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[t
 def summary_loss(model, examples, pad_id: int, device, batch_size: int = 16, precision: str = "float32") -> float:
     """Mean next-token loss over the summary tokens of ``examples`` (only those positions reach the LM head)."""
     loss_fn, total, count = SummaryLoss(model), 0.0, 0
-    for chunk in common.iterate(examples, batch_size):
+    for chunk in decoding.iterate(examples, batch_size):
         ids, mask, labels = (t.to(device) for t in collate(chunk, pad_id))
         n = int((labels[:, 1:] != IGNORE).sum())
         with prec.autocast(precision, device):
@@ -91,11 +94,9 @@ def summary_loss(model, examples, pad_id: int, device, batch_size: int = 16, pre
 
 
 def train_items(max_items: int = 0) -> pd.DataFrame:
-    from evalkit.data import load_items
-
     items = load_items("tldr", "train")
     items = items[items["reference"].notna()].reset_index(drop=True)
-    common.assert_no_held_out(items, "SFT data")
+    assert_no_held_out(items, "SFT data")
     return items.head(max_items) if max_items else items
 
 
@@ -108,8 +109,6 @@ def sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = True) -> Path:
 
     # 1. examples: TL;DR train posts with their references; a held-out slice of valid1 for the loss
     examples = sft_examples(tok, train_items(cfg.max_items), contract.max_query_tokens, contract.max_summary_tokens)
-    from evalkit.data import load_items
-
     held_out = sft_examples(tok, load_items("tldr", "valid1").head(32), contract.max_query_tokens, contract.max_summary_tokens)
 
     # 2. model: the pretrained checkpoint (with the saved weights when resuming); the top blocks train
@@ -143,7 +142,7 @@ def sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = True) -> Path:
         torch.nn.utils.clip_grad_norm_(common.trainable(model), 1.0)
         opt.step()
         step += 1
-        loss_value = common.all_reduce_mean(loss.item(), d)
+        loss_value = distributed.all_reduce_mean(loss.item(), d)
         if d.main:
             common.append_metrics(out_dir, {"step": step, "loss": loss_value, "lr": lr, "epoch": epoch,
                                             "elapsed_s": time.perf_counter() - t0})
@@ -165,5 +164,5 @@ def sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = True) -> Path:
             **frozen, "val_loss": val_loss, "steps": step, "init": str(cfg.init), "world_size": d.world,
             "replica_digests": digests, "contract": contract.to_dict(), "quality": quality, "precision": precision,
         })
-    common.shutdown_distributed(d)
+    distributed.shutdown_distributed(d)
     return out_dir

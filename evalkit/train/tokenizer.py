@@ -10,8 +10,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from evalkit import artifacts
-from evalkit.train.common import pretraining_texts
+from evalkit.data.corpus import pretraining_texts
+from evalkit.data.query import TLDR_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,6 @@ class TokenizerConfig:
 
 def train_tokenizer(out_dir: str | Path, cfg: TokenizerConfig = TokenizerConfig(), texts: list[str] | None = None):
     """Train the BPE and save it (``tokenizer.json`` + configs) into ``out_dir``; returns the HF tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     out_dir = Path(out_dir)
@@ -36,8 +38,6 @@ def train_tokenizer(out_dir: str | Path, cfg: TokenizerConfig = TokenizerConfig(
     with artifacts.built_whole(out_dir, lambda f: any((f / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")),
                                "a tokenizer") as staging:
         texts = texts if texts is not None else pretraining_texts(cfg.max_documents or None)
-        from evalkit.data.query import TLDR_FORMAT
-
         # the query scaffolding must tokenize compactly
         texts = texts + [TLDR_FORMAT] * 50
         bpe = Tokenizer(models.BPE())
