@@ -23,6 +23,7 @@ from evalkit.study.serve import collect_judgments, init_db, links, serve
 from evalkit.study.simulate import required_judgments
 from evalkit.train.presets import ladder_config
 from evalkit.train.tokenizer import TokenizerConfig, train_tokenizer
+from evalkit.vocab import MAX_QUERY_TOKENS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,7 +45,7 @@ def data() -> None:
 @click.option("--split", default=None, help="train, valid1 or valid2 (all splits when unset).")
 @click.option("-n", "n", default=3, show_default=True, type=click.IntRange(min=1), help="How many items to print.")
 @click.option("--path", type=click.Path(dir_okay=False), default=None, help="A data file of your own instead of the bundled one.")
-@click.option("--max-tokens", default=512, show_default=True, type=click.IntRange(min=16), help="Query length limit (GPT-2 tokens).")
+@click.option("--max-tokens", default=MAX_QUERY_TOKENS, show_default=True, type=click.IntRange(min=16), help="Query length limit (GPT-2 tokens).")
 def data_show(dataset: str, split: str | None, n: int, path: str | None, max_tokens: int) -> None:
     """Print formatted model queries (truncated to --max-tokens) with their references."""
     items = load_items(dataset, split, path)
@@ -152,7 +153,7 @@ def generate_cmd(study, dataset, split, path, n_items, policies, baselines, temp
                  max_query_tokens, dtype, out_dir) -> None:
     """Summaries from checkpoints (and baselines) for a dataset split → generations.parquet; re-running resumes."""
     _quiet_hf()
-    from evalkit.generate import Decoding, Policy, generate
+    from evalkit.generate import Policy, generate
 
     cfg = load_study(study) if study else StudyConfig()
     g = cfg.generate
@@ -166,10 +167,7 @@ def generate_cmd(study, dataset, split, path, n_items, policies, baselines, temp
     base = tuple(baselines) or (g.baselines if study else ())
     if not chosen and not base:
         raise EvalkitError("nothing to generate: give --policy FOLDER or --baseline NAME (or a study with [[policies]])")
-    dec = Decoding(temperature=g.temperature if temperature is None else temperature, top_p=g.top_p if top_p is None else top_p,
-                   n_samples=g.n_samples if samples is None else samples, seed=g.seed if seed is None else seed,
-                   max_query_tokens=(g.max_query_tokens or None) if max_query_tokens is None else max_query_tokens,
-                   dtype=dtype or g.dtype)
+    dec = g.decoding(temperature=temperature, top_p=top_p, n_samples=samples, seed=seed, max_query_tokens=max_query_tokens, dtype=dtype)
     table = generate(items, chosen, out_dir, dec, base, batch_size=batch_size or g.batch_size)
     click.echo(f"{out_dir}/generations.parquet: {len(table)} rows")
     for (pid, kind), grp in table.groupby(["policy_id", "policy_kind"]):

@@ -5,9 +5,12 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import re
 import tomllib
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +18,17 @@ from evalkit.contract import Decoding
 from evalkit.data import comparison_batch
 from evalkit.data.splits import check_split
 from evalkit.errors import EvalkitError
-from evalkit.spec import NOT_A_KEY, apply_overrides, from_mapping
+from evalkit.spec import NOT_A_KEY, _type_name, apply_overrides, from_mapping
 from evalkit.train.presets import ladder_config
-from evalkit.vocab import BASELINES
+from evalkit.vocab import BASELINES, TRAINED_KINDS
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which items the study is about."""
 
-    dataset: str = "tldr"
-    split: str = "valid2"
+    dataset: str = "tldr"  # tldr or cnndm
+    split: str = "valid2"  # train, valid1 or valid2 (valid2: the paper's final evaluation split)
     path: str | None = None  # a user's own file; the bundled data when unset
     n_items: int = 0  # 0 = every item of the split
     transfer: str = ""  # a second dataset the same policies summarise out of domain (cnndm), compared with its reference
@@ -45,16 +48,16 @@ class TrainConfig:
     preset: str = ""  # a ladder preset: tiny, default, smollm2-cpu, smollm2
     bases: tuple[str, ...] = ()  # default: the preset's
     depths: tuple[int, ...] = ()  # default: the preset's
-    kinds: tuple[str, ...] = ("pretrained", "sft", "ppo", "best_of_n")  # which of the ladder's policies enter the study
+    kinds: tuple[str, ...] = TRAINED_KINDS  # which of the ladder's policies enter the study
     set: tuple[str, ...] = ()  # ladder field overrides, e.g. ["sft_steps=20", "eval_posts=50"]
-    out_dir: str = ""  # default: <study out_dir>/ladder-<hash of the ladder config>
+    out_dir: str = ""  # default: <study out_dir>/ladder-<hash of its bases and depths>
 
 
 @dataclass(frozen=True)
 class ReleasedConfig:
     """OpenAI's released human comparisons to bring in (bundled short names or file paths)."""
 
-    comparisons: tuple[str, ...] = ("batch18", "batch13", "batch0_cnndm")
+    comparisons: tuple[str, ...] = ("batch18", "batch13", "batch0_cnndm")  # bundled batch names or paths of OpenAI-format files
     external_summaries: bool = True  # OpenAI's 1.3B RLHF summaries of the bundled TL;DR posts
 
 
@@ -62,8 +65,8 @@ class ReleasedConfig:
 class PolicyConfig:
     """A checkpoint that enters the study (``[[policies]]`` in study.toml)."""
 
-    id: str = ""
-    checkpoint: str = ""
+    id: str = ""  # the policy's name in the tables (default: the folder's name)
+    checkpoint: str = ""  # a Hugging Face causal-LM folder
     kind: str = ""  # read from the checkpoint's evalkit.json when empty
     n_params: int = 0  # read or counted when 0
 
@@ -72,14 +75,20 @@ class PolicyConfig:
 class GenerateConfig:
     """Decoding for ``evalkit generate`` (the paper's evaluation default: greedy, 48 tokens)."""
 
-    temperature: float = 0.0
-    top_p: float = 1.0
-    n_samples: int = 1
-    seed: int = 0
-    batch_size: int = 64
+    temperature: float = 0.0  # 0 = greedy (the paper's evaluation default)
+    top_p: float = 1.0  # nucleus sampling (with a temperature)
+    n_samples: int = 1  # samples per item (with a temperature)
+    seed: int = 0  # sampling seed; each sample's is derived from (policy, item, sample index)
+    batch_size: int = 64  # items decoded together
     dtype: str = "auto"  # decoding precision: auto (bfloat16 where the device has bf16 matrix units) | float32 | bfloat16
     max_query_tokens: int = 0  # 0: each checkpoint's recorded contract (a longer query than it was trained on is an error)
-    baselines: tuple[str, ...] = ("ref",)
+    baselines: tuple[str, ...] = ("ref",)  # non-model policies to add: ref, lead3, openai-ppo-1.3b
+
+    def decoding(self, **overrides) -> Decoding:
+        """The decoding these settings describe (the one conversion; ``overrides`` that are None keep the spec's)."""
+        dec = Decoding(temperature=self.temperature, top_p=self.top_p, n_samples=self.n_samples, seed=self.seed,
+                       max_query_tokens=self.max_query_tokens or None, dtype=self.dtype)
+        return replace(dec, **{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass(frozen=True)
@@ -90,19 +99,19 @@ class DesignConfig:
     baseline: str = "ref"  # pairwise: every policy is compared with this one
     policies: tuple[str, ...] = ()  # policy ids to evaluate; default: every policy but the baseline
     generations: str = ""  # a generations.parquet; default: <out_dir>/generations/generations.parquet
-    items_per_policy: int = 100
+    items_per_policy: int = 100  # items compared with the baseline per policy
     overlap_fraction: float = 0.15  # of main tasks, each given to overlap_labelers labelers
-    overlap_labelers: int = 3
+    overlap_labelers: int = 3  # labelers per overlap task (agreement)
     gold_fraction: float = 0.05  # a summary of another post vs the right one: the answer is known
     attention_fraction: float = 0.05  # the reference with its words shuffled vs the reference
     sentinel_policy: str = ""  # e.g. an SFT policy: its pairs with the baseline recur in every batch
-    sentinels_per_batch: int = 2
+    sentinels_per_batch: int = 2  # sentinel pairs in each labeler batch
     batch_size: int = 40  # tasks per labeler batch
 
 
 @dataclass(frozen=True)
 class LabelersConfig:
-    count: int = 6
+    count: int = 6  # how many labelers the tasks are spread over
     ids: tuple[str, ...] = ()  # default: labeler-01 ... labeler-NN
 
 
@@ -111,18 +120,18 @@ class ReportConfig:
     """What ``evalkit report`` analyses."""
 
     source: str = "study"  # study: <out_dir>/study tables; released: the [released] comparisons alone
-    baselines: tuple[str, ...] = ("ref",)
+    baselines: tuple[str, ...] = ("ref",)  # what preference rates are measured against
     split: str = "valid2"  # "" = every split
-    n_boot: int = 1000
+    n_boot: int = 1000  # bootstrap replicates for intervals
     reward_models: tuple[str, ...] = ()  # reward-model folders for an accuracy-vs-size table
     out_dir: str = ""  # default: reports/<id> (reports/<id>-quick under --quick)
 
 
 @dataclass(frozen=True)
 class StudyMeta:
-    id: str = ""
-    title: str = ""
-    seed: int = 0
+    id: str = ""  # the study's name (default: its folder's); runs/<id>, reports/<id>
+    title: str = ""  # shown at the top of the report
+    seed: int = 0  # every random choice of the build and the simulated labels derives from it
     out_dir: str = ""  # default: runs/<id>
     simulate: bool = False  # evalkit run: answer the tasks with the simulated panel and write the report
     quick: tuple[str, ...] = ()  # overrides applied by `evalkit run --quick` (a small profile; its own out_dir)
@@ -197,8 +206,7 @@ def validate_study(cfg: StudyConfig, where: Path) -> None:
         bad("generate.batch_size", g.batch_size, "a positive integer")
     if g.max_query_tokens < 0:
         bad("generate.max_query_tokens", g.max_query_tokens, "0 (each checkpoint's contract) or a token count")
-    Decoding(temperature=g.temperature, top_p=g.top_p, n_samples=g.n_samples, seed=g.seed,
-             max_query_tokens=g.max_query_tokens or None, dtype=g.dtype).check()
+    g.decoding().check()
     for name in g.baselines:
         if name not in BASELINES:
             raise EvalkitError(f"{where}: unknown baseline {name!r} in generate.baselines; known: {', '.join(BASELINES)}")
@@ -262,9 +270,62 @@ def load_study(path: str | Path, overrides: list[str] | None = None, quick: bool
         raise EvalkitError(f"{path}: data.transfer is {cfg.data.transfer!r}; expected empty or the other dataset (tldr, cnndm)")
     validate_study(cfg, path)
     for i, t in enumerate(cfg.train):
-        bad = [k for k in t.kinds if k not in ("pretrained", "sft", "ppo", "best_of_n")]
+        bad = [k for k in t.kinds if k not in TRAINED_KINDS]
         if bad:
-            raise EvalkitError(f"{path}: train[{i}].kinds has {bad[0]!r}; expected some of pretrained, sft, ppo, best_of_n")
+            raise EvalkitError(f"{path}: train[{i}].kinds has {bad[0]!r}; expected some of {', '.join(TRAINED_KINDS)}")
         if not t.preset:
             raise EvalkitError(f"{path}: train[{i}] has no preset; expected one of tiny, default, smollm2-cpu, smollm2, ...")
     return dataclasses.replace(cfg, path=str(path))
+
+
+# ------------------------------------------------------------------------------------------------ reference page
+
+def _field_notes(cls: type) -> dict[str, str]:
+    """Each field's trailing comment in the dataclass's own source: the one place a spec key is explained."""
+    notes = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?(?:#\s*(.*))?$", line)
+        if m and not line.lstrip().startswith(("def ", "return", "@")):
+            notes[m.group(1)] = (m.group(2) or "").strip()
+    return notes
+
+
+def _shown_type(tp) -> str:
+    if typing.get_origin(tp) is tuple:
+        return f"list of {_shown_type(typing.get_args(tp)[0])}"
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args and len(args) < len(typing.get_args(tp)):
+        return f"{_shown_type(args[0])} (optional)"
+    return _type_name(tp)
+
+
+def spec_reference() -> str:
+    """``docs/study-spec.md``: every section and key of ``study.toml`` with its type, default and meaning, made from
+    the config dataclasses themselves (a test checks the committed page is this text)."""
+    out = ["# study.toml reference", "",
+           "Every section and key of a study spec, with its type, its default and what it does. This page is generated "
+           "from the dataclasses in `evalkit/config.py` (`python -m evalkit.config > docs/study-spec.md`); a test "
+           "checks it matches them. Any key can be overridden on the command line: `--set section.key=value` "
+           "(`[[train]]` entries by index: `--set train.1.set=sft_steps=60`).", ""]
+    hints = typing.get_type_hints(StudyConfig)
+    for f in dataclasses.fields(StudyConfig):
+        if not f.metadata.get("key", True):
+            continue
+        tp = hints[f.name]
+        cls = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else tp
+        header = f"## [[{f.name}]]" if typing.get_origin(tp) is tuple else f"## [{f.name}]"
+        out += [header, ""]
+        if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
+            out += [" ".join(cls.__doc__.split()), ""]
+        out += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        notes, field_hints = _field_notes(cls), typing.get_type_hints(cls)
+        for g in dataclasses.fields(cls):
+            default = g.default if g.default is not dataclasses.MISSING else g.default_factory()
+            shown = "(none)" if default in ("", (), None) else (str(default).lower() if isinstance(default, bool) else repr(default) if not isinstance(default, tuple) else str(list(default)))
+            out.append(f"| `{g.name}` | {_shown_type(field_hints[g.name])} | `{shown}` | {notes.get(g.name, '').replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(spec_reference(), end="")

@@ -12,8 +12,8 @@ writes it into the one it makes (``evalkit.json``, key ``contract``). No stage r
   form: query + " " + text + EOS;
 - ``no_eos_score``: a completion that reached ``max_summary_tokens`` without stopping is not a summary: PPO and
   best-of-N give it this score instead of the reward model's. It must sit below the RM's range, or a policy learns
-  to run on past the cap (measured: with a fixed −1 and an RM that scores summaries around −0.6 ± 0.6, 81% of SmolLM2's
-  PPO rollouts ran out of tokens by iteration 8). So the reward model, the first stage with a score scale, sets it
+  to run on past the cap (a fixed −1 sat inside a reward model's range, and most PPO rollouts learned to run out of
+  tokens). So the reward model, the first stage with a score scale, sets it
   (``no_eos_rule``): 4 standard deviations below the mean reference score (0 after the bias shift); PPO and best-of-N
   read it from the reward model's contract.
 """

@@ -40,11 +40,11 @@ from evalkit.errors import EvalkitError
 from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer
 from evalkit.seeds import derive_seed, stable_hash
 from evalkit.train.best_of_n import read_best_of_n
+from evalkit.vocab import BASELINES, POLICY_KINDS, SAMPLING_TEMPERATURE
 
 log = logging.getLogger(__name__)
 
 PARTS_DIR = "generations.parts"
-BASELINES = ("ref", "lead3", "openai-ppo-1.3b")
 
 
 @dataclass(frozen=True)
@@ -139,8 +139,8 @@ def baseline_rows(items: pd.DataFrame, name: str) -> pd.DataFrame:
 def _policy_info(policy: Policy, model) -> tuple[str, int]:
     meta = read_metadata(policy.checkpoint)
     kind = policy.policy_kind or meta.get("policy_kind") or "external"
-    if kind not in artifacts.POLICY_KINDS:
-        raise EvalkitError(f"policy {policy.policy_id}: unknown policy_kind {kind!r}; expected one of: {', '.join(artifacts.POLICY_KINDS)}")
+    if kind not in POLICY_KINDS:
+        raise EvalkitError(f"policy {policy.policy_id}: unknown policy_kind {kind!r}; expected one of: {', '.join(POLICY_KINDS)}")
     n_params = policy.n_params or meta.get("n_params") or count_params(model)["n_params"]
     return kind, int(n_params)
 
@@ -149,7 +149,7 @@ def _best_of_n(model, tok, reward_model, queries, seeds, spec: dict, dec: Decodi
                shared: SharedPrefix | None = None):
     """N samples per query at the spec's temperature (the one sampling loop, ``train.decoding.sample``); each is scored
     in the contract's canonical form, an unfinished one gets the contract's no-EOS score; the best is kept."""
-    n, temperature = int(spec["n"]), float(spec.get("temperature", 0.7))
+    n, temperature = int(spec["n"]), float(spec.get("temperature", SAMPLING_TEMPERATURE))
     cand_seeds = [derive_seed("best-of-n", s, j) for s in seeds for j in range(n)]
     cands, _, best = best_of_n_candidates(model, tok, reward_model, queries, cand_seeds, n, temperature, contract, prefill_chunk, shared)
     picked = [cands[q * n + b] for q, b in enumerate(best)]

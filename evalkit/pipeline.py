@@ -7,6 +7,7 @@ the manifest last, so an interrupted run is simply re-run.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ from evalkit.data.bundled import CNNDM_CSV, TLDR_CSV
 from evalkit.data.openai import merge_tables
 from evalkit.data.tldr import OPENAI_PPO_FAMILY, OPENAI_PPO_POLICY
 from evalkit.errors import EvalkitError
-from evalkit.generate import Decoding, Policy, checkpoint_fingerprint, generate
+from evalkit.generate import Policy, checkpoint_fingerprint, generate
 from evalkit.report.build import build_report
 from evalkit.study.build import build_study
 from evalkit.study.exchange import load_study_tables
@@ -33,8 +34,8 @@ from evalkit.study.items import read_judgments, study_items_of, transfer_items_o
 from evalkit.study.simulate import calibrate, simulate_judgments
 from evalkit.train.best_of_n import read_best_of_n
 from evalkit.train.ladder import format_summary, ladder_checkpoints, run_ladder
-from evalkit.train.presets import config_digest, ladder_config, ladder_dict, size_family, size_names
-from evalkit.vocab import LADDER_STAGES
+from evalkit.train.presets import ladder_config, ladder_dict, lineage_digest, size_family, size_names
+from evalkit.vocab import LADDER_STAGES, ladder_policy_id
 
 log = logging.getLogger(__name__)
 
@@ -110,20 +111,19 @@ def prepare_study_data(cfg: StudyConfig, force: bool = False) -> StageResult:
 
 # ------------------------------------------------------------------------------------------------------- training
 
-LADDER_POLICY_PREFIX = {"pretrained": "pretrained", "sft": "sft", "ppo": "ppo"}  # best-of-N: bo<N>
-
-
-def study_ladders(cfg: StudyConfig) -> list[tuple]:
-    """Each ``[[train]]`` ladder as ``(TrainConfig, LadderConfig, folder)``. A folder is keyed by a hash of its ladder
-    config, so a changed spec trains anew and never reuses checkpoints trained under other settings."""
+@functools.lru_cache(maxsize=16)  # a run asks for it in every stage; the spec is frozen
+def study_ladders(cfg: StudyConfig) -> tuple[tuple, ...]:
+    """Each ``[[train]]`` ladder as ``(TrainConfig, LadderConfig, folder)``. A folder is named by its lineages (bases,
+    depths); inside it each stage is kept or made again by its own key, so a changed trainer setting re-trains the
+    stage it belongs to and what is built on it, never checkpoints it does not touch."""
     def stages(kinds: set[str]) -> str:  # SFT and an RM under PPO and best-of-N
         return ",".join(s for s in LADDER_STAGES if s in kinds or (s in ("sft", "rm") and kinds & {"ppo", "best_of_n"}))
 
     out = []
     for t in cfg.train:
         ladder = ladder_config(t.preset, t.depths or None, t.bases or None, (*t.set, f"stages={stages(set(t.kinds))}"))
-        out.append((t, ladder, Path(t.out_dir) if t.out_dir else cfg.out_dir / f"ladder-{config_digest(ladder)}"))
-    return out
+        out.append((t, ladder, Path(t.out_dir) if t.out_dir else cfg.out_dir / f"ladder-{lineage_digest(ladder)}"))
+    return tuple(out)
 
 
 def train_for_study(cfg: StudyConfig, echo=print) -> list[dict]:
@@ -144,8 +144,8 @@ def _ladder_policies(cfg: StudyConfig) -> list[tuple]:
         for row in ladder_checkpoints(ladder, folder):
             if row["kind"] not in t.kinds:
                 continue
-            prefix = f"bo{read_best_of_n(row['checkpoint'])['n']}" if row["kind"] == "best_of_n" else LADDER_POLICY_PREFIX[row["kind"]]
-            out.append((Policy(f"{prefix}-{row['size']}", row["checkpoint"]), row["size"]))
+            n = read_best_of_n(row["checkpoint"])["n"] if row["kind"] == "best_of_n" else None
+            out.append((Policy(ladder_policy_id(row["kind"], row["size"], n), row["checkpoint"]), row["size"]))
     return out
 
 
@@ -179,9 +179,7 @@ def generate_for_study(cfg: StudyConfig, items: pd.DataFrame, progress: bool = F
     transfer = transfer_items_of(cfg)
     if len(transfer):
         items = pd.concat([items, transfer], ignore_index=True)
-    dec = Decoding(temperature=g.temperature, top_p=g.top_p, n_samples=g.n_samples, seed=g.seed, max_query_tokens=g.max_query_tokens or None,
-                   dtype=g.dtype)
-    return generate(items, policies, cfg.out_dir / "generations", dec, g.baselines, batch_size=g.batch_size, progress=progress)
+    return generate(items, policies, cfg.out_dir / "generations", g.decoding(), g.baselines, batch_size=g.batch_size, progress=progress)
 
 
 def answer_with_panel(cfg: StudyConfig, seed: int = 0):

@@ -23,6 +23,8 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 # ------------------------------------------------------------------------------------------------------ stages
 # A ladder's stages, named by the kind of policy (or model) each one makes.
 LADDER_STAGES = ("pretrained", "sft", "rm", "ppo", "best_of_n")
+# the ladder's policies (its stages but the reward model), in ladder order
+TRAINED_KINDS = ("pretrained", "sft", "ppo", "best_of_n")
 # ``evalkit run``'s stages, in order.
 RUN_STAGES = ("data", "train", "generate", "build", "labels", "report")
 

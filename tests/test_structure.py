@@ -113,3 +113,12 @@ def test_the_package_holds_to_its_linter_rules():
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     out = subprocess.run([ruff, "check", "evalkit"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:]
+
+
+def test_the_spec_reference_page_is_made_from_the_config_dataclasses():
+    from evalkit.config import spec_reference
+
+    page = (ROOT / "docs/study-spec.md").read_text("utf-8")
+    assert page == spec_reference(), "docs/study-spec.md is stale: run `python -m evalkit.config > docs/study-spec.md`"
+    for key in ("| `n_items` |", "| `simulate` |", "## [[train]]", "## [report]"):
+        assert key in page

@@ -209,9 +209,10 @@ def size_curve(df: pd.DataFrame, length: bool = False, points: int = 25, cluster
 EXTRAPOLATION_LOG_RATIO = 0.3  # |mean log length ratio| beyond which "at equal length" is an extrapolation (±35%)
 
 
-def length_controlled(df: pd.DataFrame, cluster: str | tuple[str, str] = "item_id") -> pd.DataFrame:
+def length_controlled(df: pd.DataFrame, cluster: str | tuple[str, str] = "item_id") -> tuple[pd.DataFrame, object]:
     """Per policy: raw rate (every comparison) and the rate predicted at equal length (log ratio 0), from a GLM with a
-    policy term, fitted on the comparisons where both summaries are non-empty.
+    policy term, fitted on the comparisons where both summaries are non-empty. Returns (the per-policy table, the
+    fitted statsmodels result, or None when nothing could be fitted).
 
     Said explicitly per policy: ``n_empty`` (comparisons with an empty summary: in the raw rate, outside the length
     model, whose log ratio is undefined for them); ``separated`` (won all or none of its non-empty comparisons: no

@@ -14,11 +14,10 @@ from typing import Callable, Mapping
 from tokenizers import Tokenizer
 
 from evalkit.errors import EvalkitError
+from evalkit.vocab import MAX_QUERY_TOKENS, MAX_SUMMARY_TOKENS  # noqa: F401  (evalkit.data re-exports both)
 
 TLDR_FORMAT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 CNNDM_TRANSFER_FORMAT = "{article}\n\nTL;DR:"
-MAX_QUERY_TOKENS = 512
-MAX_SUMMARY_TOKENS = 48
 
 # name -> (template, the field that is truncated); the name is recorded in manifests
 QUERY_FORMATS: dict[str, tuple[str, str]] = {

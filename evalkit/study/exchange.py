@@ -22,6 +22,7 @@ from evalkit import artifacts
 from evalkit.data.io import existing_file, iter_jsonl, read_text_utf8
 from evalkit.errors import EvalkitError
 from evalkit.seeds import stable_hash
+from evalkit.vocab import confidence_side
 
 EXPORT_FORMATS = ("csv", "jsonl", "labelstudio")
 LIKERT_AXES = ("overall", "accuracy", "coverage", "coherence")
@@ -196,9 +197,9 @@ def parse_answers(path: str | Path, tables: dict[str, pd.DataFrame]) -> pd.DataF
                "preferred": None, "preferred_gen_id": None, "confidence": None, **{a: None for a in LIKERT_AXES}}
         if task["kind"] == "pairwise":
             confidence = _int_in(rec.get("confidence"), 1, 9, where, "confidence")
-            if confidence is None or confidence == 5:
+            side = confidence_side(confidence) if confidence is not None else None
+            if side is None:
                 raise EvalkitError(f"{where}: confidence is {rec.get('confidence')!r}; expected 1-4 (left) or 6-9 (right)")
-            side = "left" if confidence < 5 else "right"
             row.update(confidence=confidence, preferred=side, preferred_gen_id=task[f"gen_id_{side}"])
         else:
             for axis in LIKERT_AXES:

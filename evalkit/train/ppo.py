@@ -37,6 +37,7 @@ from evalkit.seeds import derive_seed
 from evalkit.train import common
 from evalkit.train.quality import measure, paired_difference, read_quality, rescore
 from evalkit.train.sft import train_items
+from evalkit.vocab import SAMPLING_TEMPERATURE
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class PPOConfig:
     lam: float = 0.95
     cliprange: float = 0.2
     cliprange_value: float = 0.2
-    temperature: float = 0.7
+    temperature: float = SAMPLING_TEMPERATURE
     trainable_layers: int = 0  # 0 = every block; k = only the top k blocks of the policy and of the value model
     eval_posts: int = 200  # held-out valid1 posts measured at the end (quality, RM score, KL to SFT); 0 = none
     max_items: int = 0

@@ -11,7 +11,7 @@ from evalkit.errors import EvalkitError
 from evalkit.seeds import stable_hash
 from evalkit.spec import apply_overrides, check_values, from_mapping
 from evalkit.train.tokenizer import TokenizerConfig
-from evalkit.vocab import BASE_FAMILIES, DEFAULT_LADDER, LADDER_STAGES, REAL_BASES, SCRATCH_FAMILY, scratch_size
+from evalkit.vocab import BASE_FAMILIES, CONTEXT, DEFAULT_LADDER, LADDER_STAGES, MAX_QUERY_TOKENS, REAL_BASES, SCRATCH_FAMILY, scratch_size
 
 
 @dataclass(frozen=True)
@@ -20,9 +20,9 @@ class LadderConfig:
     depths: tuple[int, ...] = DEFAULT_LADDER
     comparisons: tuple[str, ...] = DEFAULT_COMPARISONS  # the RM's labels (real human judgments)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    max_query_tokens: int = 512  # the contract of from-scratch lineages (real bases: 512 within their context)
+    max_query_tokens: int = MAX_QUERY_TOKENS  # the contract of from-scratch lineages (real bases: 512 within their context)
     pretrain_steps: int = 300
-    pretrain_seq_len: int = 576  # ≥ query + summary + EOS
+    pretrain_seq_len: int = CONTEXT  # ≥ query + summary + EOS
     pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
     sft_steps: int = 200
@@ -50,14 +50,12 @@ PRESETS = {
     # minutes on a 2-core CPU
     "tiny": LadderConfig(depths=(1, 2, 4), tokenizer=TokenizerConfig(vocab_size=4096, max_documents=800), max_query_tokens=192,
                          pretrain_steps=60, pretrain_seq_len=256, sft_steps=40, ppo_iterations=6, ppo_rollouts=8, best_of_n=4),
-    # the real-weights ladder sized for this 2-core CPU (≤ 60 min): the top 4 of SmolLM2's 30 blocks train
-    # measured here: a SFT step (8 posts) 9.5 s, a RM step (8 pairs) 15 s, a PPO iteration (16 episodes) ~65 s with the
-    # shared trunk, one pass over 200 held-out posts ~2.5 min (prefill-bound, ~450 tokens/s)
+    # the real-weights ladder sized for a 2-core CPU in float32 (about an hour): the top 4 of SmolLM2's 30 blocks train
     "smollm2-cpu": LadderConfig(bases=("smollm2",), trainable_layers=4, sft_steps=60, sft_lr=2e-4, rm_lr=1e-4, rm_max_pairs=400,
                                 ppo_iterations=12, ppo_rollouts=16, ppo_lr=2e-5, best_of_n=4, eval_posts=200, bon_eval_posts=50),
-    # both real bases, every kind, sized for the default study on this 2-core CPU in bfloat16 (step times measured by
-    # benchmarks/train_throughput.py): the top 2 blocks train; held-out quality on 24 posts (12 for best-of-N), RM
-    # accuracy on 40 held-out posts
+    # both real bases, every kind, sized for the default study on a 2-core CPU in bfloat16 from the step times
+    # benchmarks/train_throughput.py prints: the top 2 blocks train; held-out quality on 24 posts (12 for best-of-N),
+    # RM accuracy on 40 held-out posts
     "real-cpu": LadderConfig(bases=("smollm2", "gemma3-270m"), trainable_layers=2, sft_steps=24, sft_lr=3e-4, rm_lr=1e-4,
                              rm_max_pairs=96, rm_held_out_posts=40, ppo_iterations=4, ppo_rollouts=16, ppo_lr=5e-5,
                              best_of_n=4, eval_posts=24, bon_eval_posts=12),
@@ -112,6 +110,11 @@ def ladder_dict(cfg: LadderConfig) -> dict:
     return json.loads(json.dumps(cfg, default=lambda o: o.__dict__))
 
 
-def config_digest(cfg: LadderConfig) -> str:
-    """A short hash of everything that shapes the ladder's checkpoints (its folder name in a study)."""
-    return stable_hash(json.dumps(ladder_dict(cfg), sort_keys=True))[:10]
+def lineage_digest(cfg: LadderConfig) -> str:
+    """A short hash of what makes a ladder's lineages (its folder name in a study): its bases and depths, and for
+    from-scratch sizes the tokenizer and the query length they are pretrained for. Every other setting is a stage's,
+    and is part of that stage's key (``evalkit.train.ladder.stage_key``), so changing it re-makes that stage alone."""
+    lineage = {"bases": list(cfg.bases), "depths": list(cfg.depths)}
+    if "scratch" in cfg.bases:
+        lineage |= {"tokenizer": ladder_dict(cfg)["tokenizer"], "max_query_tokens": cfg.max_query_tokens}
+    return stable_hash(json.dumps(lineage, sort_keys=True))[:10]

@@ -22,6 +22,7 @@ from evalkit.models import build_model, count_params, load_tokenizer
 from evalkit.seeds import derive_seed
 from evalkit.train import common
 from evalkit.train.quality import measure
+from evalkit.vocab import CONTEXT, MAX_QUERY_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,8 @@ log = logging.getLogger(__name__)
 class PretrainConfig:
     tokenizer: str
     depth: int = 2
-    seq_len: int = 576  # the trained context: it must hold a query, a summary and EOS (the contract)
-    max_query_tokens: int = 512
+    seq_len: int = CONTEXT  # the trained context: it must hold a query, a summary and EOS (the contract)
+    max_query_tokens: int = MAX_QUERY_TOKENS
     max_summary_tokens: int = 48
     batch_size: int = 16
     steps: int = 300

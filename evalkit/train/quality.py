@@ -29,6 +29,7 @@ from evalkit import artifacts, decoding, precision as prec
 from evalkit.data import load_items
 from evalkit.seeds import derive_seed
 from evalkit.train import common
+from evalkit.vocab import SAMPLING_TEMPERATURE
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def sequence_kl(policy, reference, queries: list[list[int]], responses: list[lis
 
 @torch.no_grad()
 def measure(model, tok, contract, out_dir: str | Path, n_posts: int = 200, reward_model=None, kl_reference=None,
-            kl_temperature: float = 0.7, device=torch.device("cpu"), batch_size: int = 64, trainable_layers: int = 0,
+            kl_temperature: float = SAMPLING_TEMPERATURE, device=torch.device("cpu"), batch_size: int = 64, trainable_layers: int = 0,
             precision: str = "float32") -> dict:
     """Decode the held-out posts greedily and measure them (see the module docstring); writes ``quality.parquet``
     in ``out_dir`` and returns the summary that goes into ``evalkit.json``. ``precision`` (resolved): the weights'
