@@ -47,7 +47,7 @@ def build_models(root: Path, depth: int) -> tuple[Path, Path, list[list[int]]]:
 
 
 def ours(sft: Path, rm: Path, out: Path, iterations: int, threads: int, precision: str) -> tuple[list[float], int, float]:
-    from evalkit.train.common import read_metrics
+    from evalkit.train.checkpointing import read_metrics
     from evalkit.train.ppo import PPOConfig, ppo
 
     ppo(PPOConfig(policy=str(sft), reward_model=str(rm), iterations=iterations, rollouts=16, minibatch_size=8, ppo_epochs=4,

@@ -27,7 +27,7 @@ from evalkit import precision as prec
 from evalkit.checkpoints import write_metadata
 from evalkit.contract import read_contract
 from evalkit.models import RewardModel, import_gguf, load_causal_lm, load_tokenizer, smollm2_gguf
-from evalkit.train import common
+from evalkit.train import checkpointing, optim
 
 PRECISIONS = ("float32", "bfloat16")
 
@@ -49,8 +49,8 @@ def sft_bench(folder: Path, layers: int, batch: int, steps: int, precision: str)
 
     tok, contract = load_tokenizer(folder), read_contract(folder)
     model = load_causal_lm(folder).train()
-    common.freeze_lower_layers(model, layers)
-    loss_fn, opt = SummaryLoss(model), torch.optim.AdamW(common.trainable(model), lr=1e-5)
+    optim.freeze_lower_layers(model, layers)
+    loss_fn, opt = SummaryLoss(model), torch.optim.AdamW(optim.trainable(model), lr=1e-5)
     examples = sft_examples(tok, train_items(batch * (steps + 1)), contract.max_query_tokens, contract.max_summary_tokens)
     batches = [(collate(examples[i: i + batch], tok.pad_token_id), sum(len(e[0]) for e in examples[i: i + batch]))
                for i in range(0, len(examples), batch)]
@@ -72,8 +72,8 @@ def rm_bench(folder: Path, layers: int, batch: int, steps: int, precision: str) 
 
     tok, contract = load_tokenizer(folder), read_contract(folder)
     model = RewardModel.from_causal_lm(load_causal_lm(folder)).train()
-    common.freeze_lower_layers(model.backbone, layers, extra=(model.head,))
-    opt = torch.optim.AdamW(common.trainable(model), lr=1e-5)
+    optim.freeze_lower_layers(model.backbone, layers, extra=(model.head,))
+    opt = torch.optim.AdamW(optim.trainable(model), lr=1e-5)
     pairs, items = comparison_sources(("batch13",))
     train, _, _ = split_pairs(pairs, "valid2", 0.15)
     encoded = encode_pairs(tok, train.head(batch * (steps + 1)), items, contract)
@@ -99,7 +99,7 @@ def ppo_bench(folder: Path, rm_folder: Path, workdir: Path, layers: int, rollout
     out = workdir / f"ppo-{precision}"
     ppo(PPOConfig(policy=str(folder), reward_model=str(rm_folder), iterations=iterations, rollouts=rollouts, minibatch_size=rollouts // 2,
                   trainable_layers=layers, eval_posts=0, precision=precision, max_items=256), out, resume=False)
-    rows = common.read_metrics(out)
+    rows = checkpointing.read_metrics(out)
     elapsed = [r["elapsed_s"] for r in rows if "elapsed_s" in r]
     per_iter = statistics.median(b - a for a, b in zip(elapsed, elapsed[1:]))
     tokens = statistics.mean(r["mean_length"] for r in rows[1:]) * rollouts  # response tokens sampled per iteration

@@ -15,7 +15,7 @@ from evalkit.checkpoints import read_metadata
 from evalkit.contract import Contract, read_contract
 from evalkit.errors import EvalkitError
 from evalkit.models import RewardModel, decoder_layers, load_causal_lm, load_tokenizer
-from evalkit.train import common
+from evalkit.train import checkpointing, logprobs, optim
 
 # ------------------------------------------------------------------------------------------------------ contract
 
@@ -142,7 +142,7 @@ def test_trainable_layers_leave_the_lower_blocks_bit_identical(pretrained, tmp_p
     meta = read_metadata(out)
     assert meta["trainable_layers"] == 1 and meta["n_layers"] == 2
     with pytest.raises(EvalkitError, match="trainable_layers 5"):
-        common.freeze_lower_layers(before, 5)
+        optim.freeze_lower_layers(before, 5)
 
 
 def _tiny_llama():
@@ -159,26 +159,26 @@ def test_shared_trunk_gives_the_same_logprobs_and_values_as_whole_models():
     with torch.no_grad():
         for p in decoder_layers(value.backbone)[3].parameters():  # a different top block: still one trunk
             p.add_(0.1)
-    trunk = common.SharedTrunk.build([policy, value.backbone], 1)
+    trunk = logprobs.SharedTrunk.build([policy, value.backbone], 1)
     assert trunk is not None
-    ids, mask, q_len, _ = common.join_query_response([[5, 6, 7, 8], [9, 10]], [[11, 12, 13], [14]], 0)
+    ids, mask, q_len, _ = logprobs.join_query_response([[5, 6, 7, 8], [9, 10]], [[11, 12, 13], [14]], 0)
     from evalkit.train.ppo import token_values
 
     with torch.no_grad():
         hidden = trunk(ids, mask)
-        full, _ = common.response_logprobs(policy, ids, mask, q_len, 0.7)
-        shared, _ = common.response_logprobs(policy, ids, mask, q_len, 0.7, trunk, hidden)
+        full, _ = logprobs.response_logprobs(policy, ids, mask, q_len, 0.7)
+        shared, _ = logprobs.response_logprobs(policy, ids, mask, q_len, 0.7, trunk, hidden)
         assert torch.allclose(full, shared, atol=1e-6)
         assert torch.allclose(token_values(value, ids, mask), token_values(value, ids, mask, trunk, hidden), atol=1e-6)
     with torch.no_grad():
         decoder_layers(value.backbone)[0].mlp.up_proj.weight.add_(0.1)  # lower blocks differ: no sharing
-    assert common.SharedTrunk.build([policy, value.backbone], 1) is None
+    assert logprobs.SharedTrunk.build([policy, value.backbone], 1) is None
 
 
 # --------------------------------------------------------------------------------------------------------- PPO
 
 def test_ppo_first_ratio_is_one_and_quality_is_measured(ppo_dir):
-    rows = common.read_metrics(ppo_dir)
+    rows = checkpointing.read_metrics(ppo_dir)
     assert all(r["first_ratio"] == pytest.approx(1.0, abs=1e-5) for r in rows)  # no dropout in any RL forward pass
     q = read_metadata(ppo_dir)["quality"]
     for key in ("distinct_fraction", "mean_tokens", "rouge_l", "rm_score", "kl_to_sft", "rm_gain_over_sft", "length_ratio_to_sft"):
@@ -196,8 +196,8 @@ def test_episode_order_uses_every_post_once_per_epoch():
 
 def test_weight_decay_skips_norms_biases_and_embeddings():
     model = _tiny_llama()
-    common.freeze_lower_layers(model, 2)
-    decay, no_decay = common.param_groups(model, 0.1)
+    optim.freeze_lower_layers(model, 2)
+    decay, no_decay = optim.param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(p.ndim >= 2 and "embed" not in names[id(p)] for p in decay["params"])
     assert all("norm" in names[id(p)] or p.ndim < 2 for p in no_decay["params"])
@@ -219,8 +219,8 @@ def test_ppo_under_torchrun_keeps_replicas_identical(tmp_path, sft_dir, concise_
     meta = read_metadata(out)
     assert meta["world_size"] == 2 and meta["episodes"] == 16
     assert len(meta["replica_digests"]) == 2 and len(set(meta["replica_digests"])) == 1
-    assert meta["replica_digests"][0] == common.weights_digest(load_causal_lm(out))
-    assert meta["replica_digests"][0] != common.weights_digest(load_causal_lm(sft_dir))  # it learned something
+    assert meta["replica_digests"][0] == checkpointing.weights_digest(load_causal_lm(out))
+    assert meta["replica_digests"][0] != checkpointing.weights_digest(load_causal_lm(sft_dir))  # it learned something
 
 
 def test_ladder_bad_inputs_are_one_line_errors(tmp_path):

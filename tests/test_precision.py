@@ -10,7 +10,7 @@ from evalkit import precision as prec
 from evalkit.checkpoints import read_metadata
 from evalkit.errors import EvalkitError
 from evalkit.models import RewardModel, decoder_layers
-from evalkit.train import common
+from evalkit.train import checkpointing, logprobs, optim
 
 
 def test_auto_is_bfloat16_only_where_the_cpu_has_bf16_matrix_units(monkeypatch):
@@ -51,7 +51,7 @@ def _tiny_llama(seed=0):
 
 def test_weights_as_puts_the_float32_weights_back_bit_identical_and_keeps_ties():
     model = _tiny_llama()
-    before = common.weights_digest(model)
+    before = checkpointing.weights_digest(model)
     ids = torch.randint(0, 97, (2, 10))
     with torch.no_grad(), prec.weights_as("bfloat16", model, model):  # the same model twice: cast once
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -59,7 +59,7 @@ def test_weights_as_puts_the_float32_weights_back_bit_identical_and_keeps_ties()
         out = model(input_ids=ids).logits
     assert out.dtype == torch.bfloat16
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    assert common.weights_digest(model) == before
+    assert checkpointing.weights_digest(model) == before
     assert model.lm_head.weight is model.model.embed_tokens.weight
     params = list(model.parameters())
     with prec.weights_as("float32", model):  # float32 is a no-op
@@ -107,7 +107,7 @@ def test_a_bf16_sft_step_agrees_with_float32(smollm2):
 
     model, tok = smollm2
     model.train()
-    common.freeze_lower_layers(model, 2)
+    optim.freeze_lower_layers(model, 2)
     loss_fn = SummaryLoss(model)
     ids, mask, labels = _sft_batch(tok)
     out = {}
@@ -117,7 +117,7 @@ def test_a_bf16_sft_step_agrees_with_float32(smollm2):
             loss = loss_fn(ids, mask, labels)
         assert loss.dtype == torch.float32  # the loss itself is computed in float32
         loss.backward()
-        grad = torch.cat([q.grad.flatten() for q in common.trainable(model)])
+        grad = torch.cat([q.grad.flatten() for q in optim.trainable(model)])
         out[p] = (loss.item(), grad)
     (l32, g32), (l16, g16) = out["float32"], out["bfloat16"]
     assert abs(l16 - l32) / l32 < LOSS_RTOL, (l32, l16)
@@ -135,8 +135,8 @@ def test_bf16_reward_and_logprobs_agree_with_float32(smollm2):
         r32 = rm(ids, mask)
         with prec.autocast("bfloat16"):
             r16 = rm(ids, mask)
-            lp16, _ = common.response_logprobs(model, ids, mask, q_len, 0.7)
-        lp32, _ = common.response_logprobs(model, ids, mask, q_len, 0.7)
+            lp16, _ = logprobs.response_logprobs(model, ids, mask, q_len, 0.7)
+        lp32, _ = logprobs.response_logprobs(model, ids, mask, q_len, 0.7)
     assert r16.dtype == torch.float32 and lp16.dtype == torch.float32  # the head and log-softmax in float32
     assert ((r16 - r32).abs() / r32.abs().clamp(min=1e-3)).max() < 0.05  # measured: at most ~2.5%
     real = mask[:, q_len:].bool()

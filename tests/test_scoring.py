@@ -8,7 +8,7 @@ import torch
 from evalkit import decoding
 from evalkit.contract import Contract
 from evalkit.models import RewardModel, decoder_layers, final_norm
-from evalkit.train import common
+from evalkit.train import logprobs
 
 
 class ByteTok:
@@ -112,12 +112,12 @@ def test_unrelated_models_and_absolute_positions_share_nothing(tmp_path):
 def test_top_blocks_run_with_their_own_attention_kind():
     """Gemma 3 picks sliding or full attention by a block's index: the shared trunk's top-block pass must keep it."""
     model = _deep("gemma3")
-    ids, mask, q_len, _ = common.join_query_response([list(range(5, 25)), [9, 10]], [[11, 12, 13], [14]], 0)
-    trunk = common.SharedTrunk.build([model, _tuned_copy(model)], 1)
+    ids, mask, q_len, _ = logprobs.join_query_response([list(range(5, 25)), [9, 10]], [[11, 12, 13], [14]], 0)
+    trunk = logprobs.SharedTrunk.build([model, _tuned_copy(model)], 1)
     assert trunk is not None
     with torch.no_grad():
-        whole, _ = common.response_logprobs(model, ids, mask, q_len, 0.7)
-        shared, _ = common.response_logprobs(model, ids, mask, q_len, 0.7, trunk, trunk(ids, mask))
+        whole, _ = logprobs.response_logprobs(model, ids, mask, q_len, 0.7)
+        shared, _ = logprobs.response_logprobs(model, ids, mask, q_len, 0.7, trunk, trunk(ids, mask))
     assert torch.allclose(whole, shared, atol=1e-5)
 
 

@@ -15,7 +15,7 @@ from evalkit.checkpoints import read_metadata
 from evalkit.data.corpus import assert_no_held_out, pretraining_texts
 from evalkit.errors import EvalkitError
 from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer
-from evalkit.train import common
+from evalkit.train import checkpointing
 from evalkit.train.reward import RewardConfig, train_reward_model
 from evalkit.train.sft import SFTConfig, sft
 
@@ -60,7 +60,7 @@ def test_ladder_spans_ten_times_and_records_n_params(tokenizer_dir):
 
 
 def test_pretrain_loss_falls(pretrained):
-    rows = common.read_metrics(pretrained)
+    rows = checkpointing.read_metrics(pretrained)
     first, last = first_last(rows, "loss")
     assert last < first - 0.5
     meta = read_metadata(pretrained)
@@ -68,11 +68,11 @@ def test_pretrain_loss_falls(pretrained):
     assert meta["policy_kind"] == "pretrained" and math.isfinite(meta["val_loss"])
     for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_config.json", "metrics.jsonl", "manifest.json"):
         assert (pretrained / name).is_file(), name
-    assert not (pretrained / common.STATE_FILE).exists()
+    assert not (pretrained / checkpointing.STATE_FILE).exists()
 
 
 def test_sft_loss_falls_on_summary_tokens_only(sft_dir, tokenizer_dir):
-    first, last = first_last(common.read_metrics(sft_dir), "loss")
+    first, last = first_last(checkpointing.read_metrics(sft_dir), "loss")
     assert last < first
     from evalkit.train.sft import IGNORE, sft_examples, train_items
 
@@ -89,28 +89,28 @@ def test_same_seed_same_weights(workdir, pretrained):
     a = sft(SFTConfig(init=str(pretrained), **{**TINY_SFT, "steps": 4}), workdir / "same-a")
     b = sft(SFTConfig(init=str(pretrained), **{**TINY_SFT, "steps": 4}), workdir / "same-b")
     c = sft(SFTConfig(init=str(pretrained), **{**TINY_SFT, "steps": 4, "seed": 1}), workdir / "same-c")
-    digest = lambda p: common.weights_digest(load_causal_lm(p))  # noqa: E731
+    digest = lambda p: checkpointing.weights_digest(load_causal_lm(p))  # noqa: E731
     assert digest(a) == digest(b) != digest(c)
 
 
 def interrupt_then_resume(train, out_dir, monkeypatch, step: int = 7):
     """Run ``train(out_dir)``, interrupted (KeyboardInterrupt) as it logs ``step``; then run it again to the end."""
-    real_append = common.append_metrics
+    real_append = checkpointing.append_metrics
 
     def crash(folder, row):
         if row.get("step") == step:
             raise KeyboardInterrupt
         real_append(folder, row)
 
-    monkeypatch.setattr(common, "append_metrics", crash)
+    monkeypatch.setattr(checkpointing, "append_metrics", crash)
     with pytest.raises(KeyboardInterrupt):
         train(out_dir)
-    monkeypatch.setattr(common, "append_metrics", real_append)
-    assert (out_dir / common.STATE_FILE).is_file()
+    monkeypatch.setattr(checkpointing, "append_metrics", real_append)
+    assert (out_dir / checkpointing.STATE_FILE).is_file()
     # what a SIGKILL can leave beside the resume state: weights cut short while the final checkpoint was being saved,
     # and a metrics row cut mid-line. The resume state alone (written atomically) is what training resumes from.
     (out_dir / "model.safetensors").write_bytes(b"\x00" * 100)
-    with open(out_dir / common.METRICS_FILE, "a") as fh:
+    with open(out_dir / checkpointing.METRICS_FILE, "a") as fh:
         fh.write('{"step": 99, "lo')
     return train(out_dir)
 
@@ -119,8 +119,8 @@ def test_interrupted_sft_resumes_to_the_same_weights(workdir, pretrained, monkey
     cfg = SFTConfig(init=str(pretrained), **{**TINY_SFT, "steps": 10, "save_every": 4})
     full = sft(cfg, workdir / "resume-full")
     resumed = interrupt_then_resume(lambda out: sft(cfg, out), workdir / "resume-cut", monkeypatch)
-    assert common.weights_digest(load_causal_lm(resumed)) == common.weights_digest(load_causal_lm(full))
-    steps = [r["step"] for r in common.read_metrics(resumed) if "loss" in r]
+    assert checkpointing.weights_digest(load_causal_lm(resumed)) == checkpointing.weights_digest(load_causal_lm(full))
+    steps = [r["step"] for r in checkpointing.read_metrics(resumed) if "loss" in r]
     assert steps == list(range(1, 11))
 
 
@@ -128,7 +128,7 @@ def test_interrupted_reward_model_resumes_to_the_same_weights(workdir, sft_dir, 
     cfg = RewardConfig(init=str(sft_dir), comparisons=(str(rule_comparisons),), epochs=1, save_every=4)
     full = train_reward_model(cfg, workdir / "rm-full")
     resumed = interrupt_then_resume(lambda out: train_reward_model(cfg, out), workdir / "rm-cut", monkeypatch)
-    assert common.weights_digest(RewardModel.load(resumed)) == common.weights_digest(RewardModel.load(full))
+    assert checkpointing.weights_digest(RewardModel.load(resumed)) == checkpointing.weights_digest(RewardModel.load(full))
 
 
 def test_interrupted_ppo_resumes_to_the_same_weights(workdir, sft_dir, concise_rm_dir, monkeypatch):
@@ -138,9 +138,9 @@ def test_interrupted_ppo_resumes_to_the_same_weights(workdir, sft_dir, concise_r
                     lr=1e-4, save_every=2, eval_posts=0)
     full = ppo(cfg, workdir / "ppo-full")
     resumed = interrupt_then_resume(lambda out: ppo(cfg, out), workdir / "ppo-cut", monkeypatch, step=5)
-    assert common.weights_digest(load_causal_lm(resumed)) == common.weights_digest(load_causal_lm(full))
-    assert common.weights_digest(RewardModel.load(resumed / "value")) == common.weights_digest(RewardModel.load(full / "value"))
-    assert [r["step"] for r in common.read_metrics(resumed)] == list(range(1, 7))
+    assert checkpointing.weights_digest(load_causal_lm(resumed)) == checkpointing.weights_digest(load_causal_lm(full))
+    assert checkpointing.weights_digest(RewardModel.load(resumed / "value")) == checkpointing.weights_digest(RewardModel.load(full / "value"))
+    assert [r["step"] for r in checkpointing.read_metrics(resumed)] == list(range(1, 7))
 
 
 def test_reward_read_at_last_real_token(rm_dir, tokenizer_dir):
@@ -162,7 +162,7 @@ def test_reward_model_learns_known_rule_and_is_centred(rm_dir):
     meta = read_metadata(rm_dir)
     assert meta["n_held_out"] >= 60 and meta["held_out_accuracy"] >= 0.7  # chance is 0.5
     assert meta["labeler_kinds"] == ["simulated"]
-    final = common.read_metrics(rm_dir)[-1]
+    final = checkpointing.read_metrics(rm_dir)[-1]
     assert final["held_out_accuracy"] == meta["held_out_accuracy"]
     # accuracy comes with a CI and next to the length heuristic on the same pairs (here "longer wins" is always right)
     lo, hi = meta["held_out_accuracy_ci"]
@@ -195,7 +195,7 @@ def test_reward_head_initialisation():
 
 
 def test_ppo_logs_every_step_with_bounded_kl(ppo_dir):
-    rows = common.read_metrics(ppo_dir)
+    rows = checkpointing.read_metrics(ppo_dir)
     assert [r["step"] for r in rows] == list(range(1, 25))
     assert rows[0]["kl"] == pytest.approx(0.0, abs=0.05)  # the first rollout comes from the SFT weights themselves
     assert max(r["kl"] for r in rows) < 10
@@ -208,7 +208,7 @@ def test_ppo_logs_every_step_with_bounded_kl(ppo_dir):
 
 
 def test_ppo_raises_reward(ppo_dir):
-    rows = common.read_metrics(ppo_dir)
+    rows = checkpointing.read_metrics(ppo_dir)
     first, last = first_last(rows, "score", k=6)
     assert last > first + 0.5, (first, last)
     assert first_last(rows, "mean_length", k=6)[1] < first_last(rows, "mean_length", k=6)[0]  # the rule rewards concision
@@ -270,7 +270,7 @@ def test_sft_under_torchrun_keeps_replicas_identical(tmp_path, pretrained):
     meta = read_metadata(out)
     assert meta["world_size"] == 2
     assert len(meta["replica_digests"]) == 2 and len(set(meta["replica_digests"])) == 1
-    assert meta["replica_digests"][0] == common.weights_digest(load_causal_lm(out))
+    assert meta["replica_digests"][0] == checkpointing.weights_digest(load_causal_lm(out))
 
 
 def test_smollm2_gguf_scores_a_tldr_query(tmp_path):

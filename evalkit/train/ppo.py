@@ -34,7 +34,7 @@ from evalkit.contract import read_contract, same_lineage
 from evalkit.errors import EvalkitError
 from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer, top_blocks
 from evalkit.seeds import derive_seed
-from evalkit.train import common
+from evalkit.train import checkpointing, logprobs, optim
 from evalkit.train.quality import measure, paired_difference, read_quality, rescore
 from evalkit.train.sft import train_items
 from evalkit.vocab import SAMPLING_TEMPERATURE
@@ -122,6 +122,130 @@ class EpisodeOrder:
         return int(self._perms[epoch][pos])
 
 
+@dataclass
+class _Models:
+    """PPO's four models: the policy and the value model train (``pol``/``val``: their DDP wrappers under torchrun),
+    the SFT reference and the reward model are frozen; ``trunk``: their shared frozen lower blocks, if any."""
+
+    policy: torch.nn.Module
+    reference: torch.nn.Module
+    reward_model: RewardModel
+    value_model: RewardModel
+    pol: torch.nn.Module
+    val: torch.nn.Module
+    trunk: logprobs.SharedTrunk | None
+
+
+@dataclass
+class _Batch:
+    """One iteration's episodes, scored, with what the update needs (steps 1-5)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    q_len: int
+    resp_mask: torch.Tensor
+    is_finished: torch.Tensor
+    scores: torch.Tensor
+    kl: torch.Tensor
+    hidden: torch.Tensor | None
+    old_logp: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def _rollout(cfg: PPOConfig, m: _Models, tok, contract, queries: list[list[int]], episodes: range, beta: float,
+             precision: str, d) -> _Batch:
+    # 1. rollout: this rank's episodes of the iteration, one summary each at the training temperature
+    with prec.weights_as(precision, m.policy):
+        samples = decoding.sample(m.policy, tok, queries, contract, cfg.temperature,
+                                  [derive_seed("ppo-rollout", cfg.seed, e) for e in episodes], batch_size=cfg.rollouts)
+    responses = [ids for ids, _ in samples]
+    is_finished = torch.tensor([fin for _, fin in samples], device=d.device)
+    ids, mask, q_len, resp_mask = logprobs.join_query_response(queries, responses, tok.pad_token_id)
+    ids, mask, resp_mask = ids.to(d.device), mask.to(d.device), resp_mask.to(d.device)
+
+    with torch.no_grad(), prec.autocast(precision, d.device):
+        # 2. score: the RM on the canonical form of each summary; an unfinished one gets the no-EOS score
+        texts = [decoding.response_text(tok, r) for r in responses]
+        scores = decoding.score_summaries(m.reward_model, tok, queries, texts, contract, d.device).to(d.device)
+        scores = torch.where(is_finished, scores, torch.full_like(scores, contract.no_eos_score))
+
+        # 3. log-probabilities under the policy and the SFT reference; values per response token
+        hidden = m.trunk(ids, mask) if m.trunk else None
+        old_logp, _ = logprobs.response_logprobs(m.policy, ids, mask, q_len, cfg.temperature, m.trunk, hidden)
+        ref_logp, _ = logprobs.response_logprobs(m.reference, ids, mask, q_len, cfg.temperature, m.trunk, hidden)
+        old_values = token_values(m.value_model, ids, mask, m.trunk, hidden)[:, q_len - 1: -1]
+
+        # 4. KL penalty per token, the score on the last real token
+        kl = (old_logp - ref_logp) * resp_mask
+        rewards = -beta * kl
+        last = (resp_mask.sum(1).long() - 1).clamp(min=0)
+        rewards[torch.arange(len(last), device=d.device), last] += scores * (resp_mask.sum(1) > 0)
+
+        # 5. advantages (GAE, γ = 1, λ = 0.95), returns, whitening (global statistics under torchrun)
+        advantages = gae(rewards, old_values * resp_mask, resp_mask, cfg.gamma, cfg.lam)
+        returns = advantages + old_values
+        advantages = masked_whiten(advantages, resp_mask, d)
+    return _Batch(ids, mask, q_len, resp_mask, is_finished, scores, kl, hidden, old_logp, old_values, advantages, returns)
+
+
+def _update(cfg: PPOConfig, m: _Models, b: _Batch, pol_opt, val_opt, it: int, precision: str, d) -> dict[str, list[float]]:
+    """6. update: ``ppo_epochs`` epochs of clipped policy and value losses over minibatches; per-minibatch statistics."""
+    stats = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "vf_clipfrac": [], "approx_kl": [], "entropy": [], "ratio": []}
+    gen = torch.Generator().manual_seed(derive_seed("ppo-minibatch", cfg.seed, it, d.rank))
+    for _ in range(cfg.ppo_epochs):
+        for mb in torch.randperm(cfg.rollouts, generator=gen).split(cfg.minibatch_size):
+            mb = mb.to(d.device)
+            mask = b.resp_mask[mb]
+            h = b.hidden[mb] if b.hidden is not None else None
+            with prec.autocast(precision, d.device):
+                logp, entropy = logprobs.response_logprobs(m.pol, b.ids[mb], b.mask[mb], b.q_len, cfg.temperature, m.trunk, h)
+            ratio = torch.exp(logp - b.old_logp[mb])
+            pg1 = -b.advantages[mb] * ratio
+            pg2 = -b.advantages[mb] * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange)
+            pg_loss = masked_mean(torch.max(pg1, pg2), mask)
+            pol_opt.zero_grad(set_to_none=True)
+            pg_loss.backward()
+            torch.nn.utils.clip_grad_norm_(optim.trainable(m.policy), 1.0)
+            pol_opt.step()
+
+            with prec.autocast(precision, d.device):
+                values = token_values(m.val, b.ids[mb], b.mask[mb], m.trunk, h)[:, b.q_len - 1: -1]
+            clipped = b.old_values[mb] + (values - b.old_values[mb]).clamp(-cfg.cliprange_value, cfg.cliprange_value)
+            vf1, vf2 = (values - b.returns[mb]) ** 2, (clipped - b.returns[mb]) ** 2
+            vf_loss = 0.5 * masked_mean(torch.max(vf1, vf2), mask)
+            val_opt.zero_grad(set_to_none=True)
+            vf_loss.backward()
+            torch.nn.utils.clip_grad_norm_(optim.trainable(m.value_model), 1.0)
+            val_opt.step()
+
+            with torch.no_grad():
+                stats["pg_loss"].append(pg_loss.item())
+                stats["vf_loss"].append(vf_loss.item())
+                stats["clipfrac"].append(masked_mean(((ratio - 1).abs() > cfg.cliprange).float(), mask).item())
+                stats["vf_clipfrac"].append(masked_mean((vf2 > vf1).float(), mask).item())
+                stats["approx_kl"].append(0.5 * masked_mean((logp - b.old_logp[mb]) ** 2, mask).item())
+                stats["entropy"].append(masked_mean(entropy, mask).item())
+                stats["ratio"].append(masked_mean(ratio, mask).item())
+    return stats
+
+
+def _metrics_row(cfg: PPOConfig, b: _Batch, stats: dict[str, list[float]], it: int, beta: float, elapsed: float,
+                 shared_trunk: bool, d) -> dict:
+    """7. the iteration's metrics (means over ranks)."""
+    mean_kl = distributed.all_reduce_mean(float(b.kl.sum(1).mean()), d)
+    score = distributed.all_reduce_mean(float(b.scores.mean()), d)
+    return {
+        "step": it + 1, "score": score, "kl": mean_kl, "beta": beta, "reward": score - beta * mean_kl,
+        "mean_length": distributed.all_reduce_mean(float(b.resp_mask.sum(1).mean()), d),
+        "no_eos_fraction": distributed.all_reduce_mean(float((~b.is_finished).float().mean()), d),
+        "first_ratio": stats["ratio"][0], "elapsed_s": elapsed,
+        "episodes": (it + 1) * cfg.rollouts * d.world, "shared_trunk": shared_trunk,
+        **{k: distributed.all_reduce_mean(sum(v) / len(v), d) for k, v in stats.items() if k != "ratio"},
+    }
+
+
 def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
     out_dir = Path(out_dir)
     tok = load_tokenizer(cfg.policy)
@@ -130,7 +254,7 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
     contract = rm_contract  # the policy's limits and stop rule, and the no-EOS score set on the RM's scale
     if cfg.rollouts % cfg.minibatch_size:
         raise EvalkitError(f"rollouts {cfg.rollouts} is not a multiple of minibatch_size {cfg.minibatch_size}")
-    d, state = common.start_run(out_dir, cfg, resume)
+    d, state = checkpointing.start_run(out_dir, cfg, resume)
     precision = prec.resolve(cfg.precision, d.device)
     items = train_items(cfg.max_items).to_dict("records")
     queries = [decoding.encode_query(tok, it, contract.max_query_tokens) for it in items]
@@ -143,121 +267,42 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
     reference = load_causal_lm(cfg.policy).to(d.device).eval().requires_grad_(False)
     reward_model = RewardModel.load(cfg.reward_model).to(d.device).eval().requires_grad_(False)
     value_model = RewardModel.load(cfg.reward_model)
-    common.load_weights(state, {"policy": policy, "value": value_model})
+    checkpointing.load_weights(state, {"policy": policy, "value": value_model})
     policy, value_model = policy.to(d.device).eval(), value_model.to(d.device).eval()
-    frozen = common.freeze_lower_layers(policy, cfg.trainable_layers)
-    common.freeze_lower_layers(value_model.backbone, cfg.trainable_layers, extra=(value_model.head,))
+    frozen = optim.freeze_lower_layers(policy, cfg.trainable_layers)
+    optim.freeze_lower_layers(value_model.backbone, cfg.trainable_layers, extra=(value_model.head,))
     # with only the top blocks training, the lower blocks are one frozen trunk shared by all four models: run it once
-    trunk = common.SharedTrunk.build([policy, reference, value_model.backbone, reward_model.backbone], cfg.trainable_layers)
-    pol = DDP(policy) if d.enabled else policy
-    val = DDP(value_model) if d.enabled else value_model
-    pol_opt = torch.optim.AdamW(common.param_groups(policy, cfg.weight_decay), lr=cfg.lr, eps=1e-5)
-    val_opt = torch.optim.AdamW(common.param_groups(value_model, cfg.weight_decay), lr=cfg.value_lr, eps=1e-5)
+    trunk = logprobs.SharedTrunk.build([policy, reference, value_model.backbone, reward_model.backbone], cfg.trainable_layers)
+    m = _Models(policy, reference, reward_model, value_model, DDP(policy) if d.enabled else policy,
+                DDP(value_model) if d.enabled else value_model, trunk)
+    pol_opt = torch.optim.AdamW(optim.param_groups(policy, cfg.weight_decay), lr=cfg.lr, eps=1e-5)
+    val_opt = torch.optim.AdamW(optim.param_groups(value_model, cfg.weight_decay), lr=cfg.value_lr, eps=1e-5)
     beta, start = cfg.kl_coef, 0
     if state:
         pol_opt.load_state_dict(state["policy_optimizer"])
         val_opt.load_state_dict(state["value_optimizer"])
         beta, start = state["beta"], state["iteration"]
-        common.truncate_metrics(out_dir, start)
-    pad, t0 = tok.pad_token_id, time.perf_counter()
+        checkpointing.truncate_metrics(out_dir, start)
+    t0 = time.perf_counter()
 
     for it in range(start, cfg.iterations):
-        # 1. rollout: this rank's episodes of the iteration, one summary each at the training temperature
-        first = (it * d.world + d.rank) * cfg.rollouts
+        first = (it * d.world + d.rank) * cfg.rollouts  # episode seeds come from the global episode index
         episodes = range(first, first + cfg.rollouts)
-        batch_q = [queries[order[e]] for e in episodes]
-        with prec.weights_as(precision, policy):
-            samples = decoding.sample(policy, tok, batch_q, contract, cfg.temperature,
-                                    [derive_seed("ppo-rollout", cfg.seed, e) for e in episodes], batch_size=cfg.rollouts)
-        responses = [ids for ids, _ in samples]
-        is_finished = torch.tensor([fin for _, fin in samples], device=d.device)
-        ids, mask, q_len, resp_mask = common.join_query_response(batch_q, responses, pad)
-        ids, mask, resp_mask = ids.to(d.device), mask.to(d.device), resp_mask.to(d.device)
-
-        with torch.no_grad(), prec.autocast(precision, d.device):
-            # 2. score: the RM on the canonical form of each summary; an unfinished one gets the no-EOS score
-            texts = [decoding.response_text(tok, r) for r in responses]
-            scores = decoding.score_summaries(reward_model, tok, batch_q, texts, contract, d.device).to(d.device)
-            scores = torch.where(is_finished, scores, torch.full_like(scores, contract.no_eos_score))
-
-            # 3. log-probabilities under the policy and the SFT reference; values per response token
-            hidden = trunk(ids, mask) if trunk else None
-            old_logp, _ = common.response_logprobs(policy, ids, mask, q_len, cfg.temperature, trunk, hidden)
-            ref_logp, _ = common.response_logprobs(reference, ids, mask, q_len, cfg.temperature, trunk, hidden)
-            old_values = token_values(value_model, ids, mask, trunk, hidden)[:, q_len - 1: -1]
-
-            # 4. KL penalty per token, the score on the last real token
-            kl = (old_logp - ref_logp) * resp_mask
-            rewards = -beta * kl
-            last = (resp_mask.sum(1).long() - 1).clamp(min=0)
-            rewards[torch.arange(len(last), device=d.device), last] += scores * (resp_mask.sum(1) > 0)
-
-            # 5. advantages (GAE, γ = 1, λ = 0.95), returns, whitening (global statistics under torchrun)
-            advantages = gae(rewards, old_values * resp_mask, resp_mask, cfg.gamma, cfg.lam)
-            returns = advantages + old_values
-            advantages = masked_whiten(advantages, resp_mask, d)
-
-        # 6. update: 4 epochs of clipped policy and value losses over minibatches
-        stats = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "vf_clipfrac": [], "approx_kl": [], "entropy": [], "ratio": []}
-        gen = torch.Generator().manual_seed(derive_seed("ppo-minibatch", cfg.seed, it, d.rank))
-        for _ in range(cfg.ppo_epochs):
-            for mb in torch.randperm(cfg.rollouts, generator=gen).split(cfg.minibatch_size):
-                mb = mb.to(d.device)
-                m = resp_mask[mb]
-                h = hidden[mb] if hidden is not None else None
-                with prec.autocast(precision, d.device):
-                    logp, entropy = common.response_logprobs(pol, ids[mb], mask[mb], q_len, cfg.temperature, trunk, h)
-                ratio = torch.exp(logp - old_logp[mb])
-                pg1 = -advantages[mb] * ratio
-                pg2 = -advantages[mb] * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange)
-                pg_loss = masked_mean(torch.max(pg1, pg2), m)
-                pol_opt.zero_grad(set_to_none=True)
-                pg_loss.backward()
-                torch.nn.utils.clip_grad_norm_(common.trainable(policy), 1.0)
-                pol_opt.step()
-
-                with prec.autocast(precision, d.device):
-                    values = token_values(val, ids[mb], mask[mb], trunk, h)[:, q_len - 1: -1]
-                clipped = old_values[mb] + (values - old_values[mb]).clamp(-cfg.cliprange_value, cfg.cliprange_value)
-                vf1, vf2 = (values - returns[mb]) ** 2, (clipped - returns[mb]) ** 2
-                vf_loss = 0.5 * masked_mean(torch.max(vf1, vf2), m)
-                val_opt.zero_grad(set_to_none=True)
-                vf_loss.backward()
-                torch.nn.utils.clip_grad_norm_(common.trainable(value_model), 1.0)
-                val_opt.step()
-
-                with torch.no_grad():
-                    stats["pg_loss"].append(pg_loss.item())
-                    stats["vf_loss"].append(vf_loss.item())
-                    stats["clipfrac"].append(masked_mean(((ratio - 1).abs() > cfg.cliprange).float(), m).item())
-                    stats["vf_clipfrac"].append(masked_mean((vf2 > vf1).float(), m).item())
-                    stats["approx_kl"].append(0.5 * masked_mean((logp - old_logp[mb]) ** 2, m).item())
-                    stats["entropy"].append(masked_mean(entropy, m).item())
-                    stats["ratio"].append(masked_mean(ratio, m).item())
-
-        # 7. log (means over ranks), adapt β, save
-        mean_kl = distributed.all_reduce_mean(float(kl.sum(1).mean()), d)
-        score = distributed.all_reduce_mean(float(scores.mean()), d)
-        row = {
-            "step": it + 1, "score": score, "kl": mean_kl, "beta": beta, "reward": score - beta * mean_kl,
-            "mean_length": distributed.all_reduce_mean(float(resp_mask.sum(1).mean()), d),
-            "no_eos_fraction": distributed.all_reduce_mean(float((~is_finished).float().mean()), d),
-            "first_ratio": stats["ratio"][0], "elapsed_s": time.perf_counter() - t0,
-            "episodes": (it + 1) * cfg.rollouts * d.world, "shared_trunk": trunk is not None,
-            **{k: distributed.all_reduce_mean(sum(v) / len(v), d) for k, v in stats.items() if k != "ratio"},
-        }
+        batch = _rollout(cfg, m, tok, contract, [queries[order[e]] for e in episodes], episodes, beta, precision, d)  # steps 1-5
+        stats = _update(cfg, m, batch, pol_opt, val_opt, it, precision, d)  # step 6
+        row = _metrics_row(cfg, batch, stats, it, beta, time.perf_counter() - t0, trunk is not None, d)  # step 7
         if cfg.adaptive_kl:
-            error = max(-0.2, min(0.2, mean_kl / cfg.kl_target - 1))
+            error = max(-0.2, min(0.2, row["kl"] / cfg.kl_target - 1))
             beta *= 1 + error * cfg.rollouts * d.world / cfg.kl_horizon
         if d.main:
-            common.append_metrics(out_dir, row)
-            log.info("ppo %d: score %.3f kl %.3f len %.1f", it + 1, row["score"], mean_kl, row["mean_length"])
+            checkpointing.append_metrics(out_dir, row)
+            log.info("ppo %d: score %.3f kl %.3f len %.1f", it + 1, row["score"], row["kl"], row["mean_length"])
             if cfg.save_every and (it + 1) % cfg.save_every == 0 and it + 1 < cfg.iterations:
-                common.save_state(out_dir, cfg, {"iteration": it + 1, "beta": beta, "policy_optimizer": pol_opt.state_dict(),
+                checkpointing.save_state(out_dir, cfg, {"iteration": it + 1, "beta": beta, "policy_optimizer": pol_opt.state_dict(),
                                                  "value_optimizer": val_opt.state_dict()}, {"policy": policy, "value": value_model})
 
     # 8. the checkpoint, and what the policy does on held-out posts: RM score gain over SFT at its KL
-    digests = common.check_replicas_in_sync(policy, d)
+    digests = checkpointing.check_replicas_in_sync(policy, d)
     if d.main:
         policy.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)
@@ -265,9 +310,9 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
         quality = measure(policy, tok, contract, out_dir, cfg.eval_posts, reward_model=reward_model, kl_reference=reference,
                           kl_temperature=cfg.temperature, device=d.device, trainable_layers=cfg.trainable_layers, precision=precision)
         quality.update(gain_over_sft(out_dir, cfg.policy, reward_model, tok, contract, d.device, precision))
-        rows = common.read_metrics(out_dir)
+        rows = checkpointing.read_metrics(out_dir)
         parent = read_metadata(cfg.policy)
-        common.finish_checkpoint(out_dir, cfg, "ppo", common.input_files(cfg.policy) + common.input_files(cfg.reward_model), {
+        checkpointing.finish_checkpoint(out_dir, cfg, "ppo", checkpointing.input_files(cfg.policy) + checkpointing.input_files(cfg.reward_model), {
             "policy_kind": "ppo", "depth": parent.get("depth"), "base": parent.get("base"), **count_params(policy), **frozen,
             "iterations": cfg.iterations, "episodes": cfg.iterations * cfg.rollouts * d.world,
             "final_kl": rows[-1]["kl"] if rows else None, "final_score": rows[-1]["score"] if rows else None,

@@ -20,7 +20,7 @@ from evalkit.data import load_items
 from evalkit.data.corpus import pretraining_texts
 from evalkit.models import build_model, count_params, load_tokenizer
 from evalkit.seeds import derive_seed
-from evalkit.train import common
+from evalkit.train import checkpointing, optim
 from evalkit.train.quality import measure
 from evalkit.vocab import CONTEXT, MAX_QUERY_TOKENS
 
@@ -75,7 +75,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True) -> P
     contract = Contract(max_query_tokens=cfg.max_query_tokens, max_summary_tokens=cfg.max_summary_tokens,
                         context=cfg.seq_len).check("pretrain config")
     tok = load_tokenizer(cfg.tokenizer)
-    d, state = common.start_run(out_dir, cfg, resume)
+    d, state = checkpointing.start_run(out_dir, cfg, resume)
     precision = prec.resolve(cfg.precision, d.device)
 
     # 1. corpus → one token stream, cut into blocks of seq_len + 1 (inputs and shifted labels)
@@ -85,15 +85,15 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True) -> P
 
     # 2. model (resumed from the folder when a run was interrupted)
     model = build_model(cfg.depth, tok, seed=derive_seed("init", cfg.seed, cfg.depth), n_positions=cfg.seq_len)
-    common.load_weights(state, {"model": model})
+    checkpointing.load_weights(state, {"model": model})
     model.to(d.device).train()
     ddp = DDP(model) if d.enabled else model
-    opt = torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(optim.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     step = 0
     if state:
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
-        common.truncate_metrics(out_dir, step)
+        checkpointing.truncate_metrics(out_dir, step)
     sizes = count_params(model)
     log.info("pretraining depth %d (%d params) on %d blocks of %d tokens", cfg.depth, sizes["n_params"], n_blocks, cfg.seq_len)
 
@@ -102,9 +102,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True) -> P
     t0, tokens = time.perf_counter(), 0
     while step < cfg.steps:
         epoch, index = divmod(step, per_epoch)
-        batch_idx = common.batch_order(n_blocks, cfg.batch_size, cfg.seed, epoch, d)[index]
+        batch_idx = optim.batch_order(n_blocks, cfg.batch_size, cfg.seed, epoch, d)[index]
         x = blocks[torch.as_tensor(batch_idx)].to(d.device)
-        lr = common.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps)
+        lr = optim.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps)
         for group in opt.param_groups:
             group["lr"] = lr
         with prec.autocast(precision, d.device):
@@ -117,21 +117,21 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True) -> P
         tokens += x.numel() * d.world
         loss_value = distributed.all_reduce_mean(loss.item(), d)
         if d.main:
-            common.append_metrics(out_dir, {"step": step, "loss": loss_value, "lr": lr, "epoch": epoch,
+            checkpointing.append_metrics(out_dir, {"step": step, "loss": loss_value, "lr": lr, "epoch": epoch,
                                             "tokens_per_s": tokens / (time.perf_counter() - t0)})
             if step % cfg.save_every == 0 and step < cfg.steps:
-                common.save_state(out_dir, cfg, {"step": step, "optimizer": opt.state_dict()}, {"model": model})
+                checkpointing.save_state(out_dir, cfg, {"step": step, "optimizer": opt.state_dict()}, {"model": model})
 
     # 4. held-out loss and the finished checkpoint
     model.eval()
-    digests = common.check_replicas_in_sync(model, d)
+    digests = checkpointing.check_replicas_in_sync(model, d)
     if d.main:
         val_loss = stream_loss(model, token_stream(tok, held_out_texts()), cfg.seq_len, d.device, precision)
         model.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)
-        common.append_metrics(out_dir, {"step": step, "val_loss": val_loss})
+        checkpointing.append_metrics(out_dir, {"step": step, "val_loss": val_loss})
         quality = measure(model, tok, contract, out_dir, cfg.eval_posts, device=d.device, precision=precision)
-        common.finish_checkpoint(out_dir, cfg, "pretrain", common.input_files(cfg.tokenizer), {
+        checkpointing.finish_checkpoint(out_dir, cfg, "pretrain", checkpointing.input_files(cfg.tokenizer), {
             "quality": quality,
             "policy_kind": "pretrained", "depth": cfg.depth, **sizes, "val_loss": val_loss, "steps": step,
             "contract": contract.to_dict(), "base": "scratch",

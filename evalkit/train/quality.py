@@ -28,7 +28,7 @@ from rouge_score import rouge_scorer
 from evalkit import artifacts, decoding, precision as prec
 from evalkit.data import load_items
 from evalkit.seeds import derive_seed
-from evalkit.train import common
+from evalkit.train import logprobs
 from evalkit.vocab import SAMPLING_TEMPERATURE
 
 log = logging.getLogger(__name__)
@@ -85,14 +85,14 @@ def sequence_kl(policy, reference, queries: list[list[int]], responses: list[lis
     """Per sequence: Σ_t log π(y_t) − log π_ref(y_t) over the response tokens (logits divided by ``temperature``);
     when only the top blocks were trained, the shared lower blocks run once for both models."""
     out = np.zeros(len(queries))
-    trunk = common.SharedTrunk.build([policy, reference], trainable_layers) if trainable_layers else None
+    trunk = logprobs.SharedTrunk.build([policy, reference], trainable_layers) if trainable_layers else None
     for chunk in decoding.by_length([len(q) for q in queries], batch_size):
         q, r = [queries[i] for i in chunk], [responses[i] for i in chunk]
-        ids, mask, q_len, resp_mask = common.join_query_response(q, r, pad_id)
+        ids, mask, q_len, resp_mask = logprobs.join_query_response(q, r, pad_id)
         ids, mask, resp_mask = ids.to(device), mask.to(device), resp_mask.to(device)
         hidden = trunk(ids, mask) if trunk else None
-        lp, _ = common.response_logprobs(policy, ids, mask, q_len, temperature, trunk, hidden)
-        lr, _ = common.response_logprobs(reference, ids, mask, q_len, temperature, trunk, hidden)
+        lp, _ = logprobs.response_logprobs(policy, ids, mask, q_len, temperature, trunk, hidden)
+        lr, _ = logprobs.response_logprobs(reference, ids, mask, q_len, temperature, trunk, hidden)
         out[chunk] = ((lp - lr) * resp_mask).sum(1).cpu().numpy()
     return out
 

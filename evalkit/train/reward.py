@@ -31,7 +31,7 @@ from evalkit.data.splits import unit_interval
 from evalkit.errors import EvalkitError
 from evalkit.models import RewardModel, count_params, load_causal_lm, load_tokenizer
 from evalkit.seeds import derive_seed
-from evalkit.train import common
+from evalkit.train import checkpointing, optim
 from evalkit.train.quality import EVAL_SPLIT, bootstrap_ci, paired_difference
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
     out_dir = Path(out_dir)
     tok = load_tokenizer(cfg.init)
     contract = read_contract(cfg.init)
-    d, state = common.start_run(out_dir, cfg, resume)
+    d, state = checkpointing.start_run(out_dir, cfg, resume)
     precision = prec.resolve(cfg.precision, d.device)
 
     # 1. pairs: every listed source minus the evaluation posts; a post-disjoint held-out set for accuracy
@@ -241,44 +241,44 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
     # 2. model: SFT backbone + head initialised N(0, 1/(d+1)); the top blocks and the head train
     lm = load_causal_lm(cfg.init)
     model = RewardModel.from_causal_lm(lm, seed=cfg.seed)
-    common.load_weights(state, {"model": model})
+    checkpointing.load_weights(state, {"model": model})
     model.to(d.device).train()
-    frozen = common.freeze_lower_layers(model.backbone, cfg.trainable_layers, extra=(model.head,))
+    frozen = optim.freeze_lower_layers(model.backbone, cfg.trainable_layers, extra=(model.head,))
     ddp = DDP(model) if d.enabled else model
-    opt = torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    opt = torch.optim.AdamW(optim.param_groups(model, cfg.weight_decay), lr=cfg.lr)
     per_epoch = max(1, len(train_pairs) // (cfg.batch_size * d.world))
     total = per_epoch * cfg.epochs
     start = 0
     if state:
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
-        common.truncate_metrics(out_dir, start)
+        checkpointing.truncate_metrics(out_dir, start)
 
     # 3. loop: Bradley–Terry loss, one epoch by default
     t0 = time.perf_counter()
     for step in range(start, total):
         epoch, index = divmod(step, per_epoch)
-        batch = [train_pairs[i] for i in common.batch_order(len(train_pairs), cfg.batch_size, cfg.seed, epoch, d)[index]]
-        lr = common.lr_at(step, cfg.lr, cfg.warmup_steps, total)
+        batch = [train_pairs[i] for i in optim.batch_order(len(train_pairs), cfg.batch_size, cfg.seed, epoch, d)[index]]
+        lr = optim.lr_at(step, cfg.lr, cfg.warmup_steps, total)
         for group in opt.param_groups:
             group["lr"] = lr
         rc, rr = pair_rewards(ddp, batch, tok.pad_token_id, d.device, precision)
         loss = -F.logsigmoid(rc - rr).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(common.trainable(model), 1.0)
+        torch.nn.utils.clip_grad_norm_(optim.trainable(model), 1.0)
         opt.step()
         acc = distributed.all_reduce_mean(float((rc > rr).float().mean()), d)
         loss_value = distributed.all_reduce_mean(loss.item(), d)
         if d.main:
-            common.append_metrics(out_dir, {"step": step + 1, "loss": loss_value, "accuracy": acc,
+            checkpointing.append_metrics(out_dir, {"step": step + 1, "loss": loss_value, "accuracy": acc,
                                             "lr": lr, "elapsed_s": time.perf_counter() - t0})
             if (step + 1) % cfg.save_every == 0 and step + 1 < total:
-                common.save_state(out_dir, cfg, {"step": step + 1, "optimizer": opt.state_dict()}, {"model": model})
+                checkpointing.save_state(out_dir, cfg, {"step": step + 1, "optimizer": opt.state_dict()}, {"model": model})
 
     # 4. normalise: references score 0 on average (over the training posts that have one)
     model.eval()
-    digests = common.check_replicas_in_sync(model, d)
+    digests = checkpointing.check_replicas_in_sync(model, d)
     if not d.main:
         distributed.shutdown_distributed(d)
         return out_dir
@@ -304,10 +304,10 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
     summary = {"step": total, **report, "train_accuracy": train_acc, "n_train": len(train_pairs), "n_train_posts": int(train["item_id"].nunique()),
                "n_dropped_evaluation_posts": dropped, "reference_mean_shift": shift,
                "reference_score_std": ref_std}
-    common.append_metrics(out_dir, summary)
+    checkpointing.append_metrics(out_dir, summary)
     parent = read_metadata(cfg.init)
-    inputs = common.input_files(cfg.init) + [p for src in cfg.comparisons if Path(src).is_dir() for p in sorted(Path(src).glob("*.parquet"))]
-    common.finish_checkpoint(out_dir, cfg, "reward", inputs, {
+    inputs = checkpointing.input_files(cfg.init) + [p for src in cfg.comparisons if Path(src).is_dir() for p in sorted(Path(src).glob("*.parquet"))]
+    checkpointing.finish_checkpoint(out_dir, cfg, "reward", inputs, {
         "model_kind": "reward", "depth": parent.get("depth"), "base": parent.get("base"), **count_params(lm), **frozen,
         **{k: v for k, v in summary.items() if k != "step"}, "training_labels": labels,
         "labeler_kinds": sorted(train["labeler_kind"].unique()), "eval_split_excluded": cfg.eval_split,

@@ -22,7 +22,7 @@ from evalkit.contract import read_contract
 from evalkit.data import load_items
 from evalkit.data.corpus import assert_no_held_out
 from evalkit.models import count_params, load_causal_lm, load_tokenizer
-from evalkit.train import common
+from evalkit.train import checkpointing, optim
 from evalkit.train.quality import measure
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = True) -> Path:
     out_dir = Path(out_dir)
     tok = load_tokenizer(cfg.init)
     contract = read_contract(cfg.init)
-    d, state = common.start_run(out_dir, cfg, resume)
+    d, state = checkpointing.start_run(out_dir, cfg, resume)
     precision = prec.resolve(cfg.precision, d.device)
 
     # 1. examples: TL;DR train posts with their references; a held-out slice of valid1 for the loss
@@ -113,53 +113,53 @@ def sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = True) -> Path:
 
     # 2. model: the pretrained checkpoint (with the saved weights when resuming); the top blocks train
     model = load_causal_lm(cfg.init)
-    common.load_weights(state, {"model": model})
+    checkpointing.load_weights(state, {"model": model})
     model = model.to(d.device).train()
-    frozen = common.freeze_lower_layers(model, cfg.trainable_layers)
+    frozen = optim.freeze_lower_layers(model, cfg.trainable_layers)
     loss_fn = SummaryLoss(model)
     ddp = DDP(loss_fn) if d.enabled else loss_fn
-    opt = torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    opt = torch.optim.AdamW(optim.param_groups(model, cfg.weight_decay), lr=cfg.lr)
     step = 0
     if state:
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
-        common.truncate_metrics(out_dir, step)
+        checkpointing.truncate_metrics(out_dir, step)
 
     # 3. loop
     per_epoch = max(1, len(examples) // (cfg.batch_size * d.world))
     t0 = time.perf_counter()
     while step < cfg.steps:
         epoch, index = divmod(step, per_epoch)
-        batch = [examples[i] for i in common.batch_order(len(examples), cfg.batch_size, cfg.seed, epoch, d)[index]]
+        batch = [examples[i] for i in optim.batch_order(len(examples), cfg.batch_size, cfg.seed, epoch, d)[index]]
         ids, mask, labels = (t.to(d.device) for t in collate(batch, tok.pad_token_id))
-        lr = common.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps)
+        lr = optim.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps)
         for group in opt.param_groups:
             group["lr"] = lr
         with prec.autocast(precision, d.device):
             loss = ddp(ids, mask, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(common.trainable(model), 1.0)
+        torch.nn.utils.clip_grad_norm_(optim.trainable(model), 1.0)
         opt.step()
         step += 1
         loss_value = distributed.all_reduce_mean(loss.item(), d)
         if d.main:
-            common.append_metrics(out_dir, {"step": step, "loss": loss_value, "lr": lr, "epoch": epoch,
+            checkpointing.append_metrics(out_dir, {"step": step, "loss": loss_value, "lr": lr, "epoch": epoch,
                                             "elapsed_s": time.perf_counter() - t0})
             if step % cfg.save_every == 0 and step < cfg.steps:
-                common.save_state(out_dir, cfg, {"step": step, "optimizer": opt.state_dict()}, {"model": model})
+                checkpointing.save_state(out_dir, cfg, {"step": step, "optimizer": opt.state_dict()}, {"model": model})
 
     # 4. held-out summary loss, held-out quality (greedy summaries of valid1 posts) and the finished checkpoint
     model.eval()
-    digests = common.check_replicas_in_sync(model, d)
+    digests = checkpointing.check_replicas_in_sync(model, d)
     if d.main:
         val_loss = summary_loss(model, held_out, tok.pad_token_id, d.device, precision=precision)
         model.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)
-        common.append_metrics(out_dir, {"step": step, "val_loss": val_loss})
+        checkpointing.append_metrics(out_dir, {"step": step, "val_loss": val_loss})
         quality = measure(model, tok, contract, out_dir, cfg.eval_posts, device=d.device, precision=precision)
         parent = read_metadata(cfg.init)
-        common.finish_checkpoint(out_dir, cfg, "sft", common.input_files(cfg.init), {
+        checkpointing.finish_checkpoint(out_dir, cfg, "sft", checkpointing.input_files(cfg.init), {
             "policy_kind": "sft", "depth": parent.get("depth"), "base": parent.get("base"), **count_params(model),
             **frozen, "val_loss": val_loss, "steps": step, "init": str(cfg.init), "world_size": d.world,
             "replica_digests": digests, "contract": contract.to_dict(), "quality": quality, "precision": precision,
