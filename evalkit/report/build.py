@@ -12,6 +12,7 @@ import base64
 import html
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -422,6 +423,46 @@ def _likert_figure(likert: pd.DataFrame, means: pd.DataFrame, source: str):
     return fig
 
 
+@dataclass(frozen=True)
+class ReportSpec:
+    """What a report covers and how its numbers are drawn; everything but the tables."""
+
+    title: str
+    baselines: tuple[str, ...] = ("ref",)
+    split: str | None = "valid2"  # preference rates, fits and agreement on this split; None: every split
+    n_boot: int = 1000
+    seed: int = 0  # every analysis draws from its own generator (seed, analysis, dataset)
+    config: dict | None = None
+    reward_models: tuple[str, ...] = ()
+    policy_kl: dict[str, float] | None = None
+    primary_dataset: str | None = None  # the study's dataset: first in every section
+    inputs: tuple[str | Path, ...] = ()
+    policy_family: dict[str, str] | None = None  # each policy's model family (size curves stay within one)
+
+
+class _Study:
+    """The tables and what every section reads of them, computed once: whose labels they are and each baseline's
+    comparisons on the report's split."""
+
+    def __init__(self, tables: dict[str, pd.DataFrame], spec: ReportSpec):
+        self.tables, self.spec = tables, spec
+        self.judgments = tables["judgments"]
+        if self.judgments.empty:
+            raise EvalkitError("no judgments to report on")
+        self.source = label_source(self.judgments)
+        self._comparisons: dict[str, pd.DataFrame] = {}
+
+    def comparisons(self, baseline: str) -> pd.DataFrame:
+        if baseline not in self._comparisons:
+            comp = family_comparisons(self.tables, baseline, self.spec.policy_family)
+            self._comparisons[baseline] = comp[comp["split"] == self.spec.split] if self.spec.split else comp
+        return self._comparisons[baseline]
+
+    def datasets_first(self, datasets) -> list:
+        """The study's own dataset first, then the others by name."""
+        return sorted(datasets, key=lambda ds: (ds != self.spec.primary_dataset, ds))
+
+
 def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: str, baselines: tuple[str, ...] = ("ref",),
                  split: str | None = "valid2", n_boot: int = 1000, seed: int = 0, config: dict | None = None,
                  reward_models: tuple[str, ...] = (), policy_kl: dict[str, float] | None = None,
@@ -430,140 +471,172 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
     """The study's report in ``out_dir``: report.md, report.html, figures, fits.parquet and manifest.json. It is
     built in a folder beside ``out_dir`` and put in its place whole at the end, so a failed or killed report leaves
     the previous one as it was. ``policy_family``: each policy's model family (size curves stay within one)."""
+    spec = ReportSpec(title, tuple(baselines), split, n_boot, seed, config, tuple(reward_models), policy_kl, primary_dataset,
+                      tuple(inputs), policy_family)
     final = Path(out_dir)
     with artifacts.built_whole(final, lambda f: (artifacts.read_manifest(f) or {}).get("artifact") == "report",
                                "an evalkit report") as staging:
-        written = _write_report(tables, staging, title, baselines, split, n_boot, seed, config, reward_models,
-                                policy_kl, primary_dataset, inputs, policy_family)
+        written = _write_report(tables, staging, spec)
     return {k: final / v.name if isinstance(v, Path) else v for k, v in written.items()}
 
 
-def _write_report(tables: dict[str, pd.DataFrame], out_dir: Path, title: str, baselines: tuple[str, ...], split: str | None,
-                  n_boot: int, seed: int, config: dict | None, reward_models: tuple[str, ...],
-                  policy_kl: dict[str, float] | None, primary_dataset: str | None, inputs: tuple[str | Path, ...],
-                  policy_family: dict[str, str] | None = None) -> dict:
-    # every analysis draws from its own generator (seed, analysis, dataset): an interval does not depend on what
-    # else the report contains
-    rep = Report(out_dir, title)
-
-
-    judg = tables["judgments"]
-    if judg.empty:
-        raise EvalkitError("no judgments to report on")
-    source = label_source(judg)
-    headline: list[dict] = []
-    if baselines:
-        comp = family_comparisons(tables, baselines[0], policy_family)
-        comp = comp[comp["split"] == split] if split else comp
-        datasets = list(comp["dataset"].unique())
-        first = primary_dataset if primary_dataset in datasets else (sorted(datasets)[0] if datasets else None)
-        if first is not None:
-            headline = _headline(rep, comp[comp["dataset"] == first], first, baselines[0], source, n_boot, seed)
-            _samples(rep, tables, first)
-    if set(judg["labeler_kind"].dropna()) == {"imported"}:
-        _paper_beside(rep, tables, split, n_boot, seed)
-    _judges(rep, tables, split, n_boot, seed, source)
-    rep.text(f"Labels: {source}. {len(judg)} judgments by {judg['labeler_id'].nunique()} labelers"
-             + (f"; preference rates on split {split} only." if split else "."))
-
-    for baseline in baselines:
-        comp = family_comparisons(tables, baseline, policy_family)
-        if split:
-            comp = comp[comp["split"] == split]
-        rep.heading(f"Preferred to {baseline}")
-        if comp.empty:
-            rep.text(f"No comparisons with {baseline} in this data.")
-            continue
-        groups = sorted(comp.groupby("dataset"), key=lambda g: (g[0] != primary_dataset, g[0]))  # the study's dataset first
-        for dataset, d in groups:
-            all_rates = preference_rates(d, n_boot=n_boot, rng=rng_for(seed, "rates", baseline, dataset))
-            all_rates = all_rates.merge(d.groupby("policy_id")["len_policy"].mean().rename("mean_chars"), on="policy_id")
-            all_rates.insert(0, "policy", readable_labels(all_rates))
-            rates = all_rates[all_rates["n"] >= SMALL_N].reset_index(drop=True)
-            few = all_rates[all_rates["n"] < SMALL_N]
-            rep.text(f"{dataset}: fraction of comparisons in which the policy's summary was preferred to {baseline}, with an "
-                     f"item-clustered bootstrap interval ({n_boot} replicates) and the Wilson interval (which treats "
-                     "judgments as independent); mean summary length in characters.")
-            shown = rates.assign(size=rates["n_params"].map(params_label), mean_chars=rates["mean_chars"].round().astype("Int64"))
-            rep.table(shown[["policy", "policy_id", "size", "mean_chars", "wins", "n", "n_clusters", "rate", "boot_low", "boot_high",
-                             "wilson_low", "wilson_high"]], floatfmt="{:.3f}")
-            if len(few):
-                rep.text(f"Too few judgments (fewer than {SMALL_N}; listed here, not in the table or the figure): "
-                         + "; ".join(f"{r.policy} ({r.policy_id}): {r.wins} of {r.n}" for r in few.itertuples()) + ".")
-            if rates.empty:
-                continue
-            rep.figure(_rates_figure(rates, dataset, baseline, source), f"preferred_{baseline}_{dataset}".replace(".", "_"),
-                       f"{dataset}: fraction preferred to {baseline} per policy, 95% item-clustered bootstrap intervals, n judgments and items per policy; {source}")
-            zero = rates[(rates["wins"] == 0) | (rates["wins"] == rates["n"])]
-            for r in zero.itertuples():
-                rep.text(f"Note: {r.policy_id} won {r.wins} of {r.n}; its rate sits at a bound and only the interval is informative.")
-            # preference vs size, on the kinds measured at two or more sizes (one size leaves its slope unidentified)
-            # and with a finite fit
-            grouped = fit_groups(d)
-            kinds, one_size, separated = _size_kinds(grouped)
-            ds = grouped[grouped["policy_kind"].isin(kinds)]
-            if one_size:
-                rep.text(f"Preference vs size leaves out {', '.join(one_size)}: measured at one size only, a size slope "
-                         "for it is not identified.")
-            if ds.empty:
-                rep.text(f"Preference vs size: not fitted — no {dataset} policy kind is measured at two or more sizes.")
-            else:
-                raw, controlled = _size_curves(ds, separated)
-                if separated:
-                    rep.text(_separated_text(separated))
-                shown = rates.assign(family=rates["policy_id"].map(d.drop_duplicates("policy_id").set_index("policy_id")["family"]) if "family" in d else "")
-                shown = shown[fit_groups(shown)["policy_kind"].isin(ds["policy_kind"])]
-                rep.figure(_size_figure(raw, controlled, shown, dataset, source), f"size_{baseline}_{dataset}",
-                           f"{dataset}: predicted preference vs size per policy kind, raw and at equal length; {source}")
-                fit = ds[~ds["policy_kind"].isin(separated)]
-                clusters = fit["item_id"].nunique()
-                if raw is not None:
-                    rep.fits.append(fit_table(size_fit(fit), f"size:{dataset}:{baseline}", clusters))
-                if controlled is not None:
-                    rep.fits.append(fit_table(size_fit(fit, length=True), f"size+length:{dataset}:{baseline}", clusters))
-            if (d["len_policy"] > 0).any():
-                table, result = length_controlled(d)
-                empty, sep, extra = int(table["n_empty"].sum()), table[table["separated"]], table[table["extrapolated"]]
-                rep.text("Length control (paper App. F): logistic regression on policy and log(length ratio), predicted at "
-                         "equal length. The raw rate counts every comparison"
-                         + (f"; {empty} comparison(s) with an empty summary count in it but not in the length model "
-                            "(their length ratio is undefined)" if empty else "") + "."
-                         + (f" No controlled estimate (won all or none, left out of the fit): {', '.join(sep['policy_id'])}." if len(sep) else "")
-                         + (f" Extrapolated to equal length from a mean |log length ratio| above {EXTRAPOLATION_LOG_RATIO} "
-                            f"(read with care): {', '.join(extra['policy_id'])}." if len(extra) else ""))
-                rep.table(table)
-                if result is not None:
-                    rep.fits.append(fit_table(result, f"length:{dataset}:{baseline}", d["item_id"].nunique()))
-
-    rep.heading("Agreement and position bias")
-    if pairwise_view(tables).empty:
-        rep.text("No pairwise judgments: pairwise agreement and position bias are not measured.")
-    else:
-        found = sorted(tables["items"]["dataset"].unique(), key=lambda ds: (ds != primary_dataset, ds))
-        _pairwise_agreement(rep, tables, split, n_boot, seed, found)
-    _likert_and_strengths(rep, tables, source, n_boot, seed)
-    if reward_models:
-        rep.heading("Reward-model accuracy vs size")
-        table, summary = rm_accuracy_by_size(list(reward_models))
-        rep.table(table)
-        slope = summary["accuracy_per_doubling"]
-        rep.text("Accuracy gained per doubling of size: " + (f"{100 * slope:.2f} points" if slope is not None else f"not measured ({summary['why_not']})")
-                 + " (the paper: ≈1.8 points).")
-    if policy_kl:
-        comp = family_comparisons(tables, baselines[0], policy_family)
-        comp = comp[comp["split"] == split] if split else comp
-        known = {p: k for p, k in policy_kl.items() if p in set(comp["policy_id"])}
-        rep.heading("Preference vs KL from SFT")
-        if known:
-            rep.table(kl_vs_preference(comp, known))
-        else:
-            rep.text("None of the policies with a known KL from SFT has comparisons with the baseline.")
-    manifest = artifacts.build_manifest("report", dict(config or {}, title=title, baselines=list(baselines), split=split,
-                                                       n_boot=n_boot), inputs=[p for p in inputs if Path(p).is_file()],
-                                        seeds={"bootstrap": seed, "per_analysis": "derive_seed(seed, analysis, dataset)"},
+def _write_report(tables: dict[str, pd.DataFrame], out_dir: Path, spec: ReportSpec) -> dict:
+    """The report, section by section (each: the analysis in, its text, tables and figures out)."""
+    rep, study = Report(out_dir, spec.title), _Study(tables, spec)
+    headline = _section_headline(rep, study)
+    if set(study.judgments["labeler_kind"].dropna()) == {"imported"}:
+        _paper_beside(rep, tables, spec.split, spec.n_boot, spec.seed)
+    _judges(rep, tables, spec.split, spec.n_boot, spec.seed, study.source)
+    rep.text(f"Labels: {study.source}. {len(study.judgments)} judgments by {study.judgments['labeler_id'].nunique()} labelers"
+             + (f"; preference rates on split {spec.split} only." if spec.split else "."))
+    for baseline in spec.baselines:
+        _section_preferred_to(rep, study, baseline)
+    _section_agreement(rep, study)
+    _likert_and_strengths(rep, tables, study.source, spec.n_boot, spec.seed)
+    _section_reward_models(rep, study)
+    _section_kl(rep, study)
+    manifest = artifacts.build_manifest("report", dict(spec.config or {}, title=spec.title, baselines=list(spec.baselines), split=spec.split,
+                                                       n_boot=spec.n_boot), inputs=[p for p in spec.inputs if Path(p).is_file()],
+                                        seeds={"bootstrap": spec.seed, "per_analysis": "derive_seed(seed, analysis, dataset)"},
                                         outputs={"figures": len(rep.figures), "fits": sum(len(f) for f in rep.fits)},
                                         extra={"headline": headline})
     return {**rep.write(manifest), "headline": headline}
+
+
+def _section_headline(rep: Report, study: _Study) -> list[dict]:
+    """Figure 1 on the study's dataset (preference to the first baseline vs size) and one post summarised by every
+    policy; returns the headline rates."""
+    spec = study.spec
+    if not spec.baselines:
+        return []
+    comp = study.comparisons(spec.baselines[0])
+    datasets = list(comp["dataset"].unique())
+    first = spec.primary_dataset if spec.primary_dataset in datasets else (sorted(datasets)[0] if datasets else None)
+    if first is None:
+        return []
+    headline = _headline(rep, comp[comp["dataset"] == first], first, spec.baselines[0], study.source, spec.n_boot, spec.seed)
+    _samples(rep, study.tables, first)
+    return headline
+
+
+def _section_preferred_to(rep: Report, study: _Study, baseline: str) -> None:
+    """Per dataset: rates against ``baseline`` (table and figure), preference vs size, and length control."""
+    comp = study.comparisons(baseline)
+    rep.heading(f"Preferred to {baseline}")
+    if comp.empty:
+        rep.text(f"No comparisons with {baseline} in this data.")
+        return
+    for dataset in study.datasets_first(comp["dataset"].unique()):
+        d = comp[comp["dataset"] == dataset]
+        rates = _rates_part(rep, study, d, dataset, baseline)
+        if rates.empty:
+            continue
+        _size_part(rep, study, d, rates, dataset, baseline)
+        _length_part(rep, d, dataset, baseline)
+
+
+def _rates_part(rep: Report, study: _Study, d: pd.DataFrame, dataset: str, baseline: str) -> pd.DataFrame:
+    """The rates table and figure; returns the rates of the policies with enough judgments."""
+    spec = study.spec
+    all_rates = preference_rates(d, n_boot=spec.n_boot, rng=rng_for(spec.seed, "rates", baseline, dataset))
+    all_rates = all_rates.merge(d.groupby("policy_id")["len_policy"].mean().rename("mean_chars"), on="policy_id")
+    all_rates.insert(0, "policy", readable_labels(all_rates))
+    rates = all_rates[all_rates["n"] >= SMALL_N].reset_index(drop=True)
+    few = all_rates[all_rates["n"] < SMALL_N]
+    rep.text(f"{dataset}: fraction of comparisons in which the policy's summary was preferred to {baseline}, with an "
+             f"item-clustered bootstrap interval ({spec.n_boot} replicates) and the Wilson interval (which treats "
+             "judgments as independent); mean summary length in characters.")
+    shown = rates.assign(size=rates["n_params"].map(params_label), mean_chars=rates["mean_chars"].round().astype("Int64"))
+    rep.table(shown[["policy", "policy_id", "size", "mean_chars", "wins", "n", "n_clusters", "rate", "boot_low", "boot_high",
+                     "wilson_low", "wilson_high"]], floatfmt="{:.3f}")
+    if len(few):
+        rep.text(f"Too few judgments (fewer than {SMALL_N}; listed here, not in the table or the figure): "
+                 + "; ".join(f"{r.policy} ({r.policy_id}): {r.wins} of {r.n}" for r in few.itertuples()) + ".")
+    if rates.empty:
+        return rates
+    rep.figure(_rates_figure(rates, dataset, baseline, study.source), f"preferred_{baseline}_{dataset}".replace(".", "_"),
+               f"{dataset}: fraction preferred to {baseline} per policy, 95% item-clustered bootstrap intervals, n judgments and items per policy; {study.source}")
+    zero = rates[(rates["wins"] == 0) | (rates["wins"] == rates["n"])]
+    for r in zero.itertuples():
+        rep.text(f"Note: {r.policy_id} won {r.wins} of {r.n}; its rate sits at a bound and only the interval is informative.")
+    return rates
+
+
+def _size_part(rep: Report, study: _Study, d: pd.DataFrame, rates: pd.DataFrame, dataset: str, baseline: str) -> None:
+    """Preference vs size, on the kinds measured at two or more sizes (one size leaves its slope unidentified) and
+    with a finite fit."""
+    grouped = fit_groups(d)
+    kinds, one_size, separated = _size_kinds(grouped)
+    ds = grouped[grouped["policy_kind"].isin(kinds)]
+    if one_size:
+        rep.text(f"Preference vs size leaves out {', '.join(one_size)}: measured at one size only, a size slope "
+                 "for it is not identified.")
+    if ds.empty:
+        rep.text(f"Preference vs size: not fitted — no {dataset} policy kind is measured at two or more sizes.")
+        return
+    raw, controlled = _size_curves(ds, separated)
+    if separated:
+        rep.text(_separated_text(separated))
+    shown = rates.assign(family=rates["policy_id"].map(d.drop_duplicates("policy_id").set_index("policy_id")["family"]) if "family" in d else "")
+    shown = shown[fit_groups(shown)["policy_kind"].isin(ds["policy_kind"])]
+    rep.figure(_size_figure(raw, controlled, shown, dataset, study.source), f"size_{baseline}_{dataset}",
+               f"{dataset}: predicted preference vs size per policy kind, raw and at equal length; {study.source}")
+    fit = ds[~ds["policy_kind"].isin(separated)]
+    clusters = fit["item_id"].nunique()
+    if raw is not None:
+        rep.fits.append(fit_table(size_fit(fit), f"size:{dataset}:{baseline}", clusters))
+    if controlled is not None:
+        rep.fits.append(fit_table(size_fit(fit, length=True), f"size+length:{dataset}:{baseline}", clusters))
+
+
+def _length_part(rep: Report, d: pd.DataFrame, dataset: str, baseline: str) -> None:
+    """Length control (paper App. F): each policy's rate predicted at equal length."""
+    if not (d["len_policy"] > 0).any():
+        return
+    table, result = length_controlled(d)
+    empty, sep, extra = int(table["n_empty"].sum()), table[table["separated"]], table[table["extrapolated"]]
+    rep.text("Length control (paper App. F): logistic regression on policy and log(length ratio), predicted at "
+             "equal length. The raw rate counts every comparison"
+             + (f"; {empty} comparison(s) with an empty summary count in it but not in the length model "
+                "(their length ratio is undefined)" if empty else "") + "."
+             + (f" No controlled estimate (won all or none, left out of the fit): {', '.join(sep['policy_id'])}." if len(sep) else "")
+             + (f" Extrapolated to equal length from a mean |log length ratio| above {EXTRAPOLATION_LOG_RATIO} "
+                f"(read with care): {', '.join(extra['policy_id'])}." if len(extra) else ""))
+    rep.table(table)
+    if result is not None:
+        rep.fits.append(fit_table(result, f"length:{dataset}:{baseline}", d["item_id"].nunique()))
+
+
+def _section_agreement(rep: Report, study: _Study) -> None:
+    rep.heading("Agreement and position bias")
+    if pairwise_view(study.tables).empty:
+        rep.text("No pairwise judgments: pairwise agreement and position bias are not measured.")
+        return
+    found = study.datasets_first(study.tables["items"]["dataset"].unique())
+    _pairwise_agreement(rep, study.tables, study.spec.split, study.spec.n_boot, study.spec.seed, found)
+
+
+def _section_reward_models(rep: Report, study: _Study) -> None:
+    if not study.spec.reward_models:
+        return
+    rep.heading("Reward-model accuracy vs size")
+    table, summary = rm_accuracy_by_size(list(study.spec.reward_models))
+    rep.table(table)
+    slope = summary["accuracy_per_doubling"]
+    rep.text("Accuracy gained per doubling of size: " + (f"{100 * slope:.2f} points" if slope is not None else f"not measured ({summary['why_not']})")
+             + " (the paper: ≈1.8 points).")
+
+
+def _section_kl(rep: Report, study: _Study) -> None:
+    if not study.spec.policy_kl:
+        return
+    comp = study.comparisons(study.spec.baselines[0])
+    known = {p: k for p, k in study.spec.policy_kl.items() if p in set(comp["policy_id"])}
+    rep.heading("Preference vs KL from SFT")
+    if known:
+        rep.table(kl_vs_preference(comp, known))
+    else:
+        rep.text("None of the policies with a known KL from SFT has comparisons with the baseline.")
 
 
 def family_comparisons(tables: dict[str, pd.DataFrame], baseline: str, policy_family: dict[str, str] | None) -> pd.DataFrame:
