@@ -17,6 +17,7 @@ import datetime as _dt
 import logging
 import shutil
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -61,19 +62,31 @@ def _task(study_id: str, kind: str, item_id: str, first: str, second: str | None
             "is_swapped": swapped, "role": role, "expected": expected, "unit_id": unit}
 
 
-def build_tasks(cfg: StudyConfig, generations: pd.DataFrame, items: pd.DataFrame, dataset: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The study's tasks and the generations they show (the QC summaries added).
+@dataclass(frozen=True)
+class _Plan:
+    """What one dataset's tasks are built from: the kind, the baseline, the policies compared, the labelers, the seed
+    key, and each (policy, item)'s first generation."""
 
-    ``dataset``: the study's own dataset by default; the transfer dataset gets pairwise tasks against the same baseline
-    for every policy that summarised it, ``min(items_per_policy, transfer_items)`` items each."""
+    study_id: str
+    key: str  # every seeded choice derives from the study, its seed (and the transfer dataset)
+    kind: str
+    dataset: str
+    transfer: bool
+    baseline: str
+    policies: list[str]
+    labelers: list[str]
+    by: pd.Series  # (policy_id, item_id) -> gen_id of its first sample
+    known: list[str]
+
+
+def _plan(cfg: StudyConfig, generations: pd.DataFrame, dataset: str | None) -> _Plan:
+    """The spec's design checked against the generations at hand (the spec's own values were checked when it was
+    loaded: ``config.validate_study``)."""
     design = cfg.design
-    study_id = cfg.id
     transfer = dataset is not None and dataset != cfg.data.dataset
     dataset = dataset or cfg.data.dataset
-    key = f"{cfg.id}:{cfg.study.seed}" + (f":{dataset}" if transfer else "")  # every seeded choice derives from the study and its seed
+    key = f"{cfg.id}:{cfg.study.seed}" + (f":{dataset}" if transfer else "")
     kind = "pairwise" if transfer else design.kind or ("likert" if dataset == "cnndm" else "pairwise")
-    if kind not in artifacts.TASK_KINDS:
-        raise EvalkitError(f"{cfg.path}: design.kind {kind!r}; expected pairwise or likert")
     gens = generations[generations["dataset"] == dataset]
     known = sorted(gens["policy_id"].unique())
     baseline = design.baseline
@@ -85,103 +98,122 @@ def build_tasks(cfg: StudyConfig, generations: pd.DataFrame, items: pd.DataFrame
             raise EvalkitError(f"{cfg.path}: unknown policy {p!r}; known: {', '.join(known)}")
     if not policies:
         raise EvalkitError(f"{cfg.path}: no policies to evaluate besides the baseline {baseline!r}")
-    for name, value in (("overlap_fraction", design.overlap_fraction), ("gold_fraction", design.gold_fraction),
-                        ("attention_fraction", design.attention_fraction)):
-        if not 0 <= value <= 1:
-            raise EvalkitError(f"{cfg.path}: design.{name} is {value}; expected a fraction in [0, 1]")
     labelers = labeler_ids(cfg)
     if design.overlap_fraction > 0 and design.overlap_labelers > len(labelers):
         raise EvalkitError(f"{cfg.path}: overlap needs {design.overlap_labelers} labelers but the study has {len(labelers)}")
-
-    # the first sample of each policy on each item
     first = gens.sort_values(["policy_id", "item_id", "sample_idx"]).drop_duplicates(["policy_id", "item_id"])
-    by = first.set_index(["policy_id", "item_id"])["gen_id"]
-    item_sets = {p: set(first.loc[first["policy_id"] == p, "item_id"]) for p in policies}
-    base_items = set(first.loc[first["policy_id"] == baseline, "item_id"]) if kind == "pairwise" else None
+    return _Plan(cfg.id, key, kind, dataset, transfer, baseline, policies, labelers, first.set_index(["policy_id", "item_id"])["gen_id"], known)
 
-    # 1. items, balanced: the items every policy (and the baseline) has, in a seeded order
-    units = []
-    common = set.intersection(*item_sets.values()) & (base_items if base_items is not None else set.intersection(*item_sets.values()))
-    order = sorted(common)
-    rng_for(key, "items").shuffle(order)
-    wanted = design.items_per_policy if not transfer else min(design.items_per_policy, cfg.data.transfer_items or design.items_per_policy)
+
+def _main_units(cfg: StudyConfig, plan: _Plan) -> tuple[list[str], list[dict]]:
+    """1. items, balanced: the items every policy (and the baseline) has, in a seeded order; one unit per policy and
+    item (Likert: the baseline is rated too). Returns (the chosen items, the units)."""
+    design = cfg.design
+    items_of = plan.by.reset_index()
+    item_sets = {p: set(items_of.loc[items_of["policy_id"] == p, "item_id"]) for p in plan.policies}
+    base_items = set(items_of.loc[items_of["policy_id"] == plan.baseline, "item_id"]) if plan.kind == "pairwise" else None
+    shared = set.intersection(*item_sets.values()) & (base_items if base_items is not None else set.intersection(*item_sets.values()))
+    order = sorted(shared)
+    rng_for(plan.key, "items").shuffle(order)
+    wanted = design.items_per_policy if not plan.transfer else min(design.items_per_policy, cfg.data.transfer_items or design.items_per_policy)
     chosen = order[:wanted]
     if len(chosen) < wanted:
-        log.warning("only %d %s items have generations from every policy (asked for %d)", len(chosen), dataset, wanted)
+        log.warning("only %d %s items have generations from every policy (asked for %d)", len(chosen), plan.dataset, wanted)
     if not chosen:
-        raise EvalkitError(f"{cfg.path}: no item has generations from every policy ({', '.join(policies)})")
-    for policy in policies:
+        raise EvalkitError(f"{cfg.path}: no item has generations from every policy ({', '.join(plan.policies)})")
+    units = []
+    for policy in plan.policies:
         for item_id in chosen:
-            unit = stable_hash(key, "main", policy, item_id)
-            if kind == "pairwise":
-                units.append(_task(study_id, kind, item_id, by[(policy, item_id)], by[(baseline, item_id)], "main", unit))
-            else:
-                units.append(_task(study_id, kind, item_id, by[(policy, item_id)], None, "main", unit))
-    if kind == "likert" and baseline in known:  # the reference is rated too
+            unit = stable_hash(plan.key, "main", policy, item_id)
+            right = plan.by[(plan.baseline, item_id)] if plan.kind == "pairwise" else None
+            units.append(_task(plan.study_id, plan.kind, item_id, plan.by[(policy, item_id)], right, "main", unit))
+    if plan.kind == "likert" and plan.baseline in plan.known:  # the reference is rated too
         for item_id in chosen:
-            if (baseline, item_id) in by.index:
-                units.append(_task(study_id, kind, item_id, by[(baseline, item_id)], None, "main", stable_hash(key, "main", baseline, item_id)))
+            if (plan.baseline, item_id) in plan.by.index:
+                units.append(_task(plan.study_id, plan.kind, item_id, plan.by[(plan.baseline, item_id)], None, "main",
+                                   stable_hash(plan.key, "main", plan.baseline, item_id)))
+    return chosen, units
 
-    # 2. quality control with known answers (pairwise), built from the items' references
+
+def _check_units(cfg: StudyConfig, plan: _Plan, items: pd.DataFrame, chosen: list[str], n_units: int) -> tuple[list[dict], list[dict]]:
+    """2. quality control with known answers (pairwise), built from the items' references: gold (another post's
+    reference vs this post's) and attention (the reference with its words shuffled). Returns (units, their
+    generations)."""
     item_rows = items.set_index("item_id")
     with_ref = [i for i in chosen if i in item_rows.index and isinstance(item_rows.loc[i, "reference"], str)]
-    qc_gens: list[dict] = []
-    rng = rng_for(key, "qc")
-    if kind == "pairwise" and len(with_ref) >= 2:
-        n_gold = int(round(design.gold_fraction * len(units)))
-        n_attention = int(round(design.attention_fraction * len(units)))
-        for role, count in (("gold", n_gold), ("attention", n_attention)):
-            for k in range(count):
-                item_id = with_ref[int(rng.integers(len(with_ref)))]
-                item = {"item_id": item_id, **item_rows.loc[item_id].to_dict()}
-                right_text = item["reference"]
-                if role == "gold":
-                    other = with_ref[(with_ref.index(item_id) + 1 + int(rng.integers(len(with_ref) - 1))) % len(with_ref)]
-                    wrong_text = item_rows.loc[other, "reference"]
-                else:
-                    words = right_text.split()
-                    wrong_text = " ".join(words[i] for i in rng.permutation(len(words))) if len(words) > 3 else right_text[::-1]
-                right_gen = {**_qc_generation(role, item, right_text), "policy_id": "ref", "policy_kind": "ref",
-                             "gen_id": imported_gen_id("ref", item_id, right_text)}
-                wrong_gen = _qc_generation(role, item, wrong_text)
-                qc_gens += [right_gen, wrong_gen]
-                unit = stable_hash(key, role, k, item_id)
-                units.append(_task(study_id, kind, item_id, right_gen["gen_id"], wrong_gen["gen_id"], role, unit,
-                                   expected_gen=right_gen["gen_id"]))
+    units, qc_gens = [], []
+    rng = rng_for(plan.key, "qc")
+    if plan.kind != "pairwise" or len(with_ref) < 2:
+        return units, qc_gens
+    counts = (("gold", int(round(cfg.design.gold_fraction * n_units))), ("attention", int(round(cfg.design.attention_fraction * n_units))))
+    for role, count in counts:
+        for k in range(count):
+            item_id = with_ref[int(rng.integers(len(with_ref)))]
+            item = {"item_id": item_id, **item_rows.loc[item_id].to_dict()}
+            right_text = item["reference"]
+            if role == "gold":
+                other = with_ref[(with_ref.index(item_id) + 1 + int(rng.integers(len(with_ref) - 1))) % len(with_ref)]
+                wrong_text = item_rows.loc[other, "reference"]
+            else:
+                words = right_text.split()
+                wrong_text = " ".join(words[i] for i in rng.permutation(len(words))) if len(words) > 3 else right_text[::-1]
+            right_gen = {**_qc_generation(role, item, right_text), "policy_id": "ref", "policy_kind": "ref",
+                         "gen_id": imported_gen_id("ref", item_id, right_text)}
+            wrong_gen = _qc_generation(role, item, wrong_text)
+            qc_gens += [right_gen, wrong_gen]
+            units.append(_task(plan.study_id, plan.kind, item_id, right_gen["gen_id"], wrong_gen["gen_id"], role,
+                               stable_hash(plan.key, role, k, item_id), expected_gen=right_gen["gen_id"]))
+    return units, qc_gens
 
-    # 3. assignment: main units round-robin over labelers in a seeded order; overlap units to several labelers
-    tasks = []
+
+def _assign(cfg: StudyConfig, plan: _Plan, units: list[dict]) -> list[dict]:
+    """3. assignment: units round-robin over labelers in a seeded order; overlap units to several labelers."""
     main_idx = [i for i, u in enumerate(units) if u["role"] == "main"]
-    overlap = set(rng_for(key, "overlap").choice(main_idx, size=int(round(design.overlap_fraction * len(main_idx))), replace=False).tolist()) if main_idx else set()
-    perm = rng_for(key, "assign").permutation(len(units))
-    for slot, i in enumerate(perm):
+    overlap = set(rng_for(plan.key, "overlap").choice(main_idx, size=int(round(cfg.design.overlap_fraction * len(main_idx))), replace=False).tolist()) if main_idx else set()
+    tasks, labelers = [], plan.labelers
+    for slot, i in enumerate(rng_for(plan.key, "assign").permutation(len(units))):
         unit = units[i]
         if i in overlap:
             start = slot % len(labelers)
-            for j in range(design.overlap_labelers):
+            for j in range(cfg.design.overlap_labelers):
                 tasks.append({**unit, "role": "overlap", "labeler_id": labelers[(start + j) % len(labelers)]})
         else:
             tasks.append({**unit, "labeler_id": labelers[slot % len(labelers)]})
+    return tasks
 
-    # 4. batches per labeler, with sentinel pairs spread over every batch
-    out = []
-    for labeler in labelers:
+
+def _batches(cfg: StudyConfig, plan: _Plan, tasks: list[dict], chosen: list[str]) -> list[dict]:
+    """4. batches per labeler, with sentinel pairs spread over every batch."""
+    design, out = cfg.design, []
+    for labeler in plan.labelers:
         own = [t for t in tasks if t["labeler_id"] == labeler]
         size = max(1, design.batch_size)
         for b, start in enumerate(range(0, len(own), size)):
             batch = [{**t, "batch": b} for t in own[start: start + size]]
-            if design.sentinel_policy and kind == "pairwise" and not transfer:
+            if design.sentinel_policy and plan.kind == "pairwise" and not plan.transfer:
                 for k in range(design.sentinels_per_batch):
-                    item_id = chosen[int(rng_for(key, "sentinel", labeler, b, k).integers(len(chosen)))]
-                    if (design.sentinel_policy, item_id) in by.index:
-                        unit = stable_hash(key, "sentinel", labeler, b, k)
-                        batch.append({**_task(study_id, kind, item_id, by[(design.sentinel_policy, item_id)], by[(baseline, item_id)],
-                                              "sentinel", unit), "labeler_id": labeler, "batch": b})
+                    item_id = chosen[int(rng_for(plan.key, "sentinel", labeler, b, k).integers(len(chosen)))]
+                    if (design.sentinel_policy, item_id) in plan.by.index:
+                        unit = stable_hash(plan.key, "sentinel", labeler, b, k)
+                        batch.append({**_task(plan.study_id, plan.kind, item_id, plan.by[(design.sentinel_policy, item_id)],
+                                              plan.by[(plan.baseline, item_id)], "sentinel", unit), "labeler_id": labeler, "batch": b})
             out += batch
+    return out
+
+
+def build_tasks(cfg: StudyConfig, generations: pd.DataFrame, items: pd.DataFrame, dataset: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The study's tasks and the generations they show (the QC summaries added).
+
+    ``dataset``: the study's own dataset by default; the transfer dataset gets pairwise tasks against the same baseline
+    for every policy that summarised it, ``min(items_per_policy, transfer_items)`` items each."""
+    plan = _plan(cfg, generations, dataset)
+    chosen, units = _main_units(cfg, plan)
+    checks, qc_gens = _check_units(cfg, plan, items, chosen, len(units))
+    out = _batches(cfg, plan, _assign(cfg, plan, units + checks), chosen)
     df = pd.DataFrame(out)
     df["task_id"] = [f"t-{stable_hash(t['unit_id'], t['labeler_id'], t['role'])}" for t in out]
     # a labeler's tasks are shown in a seeded order within each batch
-    df["_order"] = [derive_seed(key, "order", t) for t in df["task_id"]]
+    df["_order"] = [derive_seed(plan.key, "order", t) for t in df["task_id"]]
     df = df.sort_values(["labeler_id", "batch", "_order"]).drop(columns="_order").reset_index(drop=True)
     df = artifacts.conform(df, "tasks")
 
