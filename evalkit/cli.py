@@ -203,7 +203,7 @@ def study_build(study_path: str, overrides: tuple[str, ...], archive: bool) -> N
 def study_export(study_path: str, fmt: str, out_file: str, overrides: tuple[str, ...]) -> None:
     """Blind tasks for a crowd platform (texts as shown; no policy names or generation ids)."""
     cfg = load_study(study_path, list(overrides))
-    path = export_tasks(cfg.out_dir / "study", fmt, out_file)
+    path = export_tasks(cfg.layout.study_dir, fmt, out_file)
     click.echo(f"{path}: tasks exported as {fmt}")
 
 
@@ -214,8 +214,8 @@ def study_export(study_path: str, fmt: str, out_file: str, overrides: tuple[str,
 def study_import(study_path: str, answers: str, overrides: tuple[str, ...]) -> None:
     """Answers (CSV, JSON Lines or Label Studio JSON) → judgments.parquet, all rows or none; re-importing is a no-op."""
     cfg = load_study(study_path, list(overrides))
-    merged = import_answers(cfg.out_dir / "study", answers)
-    click.echo(f"{cfg.out_dir / 'study' / 'judgments.parquet'}: {len(merged)} judgments")
+    merged = import_answers(cfg.layout.study_dir, answers)
+    click.echo(f"{cfg.layout.judgments}: {len(merged)} judgments")
 
 
 @study.command("serve")
@@ -227,7 +227,7 @@ def study_import(study_path: str, answers: str, overrides: tuple[str, ...]) -> N
 def study_serve(study_path: str, host: str, port: int, threads: int, overrides: tuple[str, ...]) -> None:
     """Serve the labeling web app (waitress; judgments in SQLite); prints each labeler's link and the admin link."""
     cfg = load_study(study_path, list(overrides))
-    folder = cfg.out_dir / "study"
+    folder = cfg.layout.study_dir
     if not (folder / "tasks.parquet").is_file():
         raise EvalkitError(f"no tasks at {folder / 'tasks.parquet'}; run `evalkit study build {study_path}` first")
     try:
@@ -257,8 +257,8 @@ def study_serve(study_path: str, host: str, port: int, threads: int, overrides: 
 def study_collect(study_path: str, overrides: tuple[str, ...]) -> None:
     """The web app's judgments → judgments.parquet (swap undone)."""
     cfg = load_study(study_path, list(overrides))
-    out = collect_judgments(cfg.out_dir / "study")
-    click.echo(f"{cfg.out_dir / 'study' / 'judgments.parquet'}: {len(out)} judgments")
+    out = collect_judgments(cfg.layout.study_dir)
+    click.echo(f"{cfg.layout.judgments}: {len(out)} judgments")
 
 
 @study.command("simulate")
@@ -271,7 +271,7 @@ def study_simulate(study_path: str, seed: int, overrides: tuple[str, ...]) -> No
 
     cfg = load_study(study_path, list(overrides))
     sim, model = answer_with_panel(cfg, seed)
-    target = cfg.out_dir / "study" / "judgments.parquet"
+    target = cfg.layout.judgments
     c = model.calibration
     click.echo(f"{target}: {int((sim['labeler_kind'] == 'simulated').sum())} simulated judgments (seed {seed})")
     click.echo(f"  panel calibrated on {c['n_fit']} real comparisons; held-out agreement with real labelers "

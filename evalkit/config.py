@@ -138,6 +138,44 @@ class StudyMeta:
 
 
 @dataclass(frozen=True)
+class RunLayout:
+    """Every path of a study's run, named once: ``runs/<id>/`` (``[study] out_dir``) and ``reports/<id>/``."""
+
+    root: Path
+    report_dir: Path
+
+    @property
+    def run_json(self) -> Path:  # each stage's key, timing and outputs' hashes
+        return self.root / "run.json"
+
+    @property
+    def data_dir(self) -> Path:  # the study's items and the released comparisons, as tables
+        return self.root / "data"
+
+    def ladder_dir(self, digest: str) -> Path:  # one [[train]] ladder, named by its lineages
+        return self.root / f"ladder-{digest}"
+
+    @property
+    def generations_dir(self) -> Path:
+        return self.root / "generations"
+
+    @property
+    def generations(self) -> Path:
+        return self.generations_dir / "generations.parquet"
+
+    @property
+    def study_dir(self) -> Path:  # the built study: items, generations shown, tasks, judgments, labels.sqlite
+        return self.root / "study"
+
+    def study_table(self, name: str) -> Path:
+        return self.study_dir / f"{name}.parquet"
+
+    @property
+    def judgments(self) -> Path:
+        return self.study_table("judgments")
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     study: StudyMeta = field(default_factory=StudyMeta)
     data: DataConfig = field(default_factory=DataConfig)
@@ -161,6 +199,10 @@ class StudyConfig:
     @property
     def report_dir(self) -> Path:
         return Path(self.report.out_dir or f"reports/{self.study.id}")
+
+    @property
+    def layout(self) -> "RunLayout":
+        return RunLayout(self.out_dir, self.report_dir)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

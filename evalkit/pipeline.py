@@ -81,7 +81,7 @@ def prepare_study_data(cfg: StudyConfig, force: bool = False) -> StageResult:
     This is the part of ``evalkit run`` that exists before models are trained: it loads the study's items, imports the
     released human labels named in the spec and adds OpenAI's released 1.3B RLHF summaries as an external policy.
     """
-    out_dir = cfg.out_dir / "data"
+    out_dir = cfg.layout.data_dir
     comparison_paths = [comparison_batch(f) for f in cfg.released.comparisons]
     data_path = Path(cfg.data.path) if cfg.data.path else bundled_path(TLDR_CSV if cfg.data.dataset == "tldr" else CNNDM_CSV)
     inputs = [data_path, *comparison_paths]
@@ -122,7 +122,7 @@ def study_ladders(cfg: StudyConfig) -> tuple[tuple, ...]:
     out = []
     for t in cfg.train:
         ladder = ladder_config(t.preset, t.depths or None, t.bases or None, (*t.set, f"stages={stages(set(t.kinds))}"))
-        out.append((t, ladder, Path(t.out_dir) if t.out_dir else cfg.out_dir / f"ladder-{lineage_digest(ladder)}"))
+        out.append((t, ladder, Path(t.out_dir) if t.out_dir else cfg.layout.ladder_dir(lineage_digest(ladder))))
     return tuple(out)
 
 
@@ -179,13 +179,13 @@ def generate_for_study(cfg: StudyConfig, items: pd.DataFrame, progress: bool = F
     transfer = transfer_items_of(cfg)
     if len(transfer):
         items = pd.concat([items, transfer], ignore_index=True)
-    return generate(items, policies, cfg.out_dir / "generations", g.decoding(), g.baselines, batch_size=g.batch_size, progress=progress)
+    return generate(items, policies, cfg.layout.generations_dir, g.decoding(), g.baselines, batch_size=g.batch_size, progress=progress)
 
 
 def answer_with_panel(cfg: StudyConfig, seed: int = 0):
     """Answer the study's built tasks with the calibrated simulated panel; its judgments (marked simulated) replace
     earlier simulated ones in ``judgments.parquet`` and keep every other judgment."""
-    folder = cfg.out_dir / "study"
+    folder = cfg.layout.study_dir
     tables = load_study_tables(folder)
     model = calibrate()
     model.save(folder / "panel_model.json")
@@ -213,12 +213,12 @@ def report_study(cfg: StudyConfig, out_dir: str | Path | None = None) -> dict[st
         inputs = [comparison_batch(b) for b in cfg.released.comparisons]
         tables = load_openai_comparisons(inputs)
     elif r.source == "study":
-        tables = load_study_tables(cfg.out_dir / "study")
-        target = cfg.out_dir / "study" / "judgments.parquet"
+        tables = load_study_tables(cfg.layout.study_dir)
+        target = cfg.layout.judgments
         if not target.is_file():
             raise EvalkitError(f"no judgments at {target}; collect, import or simulate some first")
         tables["judgments"] = artifacts.read_table(target, "judgments")
-        inputs = [cfg.out_dir / "study" / f"{n}.parquet" for n in ("items", "generations", "tasks", "judgments")]
+        inputs = [cfg.layout.study_table(n) for n in ("items", "generations", "tasks", "judgments")]
     else:
         raise EvalkitError(f"{cfg.path}: report.source {r.source!r}; expected study or released")
     policy_kl = {}
@@ -243,8 +243,7 @@ RUN_STAGES = ("data", "train", "generate", "build", "labels", "report")
 
 
 def _study_files(cfg: StudyConfig) -> list[Path]:
-    folder = cfg.out_dir / "study"
-    return [folder / f"{n}.parquet" for n in ("tasks", "generations", "items")]
+    return [cfg.layout.study_table(n) for n in ("tasks", "generations", "items")]
 
 
 def run_study(cfg: StudyConfig, force: bool = False, echo=print) -> dict:
@@ -255,7 +254,7 @@ def run_study(cfg: StudyConfig, force: bool = False, echo=print) -> dict:
     it finishes; a re-run skips stages whose key and outputs are unchanged, and an interrupted run resumes (training
     and generation also resume inside the stage: finished checkpoints and written generation parts are kept).
     """
-    run_path = cfg.out_dir / "run.json"
+    run_path = cfg.layout.run_json
     try:
         previous = json.loads(run_path.read_text("utf-8")).get("stages", {}) if run_path.is_file() else {}
     except json.JSONDecodeError:
@@ -298,7 +297,7 @@ def run_study(cfg: StudyConfig, force: bool = False, echo=print) -> dict:
         return _run_report(cfg, step, report_dir, [], result, started)
     items = study_items_of(cfg)
     policies = study_policies(cfg)
-    gen_path = cfg.out_dir / "generations" / "generations.parquet"
+    gen_path = cfg.layout.generations
     if policies or cfg.generate.baselines:
         gen_key = {"generate": spec["generate"], "data": spec["data"],
                    "policies": [[p.policy_id, p.checkpoint, checkpoint_fingerprint(p.checkpoint)] for p in policies]}
@@ -313,12 +312,12 @@ def run_study(cfg: StudyConfig, force: bool = False, echo=print) -> dict:
     build_key = {"stage": "study-build", "data": spec["data"], "design": spec["design"], "labelers": spec["labelers"],
                  "seed": cfg.study.seed, "out": str(cfg.out_dir)}
     step("build", build_key, [gen_path], lambda: build_study(cfg), _study_files(cfg))
-    judgments = cfg.out_dir / "study" / "judgments.parquet"
+    judgments = cfg.layout.judgments
     if cfg.study.simulate:
         step("labels", {"simulate": True, "seed": cfg.study.seed}, _study_files(cfg), lambda: answer_with_panel(cfg, cfg.study.seed), [judgments])
     elif not judgments.is_file():
         result["waiting_for_labels"] = True
-        echo(f"[labels] the study is built in {cfg.out_dir / 'study'} and has no judgments yet. Collect them with "
+        echo(f"[labels] the study is built in {cfg.layout.study_dir} and has no judgments yet. Collect them with "
              f"`evalkit study serve {cfg.path}` (labelers in a browser) or `evalkit study export` / `evalkit study import`, "
              f"or set study.simulate = true for a dry run; then run `evalkit run {cfg.path}` again for the report.")
         return result

@@ -257,7 +257,7 @@ def build_study(cfg: StudyConfig, archive: bool = False) -> dict[str, object]:
 
     A study whose labels were already collected (the web app's database or imported answers) is not rebuilt over:
     that would mix stale tasks with new ones. ``archive`` moves it aside first, its judgments exported."""
-    out = cfg.out_dir / "study"
+    out = cfg.layout.study_dir
     n_labels = collected_labels(out) if out.is_dir() else 0
     if n_labels and not archive:
         raise EvalkitError(f"{out} already holds {n_labels} collected judgment(s); rebuilding would mix stale tasks with "
@@ -268,7 +268,7 @@ def build_study(cfg: StudyConfig, archive: bool = False) -> dict[str, object]:
         for name in ("labels.sqlite", "labels.sqlite-wal", "labels.sqlite-shm", "judgments.parquet"):
             (out / name).unlink(missing_ok=True)
 
-    gen_path = Path(cfg.design.generations) if cfg.design.generations else cfg.out_dir / "generations" / "generations.parquet"
+    gen_path = Path(cfg.design.generations) if cfg.design.generations else cfg.layout.generations
     if not gen_path.is_file():
         raise EvalkitError(f"no generations at {gen_path}; run `evalkit generate` (or `evalkit run`) first, or set design.generations")
     generations = artifacts.read_table(gen_path, "generations")
