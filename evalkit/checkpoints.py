@@ -42,11 +42,16 @@ def model_context(config: dict | object) -> int:
     return model_context(text) if text else 2048
 
 
-def config_context(folder: str | Path) -> int:
-    """The context a checkpoint folder's ``config.json`` declares."""
+def checkpoint_folder(folder: str | Path) -> Path:
+    """The folder, if it is a Hugging Face checkpoint (it has a ``config.json``); a one-line error otherwise."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EvalkitError(f"no checkpoint folder at {folder}")
     if not (folder / "config.json").is_file():
         raise EvalkitError(f"{folder} is not a Hugging Face checkpoint: config.json is missing")
-    return model_context(read_json_object(folder / "config.json"))
+    return folder
+
+
+def config_context(folder: str | Path) -> int:
+    """The context a checkpoint folder's ``config.json`` declares."""
+    return model_context(read_json_object(checkpoint_folder(folder) / "config.json"))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from evalkit import artifacts
 from evalkit.checkpoints import read_metadata
 from evalkit.config import StudyConfig, load_study
 from evalkit.data import COMPARISON_BATCHES, comparison_batch, format_query, load_items, preferred_to_reference, read_openai_comparisons
@@ -327,6 +328,32 @@ def _quiet_hf() -> None:
 
 _SET = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field, e.g. steps=100.")
 _OUT = click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
+
+
+@cli.group()
+def judge() -> None:
+    """Automatic judges (length, features, rm:<folder>, llm:<folder>) measured against real human labels."""
+
+
+@judge.command("validate")
+@click.argument("judges", nargs=-1, required=True)
+@click.option("--max-comparisons", default=0, show_default=True, type=click.IntRange(min=0),
+              help="A seeded subset of the held-out comparisons (0 = all): model judges are slow on a CPU.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/judges", show_default=True)
+def judge_validate(judges: tuple[str, ...], max_comparisons: int, out_dir: str) -> None:
+    """The evaluator table on the released batches' valid2 comparisons (no judge trains on them): rows for human,
+    length and features beside each JUDGE; writes evaluators.csv and evaluators.md."""
+    from evalkit.judges import evaluator_markdown, evaluator_table, make_judge
+
+    specs = list(dict.fromkeys(["length", "features", *judges]))
+    _quiet_hf()
+    table = evaluator_table([make_judge(s) for s in specs], max_comparisons)
+    out = Path(out_dir)
+    artifacts.atomic_write(out / "evaluators.csv", lambda tmp: table.to_csv(tmp, index=False))
+    md = evaluator_markdown(table, max_comparisons)
+    artifacts.atomic_write(out / "evaluators.md", lambda tmp: Path(tmp).write_text(md, "utf-8"))
+    click.echo(table[[c for c in table.columns if not c.startswith(("loo_", "labels_"))]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    click.echo(f"{out / 'evaluators.csv'}: {len(table)} rows")
 
 
 @cli.group()

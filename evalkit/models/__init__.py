@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from evalkit.artifacts import built_whole, sha256_file
-from evalkit.checkpoints import model_context, read_metadata, write_metadata
+from evalkit.checkpoints import checkpoint_folder, model_context, read_metadata, write_metadata
 from evalkit.contract import Contract
 from evalkit.errors import EvalkitError
 from evalkit.vocab import CONTEXT, REAL_BASES
@@ -80,15 +80,6 @@ def count_params(model: nn.Module) -> dict[str, int]:
     return {"n_params": total, "n_params_nonembedding": total - embed}
 
 
-def _check_folder(folder: str | Path) -> Path:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise EvalkitError(f"no checkpoint folder at {folder}")
-    if not (folder / "config.json").is_file():
-        raise EvalkitError(f"{folder} is not a Hugging Face checkpoint: config.json is missing")
-    return folder
-
-
 def load_tokenizer(folder: str | Path):
     folder = Path(folder)
     if not folder.is_dir():
@@ -109,7 +100,7 @@ def load_causal_lm(folder: str | Path, dtype=torch.float32):
     """Any HF causal-LM folder (ours or a user's), on the CPU in fp32 unless told otherwise. ``dtype`` casts buffers
     too (rotary frequencies): for a bf16 pass that matches training's, load float32 and use
     ``evalkit.precision.cast_weights``."""
-    folder = _check_folder(folder)
+    folder = checkpoint_folder(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - truncated safetensors, bad config: one line naming the folder
@@ -270,7 +261,7 @@ class RewardModel(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path) -> "RewardModel":
-        folder = _check_folder(folder)
+        folder = checkpoint_folder(folder)
         if not (folder / REWARD_HEAD_FILE).is_file():
             raise EvalkitError(f"{folder} is not a reward model: {REWARD_HEAD_FILE} is missing")
         try:
