@@ -46,31 +46,12 @@ PROMPT = ("Which of the following summaries does a better job of summarizing the
 
 # ---------------------------------------------------------------------------------------------------- the pairs
 
-def released_comparisons(batches: tuple[str, ...] = VALIDATION_BATCHES, split: str | None = HELD_OUT_SPLIT) -> pd.DataFrame:
-    """One row per released human judgment: the post, the two summaries as shown (left, right), who chose, which won,
-    the batch and dataset, and ``comparison`` (the post and the unordered pair of summaries)."""
-    tables = load_openai_comparisons([comparison_batch(b) for b in batches])
-    tasks, judg, items = tables["tasks"], tables["judgments"], tables["items"].set_index("item_id")
-    text = tables["generations"].set_index("gen_id")["text"]
-    df = judg.dropna(subset=["preferred"]).merge(tasks[["task_id", "item_id", "gen_id_left", "gen_id_right"]], on="task_id")
-    df = df.assign(split=df["item_id"].map(items["split"]), dataset=df["item_id"].map(items["dataset"]),
-                   post=df["item_id"].map(items["body"]), batch=df["source"].str.removesuffix(".json"),
-                   left=df["gen_id_left"].map(text), right=df["gen_id_right"].map(text), left_won=(df["preferred"] == "left").astype(int))
-    if split:
-        df = df[df["split"] == split]
-    df["comparison"] = [f"{i}|{'|'.join(sorted(p))}" for i, p in zip(df["item_id"], zip(df["gen_id_left"], df["gen_id_right"]))]
-    df["items"] = [{"dataset": ds, "body": body, "title": items.loc[i, "title"], "subreddit": items.loc[i, "subreddit"]}
-                   for ds, body, i in zip(df["dataset"], df["post"], df["item_id"])]
-    return df[["comparison", "item_id", "dataset", "batch", "labeler_id", "post", "items", "gen_id_left", "gen_id_right",
-               "left", "right", "left_won"]].reset_index(drop=True)
-
-
-def gpt4_pairs(split: str | None = HELD_OUT_SPLIT) -> pd.DataFrame:
-    """The bundled GPT-4 verdicts (OpenAI's 1.3B RLHF summary vs the reference) as judgment rows, ``left_won`` GPT-4's."""
-    tables = load_llm_judgments()
+def _judgment_rows(tables: dict[str, pd.DataFrame], split: str | None) -> pd.DataFrame:
+    """Pairwise judgments with their post, the two summaries as shown (left, right), ``left_won``, dataset and split
+    (only ``split``'s when given), and ``items``: each row's item as ``format_query`` reads it."""
     tasks, items = tables["tasks"], tables["items"].set_index("item_id")
     text = tables["generations"].set_index("gen_id")["text"]
-    df = tables["judgments"].merge(tasks[["task_id", "item_id", "gen_id_left", "gen_id_right"]], on="task_id")
+    df = tables["judgments"].dropna(subset=["preferred"]).merge(tasks[["task_id", "item_id", "gen_id_left", "gen_id_right"]], on="task_id")
     df = df.assign(split=df["item_id"].map(items["split"]), dataset=df["item_id"].map(items["dataset"]), post=df["item_id"].map(items["body"]),
                    left=df["gen_id_left"].map(text), right=df["gen_id_right"].map(text), left_won=(df["preferred"] == "left").astype(int))
     if split:
@@ -78,6 +59,21 @@ def gpt4_pairs(split: str | None = HELD_OUT_SPLIT) -> pd.DataFrame:
     df["items"] = [{"dataset": ds, "body": body, "title": items.loc[i, "title"], "subreddit": items.loc[i, "subreddit"]}
                    for ds, body, i in zip(df["dataset"], df["post"], df["item_id"])]
     return df.reset_index(drop=True)
+
+
+def released_comparisons(batches: tuple[str, ...] = VALIDATION_BATCHES, split: str | None = HELD_OUT_SPLIT) -> pd.DataFrame:
+    """One row per released human judgment: the post, the two summaries as shown (left, right), who chose, which won,
+    the batch and dataset, the split, and ``comparison`` (the post and the unordered pair of summaries)."""
+    df = _judgment_rows(load_openai_comparisons([comparison_batch(b) for b in batches]), split)
+    df["batch"] = df["source"].str.removesuffix(".json")
+    df["comparison"] = [f"{i}|{'|'.join(sorted(p))}" for i, p in zip(df["item_id"], zip(df["gen_id_left"], df["gen_id_right"]))]
+    return df[["comparison", "item_id", "dataset", "split", "batch", "labeler_id", "post", "items", "gen_id_left", "gen_id_right",
+               "left", "right", "left_won"]]
+
+
+def gpt4_pairs(split: str | None = HELD_OUT_SPLIT) -> pd.DataFrame:
+    """The bundled GPT-4 verdicts (OpenAI's 1.3B RLHF summary vs the reference) as judgment rows, ``left_won`` GPT-4's."""
+    return _judgment_rows(load_llm_judgments(), split)
 
 
 # --------------------------------------------------------------------------------------------------------- judges
@@ -115,9 +111,9 @@ class FeaturesJudge(Judge):
 
     def __init__(self, batches: tuple[str, ...] = VALIDATION_BATCHES):
         super().__init__("features", "model")
-        fit_rows = released_comparisons(batches, split=None)
-        held = set(released_comparisons(batches)["item_id"])
-        fit_rows = fit_rows[~fit_rows["item_id"].isin(held)]
+        every = released_comparisons(batches, split=None)
+        held = set(every.loc[every["split"] == HELD_OUT_SPLIT, "item_id"])
+        fit_rows = every[~every["item_id"].isin(held)]
         self.trained_on = set(fit_rows["item_id"])
         self.model = fit_panel(_feature_diffs(fit_rows))
 
