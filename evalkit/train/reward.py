@@ -139,13 +139,15 @@ def assert_no_evaluation_posts(pairs: pd.DataFrame, eval_ids: set[str], what: st
 def split_pairs(pairs: pd.DataFrame, eval_split: str, held_out_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     """(training pairs, held-out pairs, pairs dropped as evaluation posts).
 
-    Evaluation posts (the studies' ``eval_split``) are dropped entirely. The held-out set is post-disjoint from
+    Evaluation posts are dropped entirely: the bundled TL;DR posts of the studies' ``eval_split`` and every pair a
+    source itself places in that split (the released batches' valid2 comparisons, on which judges are validated,
+    include posts the bundled TL;DR set does not have). The held-out set is post-disjoint from
     training: every post the trainers measure quality on (TL;DR valid1, so RM scores there are out of sample), plus a
     fraction of the remaining posts chosen by a hash of the post id; only human judgments are held out."""
     if not 0 < held_out_fraction < 1:
         raise EvalkitError(f"held_out_fraction {held_out_fraction}: expected a fraction in (0, 1)")
     eval_ids = evaluation_posts(eval_split)
-    keep = ~pairs["item_id"].isin(eval_ids)
+    keep = ~pairs["item_id"].isin(eval_ids) & (pairs["split"] != eval_split)
     dropped = int((~keep).sum())
     pairs = pairs[keep]
     quality_posts = set(load_items("tldr", EVAL_SPLIT)["item_id"])
