@@ -21,7 +21,7 @@ from evalkit.spec import apply_overrides, check_values, from_mapping
 from evalkit.study.build import build_study
 from evalkit.study.exchange import export_tasks, import_answers
 from evalkit.study.serve import collect_judgments, init_db, links, serve
-from evalkit.study.simulate import required_judgments
+from evalkit.study.simulate import panel_summary, required_judgments
 from evalkit.train.presets import ladder_config
 from evalkit.train.tokenizer import TokenizerConfig, train_tokenizer
 from evalkit.vocab import MAX_QUERY_TOKENS
@@ -273,11 +273,8 @@ def study_simulate(study_path: str, seed: int, overrides: tuple[str, ...]) -> No
     cfg = load_study(study_path, list(overrides))
     sim, model = answer_with_panel(cfg, seed)
     target = cfg.layout.judgments
-    c = model.calibration
     click.echo(f"{target}: {int((sim['labeler_kind'] == 'simulated').sum())} simulated judgments (seed {seed})")
-    click.echo(f"  panel calibrated on {c['n_fit']} real comparisons; held-out agreement with real labelers "
-               f"{c['held_out_agreement_majority']:.1%} (n {c['n_held_out']}); real labeler-labeler agreement "
-               f"{c['human_human_agreement']:.1%} (n {c['n_human_pairs']}); position bias {model.position_bias:+.3f} log-odds")
+    click.echo("  " + panel_summary(model))
 
 
 @study.command("power")
@@ -342,18 +339,55 @@ def judge() -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/judges", show_default=True)
 def judge_validate(judges: tuple[str, ...], max_comparisons: int, out_dir: str) -> None:
     """The evaluator table on the released batches' valid2 comparisons (no judge trains on them): rows for human,
-    length and features beside each JUDGE; writes evaluators.csv and evaluators.md."""
+    length, features and the default simulated panel (panel:features) beside each JUDGE (panel:<judge> for the
+    simulated panel on a judge); writes evaluators.csv and evaluators.md."""
     from evalkit.judges import evaluator_markdown, evaluator_table, make_judge
+    from evalkit.study.simulate import calibrate, panel_row
 
-    specs = list(dict.fromkeys(["length", "features", *judges]))
+    specs = list(dict.fromkeys(["length", "features", "panel:features", *judges]))
     _quiet_hf()
-    table = evaluator_table([make_judge(s) for s in specs], max_comparisons)
+    made: dict = {}
+
+    def judge_for(spec):
+        if spec not in made:
+            made[spec] = make_judge(spec)
+        return made[spec]
+
+    def panel_for(spec):
+        judge_ = judge_for(spec)
+        panel = calibrate(judge_)
+        return lambda pairs, gpt4: panel_row(panel, judge_, pairs, gpt4)
+
+    plain = [judge_for(s) for s in specs if not s.startswith("panel:")]
+    panels = [panel_for(s.removeprefix("panel:")) for s in specs if s.startswith("panel:")]
+    table = evaluator_table(plain, max_comparisons, extra_rows=panels)
     out = Path(out_dir)
     artifacts.atomic_write(out / "evaluators.csv", lambda tmp: table.to_csv(tmp, index=False))
     md = evaluator_markdown(table, max_comparisons)
     artifacts.atomic_write(out / "evaluators.md", lambda tmp: Path(tmp).write_text(md, "utf-8"))
-    click.echo(table[[c for c in table.columns if not c.startswith(("loo_", "labels_"))]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    shown = [c for c in ("judge", "human_agreement", "loo_batch13", "loo_batch18", "loo_batch0_cnndm", "prefers_longer", "pair_agreement_tldr",
+                         "pair_agreement_cnndm", "position_bias", "kappa_gpt4", "seconds_per_1000") if c in table]
+    click.echo(table[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     click.echo(f"{out / 'evaluators.csv'}: {len(table)} rows")
+
+
+@judge.command("run")
+@click.argument("study_path", metavar="STUDY", type=click.Path())
+@click.option("--judge", "judge_spec", required=True, help="length, features, rm:<folder> or llm:<folder>.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Tasks judged (and written) at a time.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def judge_run(study_path: str, judge_spec: str, batch_size: int, overrides: tuple[str, ...]) -> None:
+    """Label the study's pairwise tasks with a judge (each distinct pair once; never marked human). Resumable: a killed
+    run continues where it stopped; the report keeps these labels apart from people's (report.labels chooses)."""
+    from evalkit.judges import make_judge
+    from evalkit.study.judged import label_study
+
+    cfg = load_study(study_path, list(overrides))
+    _quiet_hf()
+    judge_ = make_judge(judge_spec)
+    now, before = label_study(cfg.layout.study_dir, judge_, batch_size,
+                              lambda done, total: click.echo(f"  {done}/{total} judged", err=True))
+    click.echo(f"{cfg.layout.judgments}: {now} tasks judged by {judge_.judge_id} ({before} already judged before)")
 
 
 @cli.group()

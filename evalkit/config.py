@@ -113,6 +113,7 @@ class DesignConfig:
 class LabelersConfig:
     count: int = 6  # how many labelers the tasks are spread over
     ids: tuple[str, ...] = ()  # default: labeler-01 ... labeler-NN
+    judge: str = "features"  # the simulated panel's judge: features, length, rm:<folder> or llm:<folder> (evalkit.judges)
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class ReportConfig:
     split: str = "valid2"  # "" = every split
     n_boot: int = 1000  # bootstrap replicates for intervals
     reward_models: tuple[str, ...] = ()  # reward-model folders for an accuracy-vs-size table
+    labels: str = ""  # whose labels: "" = people's if any, else the simulated panel's or the one judge's; people, simulated, a judge id, all (pooled)
     out_dir: str = ""  # default: reports/<id> (reports/<id>-quick under --quick)
 
 

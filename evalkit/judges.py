@@ -2,8 +2,8 @@
 
 A judge takes rows of (post, summary A, summary B) and returns P(A is preferred). Built in:
 - ``length``: the longer summary wins (ties: 0.5) — the trivial baseline every judge must beat;
-- ``features``: the simulated panel's Bradley–Terry model on four bag-of-words features
-  (``evalkit.study.simulate``), fitted here on released comparisons outside valid2;
+- ``features``: a Bradley–Terry model on four bag-of-words features of each summary (below), fitted on the released
+  comparisons outside valid2;
 - ``rm:<folder>``: an evalkit reward model, P(A) = σ(r(A) − r(B)) on the canonical form query + " " + text + EOS;
 - ``llm:<folder>``: any Hugging Face causal LM asked a fixed, versioned prompt (post, summary A, summary B,
   "Preferred summary:"), read from the next-token probabilities of " A" and " B" (no free text to parse), both orders
@@ -20,7 +20,9 @@ position bias and the agreement of its two orders; seconds per 1,000 judgments.
 from __future__ import annotations
 
 import math
+import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +35,6 @@ from evalkit.contract import read_contract
 from evalkit.data import comparison_batch, load_llm_judgments, load_openai_comparisons
 from evalkit.data.query import DEFAULT_FORMAT, format_query
 from evalkit.errors import EvalkitError
-from evalkit.study.simulate import FEATURES, features, fit_panel
 
 VALIDATION_BATCHES = ("batch13", "batch18", "batch0_cnndm")
 HELD_OUT_SPLIT = "valid2"
@@ -42,6 +43,48 @@ PROMPT_VERSION = "tldr-pairwise-v1"
 PROMPT = ("Which of the following summaries does a better job of summarizing the most important points in the given "
           "forum post, without including unimportant or irrelevant details? A good summary is both precise and "
           "concise.\n\nPost:\n{post}\n\nSummary A:\n{a}\n\nSummary B:\n{b}\n\nPreferred summary:")
+
+
+# ------------------------------------------------------------------------------------------- bag-of-words features
+
+FEATURES = ("support", "coverage", "repetition", "log_words")
+_WORD = re.compile(r"[a-z0-9']+")
+STOPWORDS = frozenset("""a an the and or but if of to in on at by for with from as is are was were be been being it its
+this that these those i me my we our you your he him his she her they them their what which who whom whose when where why
+how all any both each few more most other some such no nor not only own same so than too very can will just don should now
+do does did have has had am im ive id dont didnt cant wont s t about into over after before up down out off again then
+there here would could also get got""".split())
+
+
+def content_words(text: str) -> list[str]:
+    return [w for w in _WORD.findall(text.lower()) if w not in STOPWORDS]
+
+
+def features(summary: str, post: str) -> dict[str, float]:
+    """``support``: the fraction of the summary's content words that occur in the post (invented content lowers it);
+    ``coverage``: the fraction of the post's ten most frequent content words it mentions; ``repetition``: 1 −
+    distinct/total words; ``log_words``: log(1 + words) (length)."""
+    words = _WORD.findall(summary.lower())
+    content = content_words(summary)
+    post_words = content_words(post)
+    post_set = set(post_words)
+    top = [w for w, _ in Counter(post_words).most_common(10)]
+    return {
+        "support": sum(w in post_set for w in content) / len(content) if content else 0.0,
+        "coverage": sum(w in set(content) for w in top) / len(top) if top else 0.0,
+        "repetition": 1 - len(set(words)) / len(words) if words else 0.0,
+        "log_words": math.log1p(len(words)),
+    }
+
+
+def fit_feature_weights(diffs: pd.DataFrame) -> tuple[dict[str, float], float]:
+    """Logistic regression of ``left_won`` on the feature differences ``d_<feature>``: (weights, intercept), the
+    intercept being the position bias in log-odds."""
+    import statsmodels.api as sm  # statsmodels (with patsy) is slow to import: only where a fit is made
+
+    X = sm.add_constant(diffs[[f"d_{f}" for f in FEATURES]].to_numpy(), has_constant="add")
+    res = sm.Logit(diffs["left_won"].to_numpy(), X).fit(disp=0)
+    return {f: float(res.params[i + 1]) for i, f in enumerate(FEATURES)}, float(res.params[0])
 
 
 # ---------------------------------------------------------------------------------------------------- the pairs
@@ -106,8 +149,8 @@ class LengthJudge(Judge):
 
 
 class FeaturesJudge(Judge):
-    """The simulated panel's feature model, without its labeler noise or position bias, fitted on the released
-    comparisons outside the held-out split."""
+    """The bag-of-words feature model, fitted on the released comparisons outside the held-out split; its intercept
+    (the labelers' position bias) is kept as ``position_bias`` and left out of the judge's own choice."""
 
     def __init__(self, batches: tuple[str, ...] = VALIDATION_BATCHES):
         super().__init__("features", "model")
@@ -115,10 +158,11 @@ class FeaturesJudge(Judge):
         held = set(every.loc[every["split"] == HELD_OUT_SPLIT, "item_id"])
         fit_rows = every[~every["item_id"].isin(held)]
         self.trained_on = set(fit_rows["item_id"])
-        self.model = fit_panel(_feature_diffs(fit_rows))
+        self.weights, self.position_bias = fit_feature_weights(_feature_diffs(fit_rows))
 
     def prob_left(self, pairs: pd.DataFrame) -> np.ndarray:
-        z = sum(self.model.weights[f] * _feature_diffs(pairs)[f"d_{f}"].to_numpy() for f in FEATURES)
+        diffs = _feature_diffs(pairs)
+        z = sum(self.weights[f] * diffs[f"d_{f}"].to_numpy() for f in FEATURES)
         return 1 / (1 + np.exp(-z))
 
 
@@ -142,13 +186,14 @@ class RewardModelJudge(Judge):
 
         super().__init__(f"rm:{folder}", "model")
         self._decoding, self._precision = decoding, precision
-        self.rm, self.tok, self.contract = RewardModel.load(folder).eval(), load_tokenizer(folder), read_contract(folder)
+        self.device = _device()
+        self.rm, self.tok, self.contract = RewardModel.load(folder).eval().to(self.device), load_tokenizer(folder), read_contract(folder)
 
     def prob_left(self, pairs: pd.DataFrame) -> np.ndarray:
         queries = [self._decoding.encode_query(self.tok, it, self.contract.max_query_tokens) for it in pairs["items"]]
         texts = [t for pair in zip(pairs["left"], pairs["right"]) for t in pair]
-        with self._precision.weights_as(self._precision.resolve("auto", "cpu"), self.rm):  # bf16 where the CPU has the units
-            scores = self._decoding.score_candidates(self.rm, self.tok, queries, texts, 2, self.contract).numpy().reshape(-1, 2)
+        with self._precision.weights_as(self._precision.resolve("auto", self.device), self.rm):  # bf16 where the device has the units
+            scores = self._decoding.score_candidates(self.rm, self.tok, queries, texts, 2, self.contract, self.device).numpy().reshape(-1, 2)
         return 1 / (1 + np.exp(-(scores[:, 0] - scores[:, 1])))
 
     def both_orders(self, pairs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -166,18 +211,18 @@ class LanguageModelJudge(Judge):
         from evalkit.models import load_causal_lm, load_tokenizer
 
         super().__init__(f"llm:{folder}@{PROMPT_VERSION}", "llm")
-        self._torch, self._precision = torch, precision
-        self.model, self.tok, self.max_post_tokens = load_causal_lm(folder).eval(), load_tokenizer(folder), max_post_tokens
+        self._torch, self._precision, self.device = torch, precision, _device()
+        self.model, self.tok, self.max_post_tokens = load_causal_lm(folder).eval().to(self.device), load_tokenizer(folder), max_post_tokens
         self.choices = [self.tok.encode(c, add_special_tokens=False)[0] for c in (" A", " B")]
         self.context = model_context(self.model.config)
 
     def prob_left(self, pairs: pd.DataFrame) -> np.ndarray:
         torch = self._torch
         out = np.zeros(len(pairs))
-        with torch.no_grad(), self._precision.weights_as(self._precision.resolve("auto", "cpu"), self.model):  # cast once
+        with torch.no_grad(), self._precision.weights_as(self._precision.resolve("auto", self.device), self.model):  # cast once
             for i, (item, left, right) in enumerate(zip(pairs["items"], pairs["left"], pairs["right"])):
                 ids = self._prompt_ids(item, left.strip(), right.strip())
-                logits = self.model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
+                logits = self.model(input_ids=torch.tensor([ids], device=self.device), logits_to_keep=1).logits[0, -1].float()
                 a, b = logits[self.choices]
                 out[i] = float(torch.sigmoid(a - b))
         return out
@@ -193,6 +238,19 @@ class LanguageModelJudge(Judge):
             post = ""
         ids = self.tok.encode(PROMPT.format(post=post, a=a, b=b), add_special_tokens=False)
         return ids[-(self.context - 1):]  # summaries too long for the context keep the question at the end
+
+
+def _device():
+    """CUDA when present, else the CPU (model judges only; torch is loaded by then)."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def judge_probabilities(judge: Judge, pairs: pd.DataFrame) -> np.ndarray:
+    """P(left preferred) per row with the two orders averaged (a reward model's are one and the same)."""
+    shown, swapped = judge.both_orders(pairs)
+    return (shown + swapped) / 2
 
 
 def make_judge(spec: str) -> Judge:
@@ -232,26 +290,51 @@ def leave_one_out(comparisons: pd.Series, left_won: pd.Series, predicted: np.nda
     return (hits / n if n else math.nan), n
 
 
-def _orient(df: pd.DataFrame) -> pd.DataFrame:
+def pair_agreement(comparisons, labels) -> tuple[float, int]:
+    """Labeler–labeler agreement over every two labels of one comparison (pair-weighted, as the paper's figure): the
+    labels ``labels`` (1/0 in one orientation per comparison). Returns (agreement, pairs)."""
+    df = pd.DataFrame({"c": np.asarray(comparisons), "y": np.asarray(labels, dtype=float)})
+    g = df.groupby("c")["y"].agg(["sum", "count"])
+    pairs = g["count"] * (g["count"] - 1) / 2
+    agree = g["sum"] * (g["sum"] - 1) / 2 + (g["count"] - g["sum"]) * (g["count"] - g["sum"] - 1) / 2
+    total = float(pairs.sum())
+    return (float(agree.sum()) / total if total else math.nan), int(total)
+
+
+def orient(df: pd.DataFrame) -> pd.DataFrame:
     """Each comparison's labels in one orientation (the summary whose id sorts first as ``left``), so that labels of
     one pair shown in different orders are comparable."""
     flip = df["gen_id_left"] > df["gen_id_right"]
     out = df.copy()
     out.loc[flip, ["left", "right"]] = df.loc[flip, ["right", "left"]].to_numpy()
     out.loc[flip, ["gen_id_left", "gen_id_right"]] = df.loc[flip, ["gen_id_right", "gen_id_left"]].to_numpy()
-    out.loc[flip, "left_won"] = 1 - df.loc[flip, "left_won"]
+    for col in ("left_won", *(c for c in df if c.startswith("sim_"))):  # 1/0 choices of the left summary flip with it
+        out.loc[flip, col] = 1 - df.loc[flip, col]
     return out
+
+
+def prefers_longer_rate(left: pd.Series, right: pd.Series, chose_left: np.ndarray) -> float:
+    """How often the longer summary is chosen, on pairs whose lengths differ by more than ``LONGER_BY_CHARS`` (a
+    choice of ½, a tie, is left out)."""
+    length = left.str.len().to_numpy() - right.str.len().to_numpy()
+    chose_left = np.asarray(chose_left, dtype=float)
+    decided = (np.abs(length) > LONGER_BY_CHARS) & (chose_left != 0.5)
+    return float(np.mean((chose_left[decided] == 1) == (length[decided] > 0))) if decided.any() else math.nan
 
 
 def evaluate(judge: Judge | None, pairs: pd.DataFrame, gpt4: pd.DataFrame | None = None) -> dict:
     """One evaluator-table row: ``judge`` None is the human row (each label against the other labels)."""
-    df = _orient(pairs)
+    df = orient(pairs)
     row: dict = {"judge": "human" if judge is None else judge.judge_id, "n_judgments": len(df),
                  "n_comparisons": int(df["comparison"].nunique())}
     if judge is None:
+        row["position_bias"] = float(pairs["left_won"].mean())  # as shown: P(the first-shown summary wins)
+        row["prefers_longer"] = prefers_longer_rate(df["left"], df["right"], df["left_won"].to_numpy())
         row["human_agreement"], row["n_loo"] = leave_one_out(df["comparison"], df["left_won"])
         for key, g in [*df.groupby("batch"), *df.groupby("dataset")]:
             row[f"loo_{key}"] = leave_one_out(g["comparison"], g["left_won"])[0]
+        for key, g in df.groupby("dataset"):
+            row[f"pair_agreement_{key}"], row[f"n_pairs_{key}"] = pair_agreement(g["comparison"], g["left_won"])
         return row
     unique = df.drop_duplicates("comparison")
     t0 = time.perf_counter()
@@ -267,10 +350,7 @@ def evaluate(judge: Judge | None, pairs: pd.DataFrame, gpt4: pd.DataFrame | None
         at = df.index.get_indexer(g.index)
         row[f"loo_{key}"] = leave_one_out(g["comparison"], g["left_won"], chosen[at])[0]
         row[f"labels_{key}"] = float(credit[at].mean())
-    length = unique["left"].str.len().to_numpy() - unique["right"].str.len().to_numpy()
-    differ = np.abs(length) > LONGER_BY_CHARS
-    decided = differ & (p != 0.5)
-    row["prefers_longer"] = float(np.mean((p[decided] > 0.5) == (length[decided] > 0))) if decided.any() else math.nan
+    row["prefers_longer"] = prefers_longer_rate(unique["left"], unique["right"], np.where(p == 0.5, 0.5, (p > 0.5).astype(float)))
     row["position_bias"] = float(np.mean((shown + (1 - swapped)) / 2))  # P(the first-shown summary wins), 0.5 = none
     row["order_agreement"] = float(np.mean((shown > 0.5) == (swapped > 0.5)))
     if gpt4 is not None and len(gpt4):
@@ -281,20 +361,22 @@ def evaluate(judge: Judge | None, pairs: pd.DataFrame, gpt4: pd.DataFrame | None
     return row
 
 
-COLUMNS_FIRST = ("judge", "human_agreement", "n_loo", "agreement_with_labels", "prefers_longer", "position_bias", "order_agreement",
+COLUMNS_FIRST = ("judge", "human_agreement", "loo_batch13", "loo_batch18", "loo_batch0_cnndm", "agreement_with_labels", "prefers_longer",
+                 "pair_agreement_tldr", "pair_agreement_cnndm", "position_bias", "order_agreement",
                  "kappa_gpt4", "kappa_gpt4_low", "kappa_gpt4_high", "n_gpt4", "seconds_per_1000", "n_judgments", "n_comparisons")
 
 
-def evaluator_table(judges: list[Judge], max_comparisons: int = 0, seed: int = 0) -> pd.DataFrame:
+def evaluator_table(judges: list[Judge], max_comparisons: int = 0, seed: int = 0, extra_rows=()) -> pd.DataFrame:
     """The human row, then each judge's, on the held-out released comparisons (a seeded subset of ``max_comparisons``
-    comparisons when set: every label of each kept comparison stays)."""
+    comparisons when set: every label of each kept comparison stays); ``extra_rows``: callables (pairs, gpt4) → a row
+    each (the simulated panels' rows, made by ``evalkit.study.simulate``)."""
     pairs = released_comparisons()
     gpt4 = gpt4_pairs()
     if max_comparisons:
         keep = pd.Series(pairs["comparison"].unique()).sample(frac=1, random_state=seed).head(max_comparisons)
         pairs = pairs[pairs["comparison"].isin(set(keep))]
         gpt4 = gpt4.sample(frac=1, random_state=seed).head(max_comparisons)
-    table = pd.DataFrame([evaluate(None, pairs)] + [evaluate(j, pairs, gpt4) for j in judges])
+    table = pd.DataFrame([evaluate(None, pairs)] + [evaluate(j, pairs, gpt4) for j in judges] + [row(pairs, gpt4) for row in extra_rows])
     first = [c for c in COLUMNS_FIRST if c in table]
     return table[first + sorted(c for c in table if c not in first)]
 
@@ -313,7 +395,11 @@ def evaluator_markdown(table: pd.DataFrame, max_comparisons: int = 0) -> str:
              f"on pairs whose summaries differ by more than {LONGER_BY_CHARS} characters. `position_bias`: P(the first "
              "shown summary wins) over both orders (0.5 = none). `order_agreement`: the same choice in both orders. "
              "`kappa_gpt4`: Cohen's kappa against the bundled GPT-4 verdicts (OpenAI's 1.3B RLHF vs the reference), "
-             "post-clustered 95% interval. Per-batch and per-dataset columns (`loo_*`, `labels_*`) are in evaluators.csv.", "",
+             "post-clustered 95% interval. `loo_<batch>`: `human_agreement` on one batch. `pair_agreement_<dataset>`: "
+             "labeler–labeler agreement over every two labels of one comparison (humans: the released labels; a "
+             "simulated panel: two of its labelers on each comparison). A `panel:` row is the simulated panel on that "
+             "judge: each human label is replaced by one simulated labeler's, so its `human_agreement` is scored as the "
+             "human row's is. Other per-batch and per-dataset columns (`labels_*`) are in evaluators.csv.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in table.to_dict("records")]
     return "\n".join(lines) + "\n"

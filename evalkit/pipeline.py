@@ -27,11 +27,12 @@ from evalkit.data.openai import merge_tables
 from evalkit.data.tldr import OPENAI_PPO_FAMILY, OPENAI_PPO_POLICY
 from evalkit.errors import EvalkitError
 from evalkit.generate import Policy, checkpoint_fingerprint, generate
+from evalkit.judges import LengthJudge, evaluator_table, make_judge
 from evalkit.report.build import build_report
 from evalkit.study.build import build_study
 from evalkit.study.exchange import load_study_tables
 from evalkit.study.items import read_judgments, study_items_of, transfer_items_of
-from evalkit.study.simulate import calibrate, simulate_judgments
+from evalkit.study.simulate import PANEL_VALIDATION, calibrate, panel_row, simulate_judgments
 from evalkit.train.best_of_n import read_best_of_n
 from evalkit.train.ladder import format_summary, ladder_checkpoints, run_ladder
 from evalkit.train.presets import ladder_config, ladder_dict, lineage_digest, size_family, size_names
@@ -187,9 +188,13 @@ def answer_with_panel(cfg: StudyConfig, seed: int = 0):
     earlier simulated ones in ``judgments.parquet`` and keep every other judgment."""
     folder = cfg.layout.study_dir
     tables = load_study_tables(folder)
-    model = calibrate()
+    judge = make_judge(cfg.labelers.judge)
+    model = calibrate(judge, seed)
     model.save(folder / "panel_model.json")
-    sim = simulate_judgments(model, tables, seed)
+    validation = evaluator_table([LengthJudge(), judge] if judge.judge_id != "length" else [judge],
+                                 extra_rows=[lambda pairs, gpt4: panel_row(model, judge, pairs, gpt4, seed)])
+    artifacts.atomic_write(folder / PANEL_VALIDATION, lambda tmp: validation.to_csv(tmp, index=False))
+    sim = simulate_judgments(model, judge, tables, seed)
     target = folder / "judgments.parquet"
     if target.is_file():
         old = read_judgments(target)
@@ -234,7 +239,8 @@ def report_study(cfg: StudyConfig, out_dir: str | Path | None = None) -> dict[st
         return build_report(tables, out, cfg.study.title or cfg.id, r.baselines, r.split or None, r.n_boot, cfg.study.seed,
                             config=cfg.to_dict(), reward_models=tuple(study_reward_models(cfg)), policy_kl=policy_kl,
                             primary_dataset=cfg.data.dataset, inputs=tuple(inputs),
-                            policy_family=study_families(cfg) if r.source == "study" else None)
+                            policy_family=study_families(cfg) if r.source == "study" else None, labels=r.labels,
+                            panel_validation=cfg.layout.study_dir / PANEL_VALIDATION if r.source == "study" else None)
 
 
 # ------------------------------------------------------------------------------------------------------- evalkit run
@@ -314,7 +320,7 @@ def run_study(cfg: StudyConfig, force: bool = False, echo=print) -> dict:
     step("build", build_key, [gen_path], lambda: build_study(cfg), _study_files(cfg))
     judgments = cfg.layout.judgments
     if cfg.study.simulate:
-        step("labels", {"simulate": True, "seed": cfg.study.seed}, _study_files(cfg), lambda: answer_with_panel(cfg, cfg.study.seed), [judgments])
+        step("labels", {"simulate": True, "seed": cfg.study.seed, "judge": cfg.labelers.judge}, _study_files(cfg), lambda: answer_with_panel(cfg, cfg.study.seed), [judgments])
     elif not judgments.is_file():
         result["waiting_for_labels"] = True
         echo(f"[labels] the study is built in {cfg.layout.study_dir} and has no judgments yet. Collect them with "

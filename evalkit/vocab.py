@@ -13,7 +13,8 @@ POLICY_KINDS = ("ref", "lead3", "pretrained", "sft", "ppo", "best_of_n", "extern
 BASELINES = ("ref", "lead3", "openai-ppo-1.3b")  # policies that are not checkpoints
 TASK_KINDS = ("pairwise", "likert")
 TASK_ROLES = ("main", "overlap", "gold", "attention", "sentinel")
-LABELER_KINDS = ("human", "simulated", "llm", "imported")
+LABELER_KINDS = ("human", "simulated", "llm", "model", "imported")
+PEOPLE_KINDS = ("human", "imported")  # labels made by people; every other kind is a machine's and never pooled with them unless asked
 SIDES = ("left", "right")
 
 # -------------------------------------------------------------------------------------------------- precision

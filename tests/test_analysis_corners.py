@@ -116,13 +116,15 @@ def test_position_effect_is_adjusted_for_placement_and_its_interval_covers():
 def test_sentinel_pairs_stay_out_of_the_rates(tmp_path):
     from evalkit.analysis import comparisons
     from evalkit.study.exchange import load_study_tables
+    from evalkit.judges import LengthJudge
     from evalkit.study.simulate import calibrate, simulate_judgments
 
     cfg, built = baseline_study(tmp_path, "data.n_items=40", "design.items_per_policy=20", "labelers.count=3",
                                 "design.sentinel_policy=lead3", "design.batch_size=10")
     tables = load_study_tables(cfg.out_dir / "study")
     assert (tables["tasks"]["role"] == "sentinel").sum() > 0
-    tables["judgments"] = simulate_judgments(calibrate(), tables, 0)
+    judge = LengthJudge()
+    tables["judgments"] = simulate_judgments(calibrate(judge), judge, tables, 0)
     comp = comparisons(tables)
     main = tables["tasks"][tables["tasks"]["role"].isin(["main", "overlap"])]
     assert len(comp) == main["task_id"].isin(tables["judgments"]["task_id"]).sum()

@@ -95,3 +95,64 @@ def test_a_language_model_judge_reads_a_and_b_and_averages_both_orders(pretraine
     assert judge.labeler_kind == "llm" and judge.judge_id.endswith("@tldr-pairwise-v1")
     row = evaluate(judge, _real_pairs())
     assert 0 <= row["position_bias"] <= 1 and 0 <= row["order_agreement"] <= 1 and row["seconds_per_1000"] > 0
+
+
+def test_pair_agreement_counts_every_two_labels_of_a_comparison():
+    from evalkit.judges import pair_agreement
+
+    # a: labels 1, 1, 0 -> 3 pairs, 1 agreeing; b: 1, 1 -> 1 pair agreeing; c: one label, no pair
+    assert pair_agreement(["a", "a", "a", "b", "b", "c"], [1, 1, 0, 1, 1, 0]) == (0.5, 4)
+
+
+def test_the_reward_trainer_never_trains_on_a_released_held_out_post():
+    """The released valid2 comparisons include posts the bundled TL;DR set lacks: the trainer drops them by the
+    release's own split, so a reward model trained on every released batch can be validated on valid2."""
+    from evalkit.train.reward import comparison_sources, split_pairs
+
+    pairs, _ = comparison_sources(("batch13", "batch18", "oai1b-gpt4-judged"))
+    train, held, dropped = split_pairs(pairs, "valid2", 0.15)
+    released_valid2 = set(released_comparisons()["item_id"])
+    assert len(train) > 500 and dropped > 1000
+    assert not (set(train["item_id"]) | set(held["item_id"])) & released_valid2
+
+
+def test_judge_labels_stay_apart_from_peoples(tmp_path):
+    """`evalkit judge run` labels each distinct pair once as the judge (never human), resumes after a kill, and its
+    labels enter no analysis of people's labels unless pooling is asked for."""
+    from conftest import baseline_study, run_cli
+    from test_study_build import SETTINGS
+
+    from evalkit.analysis import comparisons
+    from evalkit.analysis.labels import select_labels
+    from evalkit.study.exchange import load_study_tables
+
+    baseline_study(tmp_path, *SETTINGS)
+    sets = [x for s in SETTINGS for x in ("--set", s)]
+    args = ["judge", "run", "studies/default", "--judge", "length", "--batch-size", "5", "--set", f"study.out_dir={tmp_path}", *sets]
+    run_cli("study", "simulate", "studies/default", "--set", f"study.out_dir={tmp_path}", *sets, check=True)
+    target = tmp_path / "study" / "judgments.parquet"
+    simulated = pd.read_parquet(target)
+    # people: half of the simulated answers relabelled as if a person had given them
+    people = simulated.assign(labeler_kind="human", source="web", judgment_id="j-h-" + simulated["judgment_id"]).iloc[::2]
+    pd.concat([simulated, people], ignore_index=True).to_parquet(target)
+    first = run_cli(*args, check=True)
+    judged = pd.read_parquet(target)
+    mine = judged[judged["source"] == "judge:length"]
+    tables = load_study_tables(tmp_path / "study")
+    pair = tables["tasks"][tables["tasks"]["kind"] == "pairwise"]
+    assert len(mine) == len(pair.drop_duplicates(["item_id", "gen_id_left", "gen_id_right"])) and "tasks judged by length" in first.stdout
+    assert set(mine["labeler_kind"]) == {"model"} and set(mine["labeler_id"]) == {"length"}
+    # killed part-way: the judge's last judgments lost; a re-run judges exactly those, then nothing
+    pd.concat([judged[judged["source"] != "judge:length"], mine.iloc[:-7]]).to_parquet(target)
+    assert "7 tasks judged" in run_cli(*args, check=True).stdout
+    assert "0 tasks judged" in run_cli(*args, check=True).stdout
+    tables["judgments"] = pd.read_parquet(target)
+    assert len(tables["judgments"]) == len(judged)
+    chosen, name, words = select_labels(tables["judgments"])
+    assert name == "people" and set(chosen["labeler_kind"]) == {"human"} and "human labels" in words
+    assert len(comparisons(tables)) == len(comparisons({**tables, "judgments": people}))
+    assert len(comparisons(tables, labels="length")) < len(comparisons(tables, labels="all"))
+    with pytest.raises(EvalkitError, match="labels 'gpt5'"):
+        select_labels(tables["judgments"], "gpt5")
+    bad = run_cli("judge", "run", "studies/default", "--judge", "oracle", "--set", f"study.out_dir={tmp_path}", *sets)
+    assert bad.returncode == 2 and "unknown judge 'oracle'" in bad.stderr

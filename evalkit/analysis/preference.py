@@ -17,6 +17,7 @@ import pandas as pd
 from scipy.stats import norm
 
 from evalkit import artifacts
+from evalkit.analysis.labels import select_labels
 from evalkit.errors import EvalkitError
 
 SIZE_FORMULA = "outcome ~ C(policy_kind) * log_n_params"
@@ -24,13 +25,12 @@ SIZE_FORMULA_ONE_KIND = "outcome ~ log_n_params"
 LENGTH_TERM = "log_len_ratio"
 
 
-def comparisons(tables: dict[str, pd.DataFrame], baseline: str = "ref", judge_kinds: tuple[str, ...] | None = None) -> pd.DataFrame:
-    """One row per pairwise judgment of some policy against ``baseline`` (DESIGN.md's comparisons view)."""
-    tasks, judg, gens, items = tables["tasks"], tables["judgments"], tables["generations"], tables["items"]
-    if judge_kinds is None:  # an LLM judge is never pooled with people unless asked (judge_kinds=("llm", ...))
-        kinds = set(judg["labeler_kind"].dropna())
-        judge_kinds = tuple(kinds - {"llm"}) if kinds - {"llm"} else tuple(kinds)
-    judg = judg[judg["labeler_kind"].isin(judge_kinds)]
+def comparisons(tables: dict[str, pd.DataFrame], baseline: str = "ref", labels: str = "") -> pd.DataFrame:
+    """One row per pairwise judgment of some policy against ``baseline`` (DESIGN.md's comparisons view), from one
+    label set (``evalkit.analysis.labels``: people's by default; a judge's or the simulated panel's never pooled with
+    them unless ``labels="all"``)."""
+    tasks, gens, items = tables["tasks"], tables["generations"], tables["items"]
+    judg = select_labels(tables["judgments"], labels)[0]
     g = gens.set_index("gen_id")
     # gold and attention tasks have a planted answer: they measure labelers, not policies; sentinel pairs recur in
     # every batch to watch for drift and would weigh their policy's items many times over

@@ -24,20 +24,19 @@ import pandas as pd  # noqa: E402
 
 from evalkit import artifacts  # noqa: E402
 from evalkit.analysis.agreement import SMALL_N, agreement_with_ci, bradley_terry, cohen_kappa, labeler_position, oriented_by_policy, pairwise_view, per_labeler, position_effect  # noqa: E402
+from evalkit.analysis.labels import SIMULATED, describe, machine_sets, select_labels, set_judgments  # noqa: E402
 from evalkit.analysis.likert import krippendorff_alpha, length_adjusted_means, likert_means, likert_view  # noqa: E402
 from evalkit.analysis.preference import EXTRAPOLATION_LOG_RATIO, comparisons, fit_table, length_controlled, preference_rates, separated_kinds, size_curve, size_fit  # noqa: E402
 from evalkit.analysis.rm_eval import kl_vs_preference, rm_accuracy_by_size
 from evalkit.data.tldr import OPENAI_PPO_POLICY, load_llm_judgments
 from evalkit.errors import EvalkitError  # noqa: E402
+from evalkit.judges import LONGER_BY_CHARS  # noqa: E402
 from evalkit.seeds import rng_for  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 KIND_LABELS = {"pretrained": "pretrained", "sft": "SFT", "ppo": "PPO (RLHF)", "best_of_n": "best-of-N",
                "external": "external", "ref": "reference", "lead3": "lead-3"}
-KIND_WORDS = {"human": "human labels", "imported": "imported human labels (OpenAI release)", "simulated": "SIMULATED labels",
-              "llm": "LLM-judge labels"}
-
 
 class Report:
     def __init__(self, out_dir: Path, title: str):
@@ -93,11 +92,6 @@ class Report:
         artifacts.write_table(fits, self.out_dir / "fits.parquet", "fits")
         artifacts.write_manifest(self.out_dir, manifest)
         return {"md": md, "html": self.out_dir / "report.html", "fits": self.out_dir / "fits.parquet"}
-
-
-def label_source(judgments: pd.DataFrame) -> str:
-    kinds = sorted(judgments["labeler_kind"].dropna().unique())
-    return ", ".join(KIND_WORDS.get(k, k) for k in kinds) or "no labels"
 
 
 def _rates_figure(rates: pd.DataFrame, dataset: str, baseline: str, source: str):
@@ -219,7 +213,7 @@ def _headline(rep: "Report", d: pd.DataFrame, dataset: str, baseline: str, sourc
     rates = preference_rates(d, n_boot=n_boot, rng=rng_for(seed, "rates", baseline, dataset))  # a stream per policy
     family = d.drop_duplicates("policy_id").set_index("policy_id")["family"] if "family" in d else pd.Series(dtype=str)
     rates["family"] = rates["policy_id"].map(family).fillna("")
-    title_source = "SIMULATED panel" if "SIMULATED" in source else source
+    title_source = source.removesuffix(" (not people)")
     caption = (f"{dataset}: fraction preferred to {baseline} vs model size (log parameters); colour: kind, marker: model "
                f"family; dots: observed rate with its 95% item-clustered bootstrap interval, n beside each; curves (solid "
                f"raw, dashed at equal length, 95% bands with item-clustered SE) only within one family measured at two "
@@ -438,6 +432,8 @@ class ReportSpec:
     primary_dataset: str | None = None  # the study's dataset: first in every section
     inputs: tuple[str | Path, ...] = ()
     policy_family: dict[str, str] | None = None  # each policy's model family (size curves stay within one)
+    labels: str = ""  # whose labels (evalkit.analysis.labels): "" people's if any, else the simulated panel's or the one judge's
+    panel_validation: Path | None = None  # the simulated panel's evaluator table, shown under Figure 1
 
 
 class _Study:
@@ -445,11 +441,11 @@ class _Study:
     comparisons on the report's split."""
 
     def __init__(self, tables: dict[str, pd.DataFrame], spec: ReportSpec):
-        self.tables, self.spec = tables, spec
-        self.judgments = tables["judgments"]
-        if self.judgments.empty:
+        if tables["judgments"].empty:
             raise EvalkitError("no judgments to report on")
-        self.source = label_source(self.judgments)
+        self.all_judgments = tables["judgments"]
+        self.judgments, self.labels, self.source = select_labels(tables["judgments"], spec.labels)
+        self.tables, self.spec = {**tables, "judgments": self.judgments}, spec  # every section reads one label set
         self._comparisons: dict[str, pd.DataFrame] = {}
 
     def comparisons(self, baseline: str) -> pd.DataFrame:
@@ -467,12 +463,12 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
                  split: str | None = "valid2", n_boot: int = 1000, seed: int = 0, config: dict | None = None,
                  reward_models: tuple[str, ...] = (), policy_kl: dict[str, float] | None = None,
                  primary_dataset: str | None = None, inputs: tuple[str | Path, ...] = (),
-                 policy_family: dict[str, str] | None = None) -> dict[str, Path]:
+                 policy_family: dict[str, str] | None = None, labels: str = "", panel_validation: Path | None = None) -> dict[str, Path]:
     """The study's report in ``out_dir``: report.md, report.html, figures, fits.parquet and manifest.json. It is
     built in a folder beside ``out_dir`` and put in its place whole at the end, so a failed or killed report leaves
     the previous one as it was. ``policy_family``: each policy's model family (size curves stay within one)."""
     spec = ReportSpec(title, tuple(baselines), split, n_boot, seed, config, tuple(reward_models), policy_kl, primary_dataset,
-                      tuple(inputs), policy_family)
+                      tuple(inputs), policy_family, labels, panel_validation)
     final = Path(out_dir)
     with artifacts.built_whole(final, lambda f: (artifacts.read_manifest(f) or {}).get("artifact") == "report",
                                "an evalkit report") as staging:
@@ -484,23 +480,68 @@ def _write_report(tables: dict[str, pd.DataFrame], out_dir: Path, spec: ReportSp
     """The report, section by section (each: the analysis in, its text, tables and figures out)."""
     rep, study = Report(out_dir, spec.title), _Study(tables, spec)
     headline = _section_headline(rep, study)
+    _section_panel(rep, study)
     if set(study.judgments["labeler_kind"].dropna()) == {"imported"}:
-        _paper_beside(rep, tables, spec.split, spec.n_boot, spec.seed)
-    _judges(rep, tables, spec.split, spec.n_boot, spec.seed, study.source)
+        _paper_beside(rep, study.tables, spec.split, spec.n_boot, spec.seed)
+    _judges(rep, study.tables, spec.split, spec.n_boot, spec.seed, study.source)
+    _section_other_labels(rep, study)
     rep.text(f"Labels: {study.source}. {len(study.judgments)} judgments by {study.judgments['labeler_id'].nunique()} labelers"
              + (f"; preference rates on split {spec.split} only." if spec.split else "."))
     for baseline in spec.baselines:
         _section_preferred_to(rep, study, baseline)
     _section_agreement(rep, study)
-    _likert_and_strengths(rep, tables, study.source, spec.n_boot, spec.seed)
+    _likert_and_strengths(rep, study.tables, study.source, spec.n_boot, spec.seed)
     _section_reward_models(rep, study)
     _section_kl(rep, study)
     manifest = artifacts.build_manifest("report", dict(spec.config or {}, title=spec.title, baselines=list(spec.baselines), split=spec.split,
-                                                       n_boot=spec.n_boot), inputs=[p for p in spec.inputs if Path(p).is_file()],
+                                                       n_boot=spec.n_boot, labels=study.labels), inputs=[p for p in spec.inputs if Path(p).is_file()],
                                         seeds={"bootstrap": spec.seed, "per_analysis": "derive_seed(seed, analysis, dataset)"},
                                         outputs={"figures": len(rep.figures), "fits": sum(len(f) for f in rep.fits)},
                                         extra={"headline": headline})
     return {**rep.write(manifest), "headline": headline}
+
+
+def _section_panel(rep: Report, study: _Study) -> None:
+    """Under Figure 1, when its labels are the simulated panel's: the panel's evaluator row against real human labels
+    (written when the labels were made), beside the human row, the length baseline and the panel's judge."""
+    path = study.spec.panel_validation
+    if study.labels != SIMULATED or path is None or not Path(path).is_file():
+        return
+    table = pd.read_csv(path)
+    rep.text("How far the simulated panel can be trusted: its row in the evaluator table (`evalkit judge validate`) on the "
+             "released batches' valid2 human labels, which neither the panel nor its judge was fitted on. "
+             "`human_agreement`: leave one label out and predict the majority of the others (the panel: one simulated "
+             "labeler in place of the left-out human); `pair_agreement_*`: labeler–labeler agreement; `prefers_longer`: "
+             f"pairs differing by more than {LONGER_BY_CHARS} characters; `kappa_gpt4`: against the bundled GPT-4 verdicts.")
+    cols = [c for c in ("judge", "human_agreement", "loo_batch13", "loo_batch18", "loo_batch0_cnndm", "prefers_longer",
+                        "pair_agreement_tldr", "pair_agreement_cnndm", "kappa_gpt4") if c in table]
+    rep.table(table[cols].round(3))
+
+
+def _section_other_labels(rep: Report, study: _Study) -> None:
+    """Other label sets of the study (judges, the simulated panel) beside the report's own, on the tasks both labelled:
+    per-item agreement; never pooled."""
+    others = machine_sets(study.all_judgments, study.labels)
+    if not others:
+        return
+    tasks = study.tables["tasks"].set_index("task_id")
+    def choices(j):
+        t = tasks.loc[j["task_id"]]
+        pair = [f"{i}|{'|'.join(sorted(p))}" for i, p in zip(t["item_id"], zip(t["gen_id_left"], t["gen_id_right"]))]
+        return pd.DataFrame({"pair": pair, "item_id": t["item_id"].to_numpy(), "chosen": j["preferred_gen_id"].to_numpy()}).dropna()
+    mine = choices(study.judgments.dropna(subset=["preferred_gen_id"]))
+    rows = []
+    for other in others:
+        theirs = choices(set_judgments(study.all_judgments, other).dropna(subset=["preferred_gen_id"]))
+        theirs = theirs.drop_duplicates("pair").set_index("pair")["chosen"]
+        shared = mine[mine["pair"].isin(theirs.index)]
+        agree = (shared["chosen"] == shared["pair"].map(theirs)).mean() if len(shared) else float("nan")
+        rows.append({"labels": describe(set_judgments(study.all_judgments, other), other), "shared judgments": len(shared),
+                     "items": shared["item_id"].nunique(), f"agreement with {study.labels}": "—" if shared.empty else f"{agree:.1%}"})
+    rep.heading("Other labels of this study, kept apart")
+    rep.text(f"Every number above reads {study.source} only (report.labels chooses; `all` pools). The study also has these "
+             "labels; agreement is per judgment of the report's labels with the other set's choice on the same pair.")
+    rep.table(pd.DataFrame(rows))
 
 
 def _section_headline(rep: Report, study: _Study) -> list[dict]:
