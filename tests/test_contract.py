@@ -100,7 +100,9 @@ def test_reward_model_data_never_holds_an_evaluation_post_and_held_out_is_post_d
     assert len(pairs) == 1771 and set(pairs["labeler_kind"]) == {"imported"}
     train, held, dropped = split_pairs(pairs, "valid2", 0.15)
     eval_ids = evaluation_posts("valid2")
-    assert dropped == 479 and len(train) + len(held) == 1771 - 479
+    # every comparison the release places in valid2 (832 + 554) is dropped, the bundled valid2 posts among them
+    assert dropped == 1386 and len(train) + len(held) == 1771 - 1386
+    assert not (set(train["item_id"]) | set(held["item_id"])) & set(pairs.loc[pairs["split"] == "valid2", "item_id"])
     assert not set(train["item_id"]) & eval_ids and not set(held["item_id"]) & eval_ids
     assert not set(train["item_id"]) & set(held["item_id"])
     # every post the trainers measure quality on is held out, so RM scores there are out of sample

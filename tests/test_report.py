@@ -135,7 +135,7 @@ def test_figure_1_from_a_study_with_sizes(tmp_path):
     comp["len_policy"] = comp["len_policy"].round().clip(lower=1)
     paths = build_report(tables_from_comparisons(comp), tmp_path / "rep", "sizes", n_boot=100)
     md = paths["md"].read_text()
-    assert "size_ref_tldr.png" in md and "SIMULATED panel (not people)" in md
+    assert "size_ref_tldr.png" in md and "SIMULATED panel, not people" in md
     fits = artifacts.read_table(paths["fits"], "fits")
     raw = fits[fits["analysis"] == "size:tldr:ref"].set_index("term")
     assert raw.loc["log_n_params", "n_clusters"] == 60 and raw.loc["log_n_params", "estimate"] > 0

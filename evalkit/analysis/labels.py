@@ -44,10 +44,10 @@ def describe(judgments: pd.DataFrame, labels: str) -> str:
         return ", ".join(KIND_WORDS[k] for k in sorted(set(judgments["labeler_kind"].dropna()))) or "no labels"
     if labels == SIMULATED:
         judges = sorted({s.partition(":")[2] for s in judgments["source"].dropna() if str(s).startswith(PANEL_SOURCE + ":")})
-        return "SIMULATED panel" + (f" on judge {', '.join(judges)}" if judges else "") + " (not people)"
+        return "SIMULATED panel" + (f" on judge {', '.join(judges)}" if judges else "") + ", not people"
     if labels == ALL:
         return "ALL labels pooled: " + ", ".join(sorted(set(label_sets(judgments))))
-    return f"judge {labels} (not people)"
+    return f"judge {labels}, not people"
 
 
 def select_labels(judgments: pd.DataFrame, labels: str = "") -> tuple[pd.DataFrame, str, str]:

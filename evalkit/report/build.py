@@ -213,7 +213,7 @@ def _headline(rep: "Report", d: pd.DataFrame, dataset: str, baseline: str, sourc
     rates = preference_rates(d, n_boot=n_boot, rng=rng_for(seed, "rates", baseline, dataset))  # a stream per policy
     family = d.drop_duplicates("policy_id").set_index("policy_id")["family"] if "family" in d else pd.Series(dtype=str)
     rates["family"] = rates["policy_id"].map(family).fillna("")
-    title_source = source.removesuffix(" (not people)")
+    title_source = source.removesuffix(", not people")
     caption = (f"{dataset}: fraction preferred to {baseline} vs model size (log parameters); colour: kind, marker: model "
                f"family; dots: observed rate with its 95% item-clustered bootstrap interval, n beside each; curves (solid "
                f"raw, dashed at equal length, 95% bands with item-clustered SE) only within one family measured at two "
