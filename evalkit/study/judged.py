@@ -38,25 +38,34 @@ def pending_tasks(tables: dict[str, pd.DataFrame], judgments: pd.DataFrame, judg
     return first[~first["task_id"].isin(done)]
 
 
+def task_pairs(tables: dict[str, pd.DataFrame], tasks: pd.DataFrame) -> pd.DataFrame:
+    """A judge's input rows (post, items, left, right as shown) for pairwise ``tasks`` of a study's tables."""
+    text = tables["generations"].set_index("gen_id")["text"]
+    items = tables["items"].set_index("item_id")
+    return pd.DataFrame({"post": tasks["item_id"].map(items["body"]).to_numpy(), "left": tasks["gen_id_left"].map(text).to_numpy(),
+                         "right": tasks["gen_id_right"].map(text).to_numpy(),
+                         "items": [items.loc[i].to_dict() | {"item_id": i} for i in tasks["item_id"]]})
+
+
+def pairwise_judgment(task, left: bool, p_left: float, judgment_id: str, labeler_id: str, labeler_kind: str, note: str,
+                      source: str) -> dict:
+    """A judgments-table row for a machine's choice on a pairwise task, its 9-point confidence from |P(left) − ½|
+    (1/9 when P is extreme, 4/6 near ½)."""
+    step = min(3, int(abs(p_left - 0.5) * 2 * 4))  # 0 … 3 steps away from the middle
+    return {"judgment_id": judgment_id, "task_id": task.task_id, "labeler_id": labeler_id, "labeler_kind": labeler_kind,
+            "preferred": "left" if left else "right", "preferred_gen_id": task.gen_id_left if left else task.gen_id_right,
+            "confidence": (4 - step) if left else (6 + step), "overall": None, "accuracy": None, "coverage": None,
+            "coherence": None, "note": note, "submitted_at": None, "duration_s": None, "source": source}
+
+
 def judge_rows(judge: Judge, tables: dict[str, pd.DataFrame], tasks: pd.DataFrame) -> pd.DataFrame:
     """Judgments of ``tasks`` by ``judge``: the summary it gives P > ½ (an exact ½ goes by a hash of the task, never by
     position), with a 9-point confidence from |P − ½|."""
-    text = tables["generations"].set_index("gen_id")["text"]
-    items = tables["items"].set_index("item_id")
-    pairs = pd.DataFrame({"post": tasks["item_id"].map(items["body"]).to_numpy(), "left": tasks["gen_id_left"].map(text).to_numpy(),
-                          "right": tasks["gen_id_right"].map(text).to_numpy(),
-                          "items": [items.loc[i].to_dict() | {"item_id": i} for i in tasks["item_id"]]})
-    p = judge_probabilities(judge, pairs)
-    rows = []
-    for t, q in zip(tasks.itertuples(), p):
-        left = q > 0.5 if q != 0.5 else int(stable_hash("judge-tie", t.task_id), 16) % 2 == 0
-        step = min(3, int(abs(q - 0.5) * 2 * 4))
-        rows.append({"judgment_id": "j-judge-" + stable_hash(judge.judge_id, t.task_id), "task_id": t.task_id, "labeler_id": judge.judge_id,
-                     "labeler_kind": judge.labeler_kind, "preferred": "left" if left else "right",
-                     "preferred_gen_id": t.gen_id_left if left else t.gen_id_right, "confidence": (4 - step) if left else (6 + step),
-                     "overall": None, "accuracy": None, "coverage": None, "coherence": None,
-                     "note": f"{judge.judge_id}: P(left)={float(q):.3f}", "submitted_at": None, "duration_s": None,
-                     "source": judge_source(judge.judge_id)})
+    p = judge_probabilities(judge, task_pairs(tables, tasks))
+    rows = [pairwise_judgment(t, q > 0.5 if q != 0.5 else int(stable_hash("judge-tie", t.task_id), 16) % 2 == 0, float(q),
+                              "j-judge-" + stable_hash(judge.judge_id, t.task_id), judge.judge_id, judge.labeler_kind,
+                              f"{judge.judge_id}: P(left)={float(q):.3f}", judge_source(judge.judge_id))
+            for t, q in zip(tasks.itertuples(), p)]
     return artifacts.conform(pd.DataFrame(rows), "judgments")
 
 

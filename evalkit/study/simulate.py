@@ -29,9 +29,11 @@ from scipy.stats import norm
 
 from evalkit import artifacts
 from evalkit.analysis.agreement import cohen_kappa
+from evalkit.analysis.labels import PANEL_SOURCE
 from evalkit.errors import EvalkitError
 from evalkit.judges import Judge, judge_probabilities, leave_one_out, orient, pair_agreement, prefers_longer_rate, released_comparisons
 from evalkit.seeds import rng_for, stable_hash
+from evalkit.study.judged import pairwise_judgment, task_pairs
 
 LABELER_SCALE_SD = 0.3  # sd of log(s_ℓ) across simulated labelers
 MAX_LOGIT = 8.0
@@ -147,24 +149,16 @@ def simulate_judgments(panel: Panel, judge: Judge, tables: dict[str, pd.DataFram
     pair_tasks = tasks[tasks["kind"] == "pairwise"]
     if pair_tasks.empty:
         raise EvalkitError("the simulated panel answers pairwise tasks only; this study has none")
-    text = tables["generations"].set_index("gen_id")["text"]
     items = tables["items"].set_index("item_id")
     shown = pair_tasks.drop_duplicates(["item_id", "gen_id_left", "gen_id_right"])
-    pairs = pd.DataFrame({"post": shown["item_id"].map(items["body"]).to_numpy(), "left": shown["gen_id_left"].map(text).to_numpy(),
-                          "right": shown["gen_id_right"].map(text).to_numpy(),
-                          "items": [items.loc[i].to_dict() | {"item_id": i} for i in shown["item_id"]]})
-    logit = dict(zip(zip(shown["item_id"], shown["gen_id_left"], shown["gen_id_right"]), judge_logits(judge_probabilities(judge, pairs))))
+    logit = dict(zip(zip(shown["item_id"], shown["gen_id_left"], shown["gen_id_right"]),
+                     judge_logits(judge_probabilities(judge, task_pairs(tables, shown)))))
     rows = []
     for t in pair_tasks.itertuples():
         p = p_left(panel, logit[(t.item_id, t.gen_id_left, t.gen_id_right)], items.loc[t.item_id, "dataset"], labeler_scale(panel, seed, t.labeler_id))
         left = bool(rng_for("panel-judgment", seed, t.task_id).random() < p)
-        step = min(3, int(abs(p - 0.5) * 2 * 4))  # 0 … 3 steps away from the middle
-        rows.append({"judgment_id": "j-sim-" + stable_hash(t.task_id, seed), "task_id": t.task_id, "labeler_id": t.labeler_id,
-                     "labeler_kind": "simulated", "preferred": "left" if left else "right",
-                     "preferred_gen_id": t.gen_id_left if left else t.gen_id_right, "confidence": (4 - step) if left else (6 + step),
-                     "overall": None, "accuracy": None, "coverage": None, "coherence": None,
-                     "note": f"simulated on {panel.judge_id}: P(left)={p:.3f}", "submitted_at": None, "duration_s": None,
-                     "source": f"simulated-panel:{panel.judge_id}"})
+        rows.append(pairwise_judgment(t, left, p, "j-sim-" + stable_hash(t.task_id, seed), t.labeler_id, "simulated",
+                                      f"simulated on {panel.judge_id}: P(left)={p:.3f}", f"{PANEL_SOURCE}:{panel.judge_id}"))
     return artifacts.conform(pd.DataFrame(rows), "judgments")
 
 
