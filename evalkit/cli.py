@@ -12,7 +12,7 @@ import click
 
 from evalkit import artifacts
 from evalkit.checkpoints import read_metadata
-from evalkit.config import StudyConfig, load_study
+from evalkit.config import LabelersConfig, StudyConfig, load_study
 from evalkit.data import COMPARISON_BATCHES, comparison_batch, format_query, load_items, preferred_to_reference, read_openai_comparisons
 from evalkit.data.bundled import gpt2_bpe
 from evalkit.errors import EvalkitError
@@ -339,12 +339,12 @@ def judge() -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/judges", show_default=True)
 def judge_validate(judges: tuple[str, ...], max_comparisons: int, out_dir: str) -> None:
     """The evaluator table on the released batches' valid2 comparisons (no judge trains on them): rows for human,
-    length, features and the default simulated panel (panel:features) beside each JUDGE (panel:<judge> for the
+    length, features and the default simulated panel (panel:encoder) beside each JUDGE (panel:<judge> for the
     simulated panel on a judge); writes evaluators.csv and evaluators.md."""
     from evalkit.judges import evaluator_markdown, evaluator_table, make_judge
     from evalkit.study.simulate import calibrate, panel_row
 
-    specs = list(dict.fromkeys(["length", "features", "panel:features", *judges]))
+    specs = list(dict.fromkeys(["length", "features", f"panel:{LabelersConfig.judge}", *judges]))
     _quiet_hf()
     made: dict = {}
 
@@ -373,7 +373,7 @@ def judge_validate(judges: tuple[str, ...], max_comparisons: int, out_dir: str) 
 
 @judge.command("run")
 @click.argument("study_path", metavar="STUDY", type=click.Path())
-@click.option("--judge", "judge_spec", required=True, help="length, features, rm:<folder> or llm:<folder>.")
+@click.option("--judge", "judge_spec", required=True, help="length, features, encoder, rm:<folder> or llm:<folder>.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Tasks judged (and written) at a time.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def judge_run(study_path: str, judge_spec: str, batch_size: int, overrides: tuple[str, ...]) -> None:

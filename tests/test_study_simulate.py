@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 
-from evalkit.judges import FEATURES, FeaturesJudge, Judge, evaluate, LengthJudge, features, fit_feature_weights, released_comparisons
+from evalkit.judges import FEATURES, FeaturesJudge, Judge, LengthJudge, evaluate, features, fit_feature_weights, released_comparisons
 from evalkit.study.simulate import Panel, calibrate, panel_row, required_judgments, simulated_agreement
 
 
@@ -92,7 +92,9 @@ def test_simulate_marks_judgments_and_is_reproducible(tmp_path):
     from test_study_build import SETTINGS
 
     baseline_study(tmp_path, *SETTINGS)
-    args = ["study", "simulate", "studies/default", "--set", f"study.out_dir={tmp_path}", *[x for s in SETTINGS for x in ("--set", s)]]
+    # the bag-of-words judge (the default encoder's own test is in test_judges): this test is about the panel's marks
+    args = ["study", "simulate", "studies/default", "--set", f"study.out_dir={tmp_path}", "--set", "labelers.judge=features",
+            *[x for s in SETTINGS for x in ("--set", s)]]
     proc = run_cli(*args, check=True)
     assert "simulated judgments" in proc.stdout and "panel on judge features" in proc.stdout
     first = pd.read_parquet(tmp_path / "study" / "judgments.parquet")

