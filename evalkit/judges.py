@@ -21,7 +21,6 @@ position bias and the agreement of its two orders; seconds per 1,000 judgments.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -183,31 +182,13 @@ class EncoderJudge(FeaturesJudge):
     names = (*FEATURES, "similarity")
 
     def __init__(self, folder: str | Path | None = None, batch_size: int = 32):
-        import torch  # torch and the encoder: loaded when this judge is asked for
-        from transformers import AutoModel, AutoTokenizer
+        from evalkit.models import SentenceEncoder  # torch and the encoder: loaded when this judge is asked for
 
-        from evalkit import precision
-        from evalkit.models import sentence_encoder
-
-        spec = f"encoder:{folder}" if folder else "encoder"
-        folder = Path(folder) if folder else sentence_encoder()
-        self._torch, self._precision, self.device, self.batch_size, self._cache = torch, precision, _device(), batch_size, {}
-        self.tok, self.encoder = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval().to(_device())
-        bert_config = folder / "sentence_bert_config.json"
-        self.max_tokens = int(json.loads(bert_config.read_text()).get("max_seq_length", 256)) if bert_config.is_file() else 256
-        super().__init__(judge_id=spec)
+        self.encoder, self._cache = SentenceEncoder(folder, _device(), batch_size), {}
+        super().__init__(judge_id=f"encoder:{folder}" if folder else "encoder")
 
     def embed(self, texts) -> np.ndarray:
-        torch = self._torch
-        todo = sorted((t for t in dict.fromkeys(texts) if t not in self._cache), key=len)  # batches of like lengths pad little
-        with torch.no_grad(), self._precision.weights_as(self._precision.resolve("auto", self.device), self.encoder):
-            for i in range(0, len(todo), self.batch_size):
-                chunk = todo[i:i + self.batch_size]
-                batch = self.tok(chunk, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt").to(self.device)
-                hidden = self.encoder(**batch).last_hidden_state.float()
-                mask = batch["attention_mask"].unsqueeze(-1).float()
-                vectors = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).cpu().numpy()
-                self._cache.update(zip(chunk, vectors))
+        self._cache.update(self.encoder.encode([t for t in texts if t not in self._cache]))
         return np.stack([self._cache[t] for t in texts]) if len(texts) else np.zeros((0, 1))
 
     def diffs(self, pairs: pd.DataFrame) -> pd.DataFrame:

