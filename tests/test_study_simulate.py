@@ -118,3 +118,17 @@ def test_power():
     assert required_judgments(0.5, 0.6, design_effect=1.5) == 582
     proc = run_cli("study", "power", "--p1", "0.5", "--p2", "0.5")
     assert proc.returncode == 2 and "two different rates" in proc.stderr
+
+
+def test_panel_row_follows_the_order_each_label_was_shown_in(model, judge):
+    """A comparison shown in the other order to some labelers: each simulated labeler reads the judge for the summary
+    it sees on the left, so swapping the shown order of half the labels leaves the panel's agreement where it was."""
+    pairs = released_comparisons()
+    counts = pairs["comparison"].value_counts()
+    pairs = pairs[pairs["comparison"].isin(counts.index[counts >= 2])].reset_index(drop=True)  # only these can be mixed
+    swapped = pairs.copy()
+    flip = swapped.index % 2 == 1
+    swapped.loc[flip, ["left", "right", "gen_id_left", "gen_id_right"]] = pairs.loc[flip, ["right", "left", "gen_id_right", "gen_id_left"]].to_numpy()
+    swapped.loc[flip, "left_won"] = 1 - pairs.loc[flip, "left_won"]
+    a, b = panel_row(model, judge, pairs), panel_row(model, judge, swapped)
+    assert abs(a["agreement_with_labels"] - b["agreement_with_labels"]) < 0.03 and b["agreement_with_labels"] > 0.6

@@ -168,7 +168,9 @@ def panel_row(panel: Panel, judge: Judge, pairs: pd.DataFrame, gpt4: pd.DataFram
     labeler–labeler agreement (two simulated labelers per comparison); kappa against GPT-4 of its majority of three."""
     unique = pairs.drop_duplicates("comparison")
     logit = pd.Series(judge_logits(judge_probabilities(judge, unique)), index=unique["comparison"].to_numpy())
-    lg = pairs["comparison"].map(logit).to_numpy()
+    first_left = pd.Series(unique["gen_id_left"].to_numpy(), index=unique["comparison"].to_numpy())
+    as_first = (pairs["gen_id_left"] == pairs["comparison"].map(first_left)).to_numpy()
+    lg = np.where(as_first, 1, -1) * pairs["comparison"].map(logit).to_numpy()  # the judge's logit for the left summary as shown
 
     def draw(labelers, stream):
         p = [p_left(panel, x, ds, labeler_scale(panel, seed, lab)) for x, ds, lab in zip(lg, pairs["dataset"], labelers)]
