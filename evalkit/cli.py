@@ -246,10 +246,14 @@ def study_serve(study_path: str, host: str, port: int, threads: int, overrides: 
                    "unencrypted. Put a TLS reverse proxy in front (README: 'Serving labelers over a network').", err=True)
     db = init_db(folder)
     instructions = Path(cfg.path).parent / "instructions.md"
-    for name, url in links(db, f"http://{host}:{port}").items():
+    for name, url in links(db, f"http://{host}:{port}", crowd=cfg.crowd.enrol).items():
         click.echo(f"{name}: {url}")
+    if cfg.crowd.enrol:
+        click.echo("participants enrol through the study link with their platform's id added: "
+                   "?PROLIFIC_PID={{%PROLIFIC_PID%}}&STUDY_ID={{%STUDY_ID%}}&SESSION_ID={{%SESSION_ID%}} (Prolific), "
+                   "?workerId=...&assignmentId=...&hitId=... (MTurk) or ?participant=<id>")
     sys.stdout.flush()
-    serve(folder, host, port, threads, instructions.read_text("utf-8") if instructions.is_file() else None)
+    serve(folder, host, port, threads, instructions.read_text("utf-8") if instructions.is_file() else None, cfg.crowd)
 
 
 @study.command("collect")

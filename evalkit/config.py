@@ -117,6 +117,31 @@ class LabelersConfig:
 
 
 @dataclass(frozen=True)
+class QuestionConfig:
+    """One comprehension-check question, asked after the instructions and before the first task."""
+
+    question: str = ""  # e.g. "Which summary should win when one says something the post does not?"
+    choices: tuple[str, ...] = ()  # the answers offered, in this order
+    answer: str = ""  # the right one (one of choices)
+
+
+@dataclass(frozen=True)
+class CrowdConfig:
+    """Labelers from a crowd platform (Prolific, MTurk or any site that can add a participant id to a link)."""
+
+    enrol: bool = False  # serve one public study link (/s/<link>) that enrols participants and gives each the next free batch
+    completion_code: str = ""  # shown once a participant's batch is complete (Prolific: the study's completion code)
+    completion_url: str = ""  # where "finish" leads, {code} replaced (e.g. https://app.prolific.com/submissions/complete?cc={code})
+    screened_out_code: str = ""  # shown when the comprehension check is failed on every attempt
+    screened_out_url: str = ""  # where a screened-out participant is sent, {code} replaced
+    attempts: int = 2  # tries at the comprehension check
+    questions: tuple[QuestionConfig, ...] = ()  # [[crowd.questions]]: the comprehension check (none: no check)
+    abandon_minutes: float = 60.0  # a batch with no activity for this long returns to the pool
+    max_participants: int = 0  # enrolments accepted in all (0: twice the number of batches)
+    enrolments_per_minute: int = 600  # new enrolments accepted per minute, from all clients together
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     """What ``evalkit report`` analyses."""
 
@@ -187,6 +212,7 @@ class StudyConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     design: DesignConfig = field(default_factory=DesignConfig)
     labelers: LabelersConfig = field(default_factory=LabelersConfig)
+    crowd: CrowdConfig = field(default_factory=CrowdConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     path: str = field(default="", metadata=NOT_A_KEY)  # the study.toml it came from
 
@@ -246,6 +272,7 @@ def validate_study(cfg: StudyConfig, where: Path) -> None:
         bad("labelers.count", cfg.labelers.count, "at least 1")
     if len(set(cfg.labelers.ids)) != len(cfg.labelers.ids) or any(not i.strip() for i in cfg.labelers.ids):
         raise EvalkitError(f"{where}: labelers.ids {list(cfg.labelers.ids)}: expected distinct, non-empty ids")
+    check_crowd(cfg.crowd, where)
     if g.batch_size < 1:
         bad("generate.batch_size", g.batch_size, "a positive integer")
     if g.max_query_tokens < 0:
@@ -273,6 +300,31 @@ def validate_study(cfg: StudyConfig, where: Path) -> None:
     for t in cfg.train:
         if t.preset:
             ladder_config(t.preset, t.depths or None, t.bases or None, t.set)
+
+
+def check_crowd(crowd: CrowdConfig, where) -> None:
+    """The crowd section's values: links that are web addresses, questions whose answer is offered, positive limits."""
+    for key in ("completion_url", "screened_out_url"):
+        url = getattr(crowd, key)
+        if url and not re.match(r"https?://[^\s<>\"']+$", url):
+            raise EvalkitError(f"{where}: crowd.{key} is {url!r}; expected an http(s) address (with {{code}} where the code goes)")
+    for key in ("completion_code", "screened_out_code"):
+        if not re.fullmatch(r"[A-Za-z0-9_-]{0,64}", getattr(crowd, key)):
+            raise EvalkitError(f"{where}: crowd.{key} is {getattr(crowd, key)!r}; expected letters, digits, - or _ (a platform's code)")
+    if crowd.enrol and not (crowd.completion_code or crowd.completion_url):
+        raise EvalkitError(f"{where}: crowd.enrol is on but there is no crowd.completion_code or completion_url; "
+                           "expected the platform's completion code, so participants can be paid")
+    for key in ("attempts", "enrolments_per_minute"):
+        if getattr(crowd, key) < 1:
+            raise EvalkitError(f"{where}: crowd.{key} is {getattr(crowd, key)!r}; expected a positive integer")
+    if crowd.max_participants < 0:
+        raise EvalkitError(f"{where}: crowd.max_participants is {crowd.max_participants!r}; expected 0 (twice the batches) or a count")
+    if not (math.isfinite(crowd.abandon_minutes) and crowd.abandon_minutes > 0):
+        raise EvalkitError(f"{where}: crowd.abandon_minutes is {crowd.abandon_minutes!r}; expected a positive number of minutes")
+    for i, q in enumerate(crowd.questions):
+        if not q.question.strip() or len(q.choices) < 2 or q.answer not in q.choices:
+            raise EvalkitError(f"{where}: crowd.questions[{i}]: expected a question, two or more choices and an answer "
+                               f"that is one of them (got answer {q.answer!r} of {list(q.choices)})")
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None, quick: bool = False) -> StudyConfig:

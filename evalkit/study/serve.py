@@ -37,7 +37,10 @@ from urllib.parse import parse_qs
 import pandas as pd
 
 from evalkit import artifacts
+from evalkit.config import CrowdConfig
 from evalkit.errors import EvalkitError
+from evalkit.study import crowd
+from evalkit.study.crowd import COMPLETE, EXPIRED, SCREENED_OUT, Crowd, EnrolmentRefused, fill_code, participant_of
 from evalkit.study.exchange import CONFIDENCE_LABELS, LIKERT_AXES, human_judgment_id, load_study_tables
 from evalkit.vocab import confidence_side
 
@@ -56,6 +59,7 @@ CREATE TABLE IF NOT EXISTS judgments (
     task_id TEXT PRIMARY KEY REFERENCES tasks(task_id), labeler_id TEXT NOT NULL, confidence INTEGER,
     overall INTEGER, accuracy INTEGER, coverage INTEGER, coherence INTEGER, note TEXT,
     submitted_at TEXT NOT NULL, duration_s REAL);
+CREATE TABLE IF NOT EXISTS screening (labeler_id TEXT PRIMARY KEY, attempts INTEGER NOT NULL, passed INTEGER NOT NULL);
 """
 
 INSTRUCTIONS_FALLBACK = ("You will read Reddit posts (or news articles) and summaries of them. For each pair, say which "
@@ -138,13 +142,13 @@ def init_db(study_dir: str | Path) -> Path:
     os.chmod(db, 0o600)
     try:
         conn = connect(db)
-        conn.executescript(SCHEMA)
+        conn.executescript(SCHEMA + crowd.SCHEMA)
     except sqlite3.DatabaseError as exc:
         raise EvalkitError(f"{db}: not a usable labels database ({exc}); move it aside (its answers may be recoverable "
                            "with the sqlite3 tool) or rebuild the study") from None
     try:
         conn.execute("BEGIN IMMEDIATE")
-        for key in ("secret", "admin_token"):
+        for key in ("secret", "admin_token", "study_link"):
             conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, secrets.token_urlsafe(24)))
         text = tables["generations"].set_index("gen_id")["text"]
         items = tables["items"].set_index("item_id")
@@ -165,11 +169,18 @@ def init_db(study_dir: str | Path) -> Path:
     return db
 
 
-def links(db: Path, base_url: str) -> dict[str, str]:
+def links(db: Path, base_url: str, crowd: bool = False) -> dict[str, str]:
+    """Each labeler's personal link and the admin link; with ``crowd``, the public study link instead of the
+    labelers' (participants get their own links when they enrol)."""
     conn = connect(db)
     try:
-        out = {lab: f"{base_url}/l/{tok}" for lab, tok in conn.execute("SELECT labeler_id, token FROM labelers ORDER BY labeler_id")}
-        out["admin"] = f"{base_url}/admin/{conn.execute('SELECT value FROM meta WHERE key=?', ('admin_token',)).fetchone()[0]}"
+        meta = dict(conn.execute("SELECT key, value FROM meta"))
+        if crowd:
+            out = {"study": f"{base_url}/s/{meta['study_link']}"}
+        else:
+            out = {lab: f"{base_url}/l/{tok}" for lab, tok in conn.execute(
+                "SELECT labeler_id, token FROM labelers WHERE labeler_id NOT IN (SELECT labeler_id FROM participants) ORDER BY labeler_id")}
+        out["admin"] = f"{base_url}/admin/{meta['admin_token']}"
         return out
     finally:
         conn.close()
@@ -216,6 +227,7 @@ CSP = ("default-src 'none'; form-action 'self'; base-uri 'none'; frame-ancestors
        f"script-src {_inline_hash(PAIRWISE_FORM.format(left='', right='', csrf='', shown_at='', scale=''), 'script')} "
        f"{_inline_hash(LIKERT_FORM.format(left='', csrf='', shown_at='', scales=''), 'script')}")
 FAILED_TOKEN_LIMIT = 30
+MAX_FORM_BYTES = 1 << 16  # an answer form (a 4,000-character note at most) is far smaller
 MAX_DURATION_S = 24 * 3600.0
 
 
@@ -251,27 +263,38 @@ class LabelingApp:
     only show a task already answered, whose second answer is then refused or ignored, never stored twice).
     """
 
-    def __init__(self, study_dir: str | Path, instructions: str | None = None):
+    def __init__(self, study_dir: str | Path, instructions: str | None = None, crowd_config: CrowdConfig | None = None,
+                 clock=time.time):
         self.study_dir = Path(study_dir)
         self.db = self.study_dir / DB_FILE
         if not self.db.is_file():
             init_db(self.study_dir)
-        conn = connect(self.db)
-        try:
-            self.secret = conn.execute("SELECT value FROM meta WHERE key='secret'").fetchone()[0].encode()
-            self.admin_token = conn.execute("SELECT value FROM meta WHERE key='admin_token'").fetchone()[0]
-            self.labeler_of = dict(conn.execute("SELECT token, labeler_id FROM labelers").fetchall())
-            self.order: dict[str, list[str]] = {lab: [] for lab in self.labeler_of.values()}
-            self.task_meta: dict[str, tuple[str, str]] = {}  # task id -> (labeler id, kind)
-            for task_id, labeler, kind in conn.execute("SELECT task_id, labeler_id, kind FROM tasks ORDER BY labeler_id, position"):
-                self.order.setdefault(labeler, []).append(task_id)
-                self.task_meta[task_id] = (labeler, kind)
-            self.answered = {r[0] for r in conn.execute("SELECT task_id FROM judgments")}
-        finally:
-            conn.close()
+        self.config = crowd_config or CrowdConfig()
+        self.local = threading.local()
+        conn = self.connection()
+        meta = dict(conn.execute("SELECT key, value FROM meta"))
+        self.secret, self.admin_token, self.study_link = meta["secret"].encode(), meta["admin_token"], meta["study_link"]
+        self.labeler_of = dict(conn.execute("SELECT token, labeler_id FROM labelers").fetchall())
+        self.order: dict[str, list[str]] = {lab: [] for lab in self.labeler_of.values()}
+        self.task_meta: dict[str, tuple[str, str]] = {}  # task id -> (labeler id, kind)
+        for task_id, labeler, kind in conn.execute("SELECT task_id, labeler_id, kind FROM tasks ORDER BY labeler_id, position"):
+            self.order.setdefault(labeler, []).append(task_id)
+            self.task_meta[task_id] = (labeler, kind)
+        self.answered = {r[0] for r in conn.execute("SELECT task_id FROM judgments")}
+        self.screening = {lab: (n, bool(ok)) for lab, n, ok in conn.execute("SELECT labeler_id, attempts, passed FROM screening")}
+        self.crowd = None
+        if self.config.enrol:  # the public study link enrols participants; the slots' own links are not served
+            batch = pd.read_parquet(self.study_dir / "tasks.parquet", columns=["task_id", "batch"]).set_index("task_id")["batch"]
+            units: dict[str, list[str]] = {}
+            for slot in sorted({lab for lab, _ in self.task_meta.values()}):
+                for task_id in self.order[slot]:
+                    units.setdefault(f"{slot}/{int(batch[task_id])}", []).append(task_id)
+            self.crowd = Crowd(conn, units, self.config, clock)
+            self.labeler_of = {p.token: lab for lab, p in self.crowd.people.items()}
+            for lab, p in self.crowd.people.items():
+                self.order[lab] = units[p.unit] if p.unit else []
         self.next_index = {lab: 0 for lab in self.order}  # no task before it is unanswered (answers only accumulate)
         self.instructions = instructions or INSTRUCTIONS_FALLBACK
-        self.local = threading.local()
         self.writer = GroupCommit(self.connection)
         self.failures: dict[str, list[float]] = {}
 
@@ -330,6 +353,13 @@ class LabelingApp:
                 return self.admin(parts[1])
             self.failed(environ)
             return self.not_found()
+        if len(parts) == 2 and parts[0] == "s" and method == "GET" and self.crowd is not None:
+            if not self.allowed(environ):
+                return self.too_many()
+            if not same(parts[1], self.study_link):
+                self.failed(environ)
+                return self.not_found()
+            return self.enrol(environ)
         if len(parts) < 2 or parts[0] != "l":
             return self.not_found()
         if not self.allowed(environ):
@@ -343,16 +373,112 @@ class LabelingApp:
             return self.instructions_page(labeler, token)
         if len(parts) == 3 and parts[2] == "next" and method == "GET":
             return self.next_task(labeler, token)
+        if len(parts) == 3 and parts[2] == "check" and self.config.questions:
+            return self.check_page(labeler, token) if method == "GET" else self.check_answers(environ, labeler, token)
         if len(parts) == 4 and parts[2] == "task":
             meta = self.task_meta.get(parts[3])
-            if meta is None or meta[0] != labeler:
-                return self.not_found()
+            if meta is None or not self.owns(labeler, parts[3], meta):
+                return self.gone() if self.expired(labeler) else self.not_found()
+            if self.crowd is not None:
+                self.crowd.seen(labeler)
             if method == "GET":
                 task = self.connection().execute("SELECT * FROM tasks WHERE task_id=?", (parts[3],)).fetchone()
                 return self.task_page(labeler, token, task)
             if method == "POST":
                 return self.submit(environ, labeler, token, parts[3], meta[1])
         return self.not_found()
+
+    def owns(self, labeler: str, task_id: str, meta: tuple[str, str]) -> bool:
+        """A slot labeler owns their slot's tasks; a participant the tasks of the batch they hold now."""
+        return self.crowd.holds(labeler, task_id) if self.crowd is not None else meta[0] == labeler
+
+    def expired(self, labeler: str) -> bool:
+        return self.crowd is not None and labeler in self.crowd.people and self.crowd.people[labeler].state == EXPIRED
+
+    def gone(self):
+        return "410 Gone", [], self.page("Session expired", "<h1 id='expired'>This session has expired</h1><p>Your batch was "
+                                         "inactive for too long and has been given to someone else. Your answers so far are kept.</p>")
+
+    # -- enrolment from a crowd platform
+    def enrol(self, environ):
+        query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", ""), max_num_fields=32).items()}
+        try:
+            who = participant_of(query)
+            if who is None:
+                if query.get("assignmentId") == crowd.MTURK_PREVIEW:
+                    return "200 OK", [], self.page("Preview", "<h1 id='preview'>Preview</h1><p>Accept the task to start.</p>"
+                                                   f"<div class='post'>{_esc(self.instructions)}</div>")
+                raise EnrolmentRefused("400 Bad Request", "This link is missing the participant id your platform adds "
+                                                          "(PROLIFIC_PID, workerId or participant).")
+            person = self.crowd.enrol(self.connection(), *who)
+        except EnrolmentRefused as refused:
+            return refused.status, [], self.page("Cannot start", f"<h1 id='refused'>Cannot start</h1><p>{_esc(refused.message)}</p>")
+        self.labeler_of[person.token] = person.labeler_id
+        self.order.setdefault(person.labeler_id, [])
+        return "303 See Other", [("Location", f"/l/{person.token}")], ""
+
+    def completion_page(self):
+        code, url = self.config.completion_code, self.config.completion_url
+        body = "<h1 id='done'>All done — thank you!</h1>"
+        if code:
+            body += f"<p>Your completion code: <strong id='completion-code'>{_esc(code)}</strong></p>"
+        if url:
+            body += f"<p><a id='finish' href='{_esc(fill_code(url, code))}'>Finish and return to the platform</a></p>"
+        return "200 OK", [], self.page("Done", body)
+
+    def screened_out_page(self):
+        code, url = self.config.screened_out_code, self.config.screened_out_url
+        body = "<h1 id='screened-out'>Thank you</h1><p>The answers to the questions about the instructions were not right, so this study cannot continue.</p>"
+        if code:
+            body += f"<p>Your code: <strong id='screened-out-code'>{_esc(code)}</strong></p>"
+        if url:
+            body += f"<p><a id='finish' href='{_esc(fill_code(url, code))}'>Return to the platform</a></p>"
+        return "200 OK", [], self.page("Thank you", body)
+
+    # -- the comprehension check
+    def passed(self, labeler: str) -> bool:
+        return not self.config.questions or self.screening.get(labeler, (0, False))[1]
+
+    def screened_out(self, labeler: str) -> bool:
+        attempts, ok = self.screening.get(labeler, (0, False))
+        return bool(self.config.questions) and not ok and attempts >= self.config.attempts
+
+    def check_page(self, labeler, token, note: str = ""):
+        if self.screened_out(labeler):
+            return self.screened_out_page()
+        if self.passed(labeler):
+            return "303 See Other", [("Location", f"/l/{token}/next")], ""
+        attempts = self.screening.get(labeler, (0, False))[0]
+        questions = "".join(
+            f"<fieldset id='q{i}'><legend>{_esc(q.question)}</legend>" + "".join(
+                f"<label><input type='radio' name='q{i}' value='{k}' required> {_esc(c)}</label><br>" for k, c in enumerate(q.choices))
+            + "</fieldset>" for i, q in enumerate(self.config.questions))
+        body = (f"<h1>Before you start</h1>{note}<p>Questions about the instructions (attempt {attempts + 1} of "
+                f"{self.config.attempts}). <a href='/l/{token}'>Read the instructions again</a></p>"
+                f"<form method='post' id='check'><input type='hidden' name='csrf' value='{self.csrf(token, 'check')}'>{questions}"
+                "<button type='submit' id='submit'>Check my answers</button></form>")
+        return "200 OK", [], self.page("Questions", body)
+
+    def check_answers(self, environ, labeler, token):
+        form = self.form(environ)
+        if not same(form.get("csrf", ""), self.csrf(token, "check")):
+            return "403 Forbidden", [], self.page("Forbidden", "<p>Invalid form token.</p>")
+        if self.passed(labeler) or self.screened_out(labeler):
+            return self.check_page(labeler, token)
+        ok = all(form.get(f"q{i}") == str(q.choices.index(q.answer)) for i, q in enumerate(self.config.questions))
+        attempts = self.screening.get(labeler, (0, False))[0] + 1
+        conn = self.connection()
+        with crowd._transaction(conn):  # the attempt is on disk before its result is shown
+            conn.execute("INSERT OR REPLACE INTO screening VALUES (?,?,?)", (labeler, attempts, int(ok)))
+        self.screening[labeler] = (attempts, ok)
+        if ok:
+            return "303 See Other", [("Location", f"/l/{token}/next")], ""
+        if self.screened_out(labeler):
+            if self.crowd is not None and labeler in self.crowd.people:
+                self.crowd.finish(conn, labeler, SCREENED_OUT)
+            return self.screened_out_page()
+        return self.check_page(labeler, token, "<p id='retry' class='progress'>Not every answer was right; please read the "
+                                               "instructions again and retry.</p>")
 
     # -- labeler pages
     def progress(self, labeler: str) -> tuple[int, int]:
@@ -366,11 +492,27 @@ class LabelingApp:
         return "200 OK", [], self.page("Instructions", body)
 
     def next_task(self, labeler, token):
+        if not self.passed(labeler):
+            return self.check_page(labeler, token)
+        person = self.crowd.people.get(labeler) if self.crowd is not None else None
+        if person is not None:
+            if person.state == SCREENED_OUT:
+                return self.screened_out_page()
+            unit = self.crowd.assign(self.connection(), labeler, self.answered)
+            if unit is None:
+                if person.state == EXPIRED:
+                    return self.gone()
+                return "200 OK", [], self.page("No batch free", "<h1 id='full'>No batch is free right now</h1><p>Every batch "
+                                               "is taken; please try this link again later, or return the study.</p>")
+            self.order[labeler] = self.crowd.units[unit]
         tasks, k = self.order.get(labeler, []), self.next_index.get(labeler, 0)
         while k < len(tasks) and tasks[k] in self.answered:
             k += 1
         self.next_index[labeler] = k
         if k == len(tasks):
+            if person is not None:
+                self.crowd.finish(self.connection(), labeler, COMPLETE)
+                return self.completion_page()
             return "200 OK", [], self.page("Done", "<h1 id='done'>All done — thank you!</h1>")
         return "303 See Other", [("Location", f"/l/{token}/task/{tasks[k]}")], ""
 
@@ -393,12 +535,18 @@ class LabelingApp:
             form = LIKERT_FORM.format(left=_esc(left), csrf=self.csrf(token, task_id), shown_at=shown_at, scales=scales)
         return "200 OK", [], self.page("Task", head + form)
 
-    def submit(self, environ, labeler, token, task_id, kind):
+    @staticmethod
+    def form(environ) -> dict[str, str]:
+        """A posted form's fields (first value of each), read up to MAX_FORM_BYTES."""
         try:
             size = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
             size = 0
-        form = {k: v[0] for k, v in parse_qs(environ["wsgi.input"].read(min(size, 1 << 16)).decode("utf-8", "replace")).items()}
+        body = environ["wsgi.input"].read(max(0, min(size, MAX_FORM_BYTES)))
+        return {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), max_num_fields=64).items()}
+
+    def submit(self, environ, labeler, token, task_id, kind):
+        form = self.form(environ)
         if not same(form.get("csrf", ""), self.csrf(token, task_id)):
             return "403 Forbidden", [], self.page("Forbidden", "<p>Invalid form token.</p>")
         values = {"confidence": None, **{a: None for a in LIKERT_AXES}}
@@ -493,14 +641,15 @@ def run_paced(server, pause: float = LOOP_PAUSE_S) -> None:
         server.task_dispatcher.shutdown()
 
 
-def serve(study_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, threads: int = 8, instructions: str | None = None) -> None:
+def serve(study_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, threads: int = 8, instructions: str | None = None,
+          crowd_config: CrowdConfig | None = None) -> None:
     """Serve the study with waitress (a production WSGI server) until interrupted."""
     from waitress import create_server
 
-    app = LabelingApp(study_dir, instructions)
+    app = LabelingApp(study_dir, instructions, crowd_config)
     # idle or slow clients must not lock labelers out: many sockets allowed, idle ones closed after 10 s; poll()
     # rather than select(), which cannot watch descriptors past 1024
     server = create_server(app, host=host, port=port, threads=threads, ident="evalkit", connection_limit=900, channel_timeout=10,
-                           cleanup_interval=5, asyncore_use_poll=True)
+                           cleanup_interval=5, asyncore_use_poll=True, max_request_body_size=MAX_FORM_BYTES)
     server.print_listen("Serving on http://{}:{}")
     run_paced(server)
