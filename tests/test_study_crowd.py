@@ -109,7 +109,7 @@ def test_a_simulated_crowd_run(crowd_study, tmp_path):
             first = list(pool.map(lambda i: participant(i, 1 if i < 3 else None), range(30)))
         units = [{unit_of[t] for t in done} for _, done, _ in first]
         assert all(len(u) == 1 for u in units) and len(set.union(*units)) == 30  # a distinct batch each
-        for _, done, page in first[3:]:
+        for _, _, page in first[3:]:
             assert "C0DE42" in page and "cc=C0DE42" in page
         for _, _, page in first[:3]:
             assert "C0DE42" not in page  # the code only once the batch is complete
@@ -126,6 +126,7 @@ def test_a_simulated_crowd_run(crowd_study, tmp_path):
         for me, done, _ in first[:3]:
             status, _, page = request(port, "GET", me + "/next")
             assert status == 410 and "expired" in page
+            assert request(port, "GET", f"{me}/task/{done[0]}")[0] == 410
         # a completed participant coming back sees the same code and is given nothing new
         status, headers, _ = enrol(port, link, "pid010")
         assert status == 303 and "C0DE42" in request(port, "GET", headers["Location"] + "/next")[2]
