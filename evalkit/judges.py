@@ -418,8 +418,12 @@ def evaluator_table(judges: list[Judge], max_comparisons: int = 0, seed: int = 0
 def evaluator_markdown(table: pd.DataFrame, max_comparisons: int = 0) -> str:
     """The evaluator table as a page: what each column means, then the rows (values not measured are "—")."""
     cols = [c for c in COLUMNS_FIRST if c in table]
-    def cell(v):
-        return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    def cell(v, col=""):
+        if v is None or (isinstance(v, float) and not math.isfinite(v)):
+            return "—"
+        if col.startswith("n_"):  # counts, even in a column a missing value made float
+            return str(int(v))
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
     lines = ["# Judges against real human labels", "",
              f"Held-out comparisons: the released batches' {HELD_OUT_SPLIT} judgments ({', '.join(VALIDATION_BATCHES)})"
              + (f", a seeded subset of {max_comparisons} comparisons" if max_comparisons else "") + "; no judge trains on them.",
@@ -435,5 +439,5 @@ def evaluator_markdown(table: pd.DataFrame, max_comparisons: int = 0) -> str:
              "judge: each human label is replaced by one simulated labeler's, so its `human_agreement` is scored as the "
              "human row's is. Other per-batch and per-dataset columns (`labels_*`) are in evaluators.csv.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in table.to_dict("records")]
+    lines += ["| " + " | ".join(cell(r[c], c) for c in cols) + " |" for r in table.to_dict("records")]
     return "\n".join(lines) + "\n"
