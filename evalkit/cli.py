@@ -224,13 +224,21 @@ def study_import(study_path: str, answers: str, overrides: tuple[str, ...]) -> N
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 64))
+@click.option("--trusted-proxy", "trusted_proxies", multiple=True, metavar="ADDRESS",
+              help="A reverse proxy's address whose X-Forwarded-For names the client (repeatable); from any other "
+                   "address the header is ignored.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
-def study_serve(study_path: str, host: str, port: int, threads: int, overrides: tuple[str, ...]) -> None:
+def study_serve(study_path: str, host: str, port: int, threads: int, trusted_proxies: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Serve the labeling web app (waitress; judgments in SQLite); prints each labeler's link and the admin link."""
     cfg = load_study(study_path, list(overrides))
     folder = cfg.layout.study_dir
     if not (folder / "tasks.parquet").is_file():
         raise EvalkitError(f"no tasks at {folder / 'tasks.parquet'}; run `evalkit study build {study_path}` first")
+    for proxy in trusted_proxies:
+        try:
+            ipaddress.ip_address(proxy)
+        except ValueError:
+            raise EvalkitError(f"--trusted-proxy {proxy!r}: not an IP address; expected the proxy's address as the server sees it (e.g. 127.0.0.1)") from None
     try:
         addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]
     except (socket.gaierror, UnicodeError):
@@ -253,7 +261,7 @@ def study_serve(study_path: str, host: str, port: int, threads: int, overrides: 
                    "?PROLIFIC_PID={{%PROLIFIC_PID%}}&STUDY_ID={{%STUDY_ID%}}&SESSION_ID={{%SESSION_ID%}} (Prolific), "
                    "?workerId=...&assignmentId=...&hitId=... (MTurk) or ?participant=<id>")
     sys.stdout.flush()
-    serve(folder, host, port, threads, instructions.read_text("utf-8") if instructions.is_file() else None, cfg.crowd)
+    serve(folder, host, port, threads, instructions.read_text("utf-8") if instructions.is_file() else None, cfg.crowd, trusted_proxies)
 
 
 @study.command("collect")

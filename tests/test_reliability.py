@@ -4,7 +4,9 @@ and the labeling app under abuse (odd tokens, forged times, changed answers, gue
 import io
 import json
 import os
+import re
 import socket
+import sqlite3
 import stat
 import time
 from urllib.parse import urlencode
@@ -63,10 +65,10 @@ def test_rebuilding_a_labelled_study_is_refused_unless_archived(tmp_path):
     assert not (folder / "judgments.parquet").exists() and len(rebuilt["tasks"]) > 0
 
 
-def _call(app, method, path, form=None, addr="10.0.0.1"):
+def _call(app, method, path, form=None, addr="10.0.0.1", forwarded=None):
     body = urlencode(form).encode() if form is not None else b""
     env = {"REQUEST_METHOD": method, "PATH_INFO": path, "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body),
-           "REMOTE_ADDR": addr}
+           "REMOTE_ADDR": addr, **({"HTTP_X_FORWARDED_FOR": forwarded} if forwarded else {})}
     seen = {}
 
     def start_response(status, headers):
@@ -147,6 +149,50 @@ def test_guessing_links_is_rate_limited(app_study):
     assert status == 429 and headers["Retry-After"] == "60"
     _, token = _token(db)
     assert _call(app, "GET", f"/l/{token}", addr="10.1.1.1")[0] == 200  # other addresses are served
+    # and so is a valid link from the guessing address itself: only wrong links are refused
+    assert _call(app, "GET", f"/l/{token}", addr="10.9.9.9")[0] == 200
+    assert _call(app, "GET", "/l/guess-again", addr="10.9.9.9")[0] == 429
+
+
+def test_behind_a_proxy_each_client_is_throttled_alone(app_study):
+    from evalkit.study.serve import LabelingApp
+
+    _, db = app_study
+    proxy = "10.0.0.254"
+    app = LabelingApp(db.parent, trusted_proxies=(proxy,))
+    for k in range(30):  # one client behind the proxy guesses (and writes a fake address to the left of its own)
+        assert _call(app, "GET", f"/l/guess{k}", addr=proxy, forwarded=f"10.7.7.{k}, 10.5.5.5")[0] == 404
+    assert _call(app, "GET", "/l/guess", addr=proxy, forwarded="10.7.7.99, 10.5.5.5")[0] == 429
+    assert _call(app, "GET", "/l/typo", addr=proxy, forwarded="10.6.6.6")[0] == 404  # another client is not blocked
+    # a client not behind the proxy cannot choose its address by writing the header
+    for k in range(30):
+        _call(app, "GET", f"/l/g{k}", addr="10.8.8.8", forwarded=f"10.3.3.{k}")
+    assert _call(app, "GET", "/l/g", addr="10.8.8.8", forwarded="10.3.3.200")[0] == 429
+
+
+def test_answers_are_ascii_digits(app_study):
+    app, db = app_study
+    labeler, token = _token(db)
+    _, headers, _ = _call(app, "GET", f"/l/{token}/next")
+    path = headers["Location"]
+    _, _, page = _call(app, "GET", path)
+    csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page).group(1)
+    for lookalike in ("\u0667", "\uff17", " 7", "7.0", "+7"):  # Arabic-Indic and full-width 7, padded, float, signed
+        assert _call(app, "POST", path, {"csrf": csrf, "confidence": lookalike})[0] == 400, lookalike
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM judgments WHERE task_id=?", (path.rsplit("/", 1)[1],)).fetchone()[0] == 0
+
+
+def test_a_restart_does_not_rewrite_the_tasks(app_study, monkeypatch):
+    from evalkit.study import serve
+
+    _, db = app_study
+
+    def unread(*_):
+        raise AssertionError("the study's tables were read again")
+
+    monkeypatch.setattr(serve, "load_study_tables", unread)
+    assert serve.init_db(db.parent) == db  # the tasks' hash matches: nothing is read or written
 
 
 def test_labelers_are_served_while_300_idle_connections_are_open(tmp_path):
@@ -161,7 +207,6 @@ def test_labelers_are_served_while_300_idle_connections_are_open(tmp_path):
     try:
         for _ in range(300):
             idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
-        t0 = time.time()
         status, headers, _ = request(port, "GET", f"/l/{token}/next")
         assert status == 303
         import re
@@ -169,11 +214,40 @@ def test_labelers_are_served_while_300_idle_connections_are_open(tmp_path):
         _, _, page = request(port, "GET", headers["Location"])
         csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page).group(1)
         assert request(port, "POST", headers["Location"], {"csrf": csrf, "confidence": "7"})[0] == 303
-        assert time.time() - t0 < 10
     finally:
         for s in idle:
             s.close()
         srv.kill()
+
+
+def test_a_hostile_client_neither_fills_the_disk_nor_locks_labelers_out(tmp_path):
+    """A 400 MB POST is refused from its headers (nothing spooled), and a client flooding wrong links from the same
+    address as a labeler leaves the labeler served."""
+    from test_study_serve import Server, free_port, make_study, request
+
+    settings = ["data.n_items=20", "design.items_per_policy=8", "labelers.count=3"]
+    cfg, db = make_study(tmp_path, *settings)
+    _, token = _token(db)
+    srv = Server(tmp_path, settings, free_port()).start()
+    try:
+        _, headers, _ = request(srv.port, "GET", f"/l/{token}/next")
+        task = headers["Location"]
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as huge:
+            huge.sendall(f"POST {task} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                         f"Content-Length: {400 * 1024 * 1024}\r\n\r\n".encode() + b"confidence=7&" * 1000)
+            reply = huge.recv(4096).decode("latin-1")
+        assert reply.startswith("HTTP/1.1 413"), reply[:80]
+        assert not any(p.stat().st_size > 10 * 1024 * 1024 for p in (tmp_path / "study").iterdir())
+        for k in range(60):  # all from 127.0.0.1, as the labeler
+            request(srv.port, "GET", f"/l/wrong-{k}")
+        assert request(srv.port, "GET", "/l/wrong-again")[0] == 429
+        _, _, page = request(srv.port, "GET", task)
+        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page).group(1)
+        assert request(srv.port, "POST", task, {"csrf": csrf, "confidence": "7"})[0] == 303
+    finally:
+        srv.kill()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT confidence FROM judgments WHERE task_id=?", (task.rsplit("/", 1)[1],)).fetchone() == (7,)
 
 
 def test_serve_refuses_busy_ports_bad_hosts_and_corrupt_databases(tmp_path):

@@ -134,9 +134,9 @@ class GroupCommit:
 
 
 def init_db(study_dir: str | Path) -> Path:
-    """Create (or reuse) the study's SQLite database with its tasks and one secret token per labeler."""
+    """Create (or reuse) the study's SQLite database with its tasks and one secret token per labeler. The tasks are
+    written once per content of ``tasks.parquet`` (its hash is kept in the database): a restart reads nothing more."""
     study_dir = Path(study_dir)
-    tables = load_study_tables(study_dir)
     db = study_dir / DB_FILE
     db.touch(mode=0o600)  # every labeler's token and the CSRF secret live here: owner-only
     os.chmod(db, 0o600)
@@ -150,6 +150,12 @@ def init_db(study_dir: str | Path) -> Path:
         conn.execute("BEGIN IMMEDIATE")
         for key in ("secret", "admin_token", "study_link"):
             conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, secrets.token_urlsafe(24)))
+        tasks_file = study_dir / "tasks.parquet"
+        fingerprint = artifacts.sha256_file(tasks_file) if tasks_file.is_file() else None
+        if fingerprint and conn.execute("SELECT value FROM meta WHERE key='tasks_sha256'").fetchone() == (fingerprint,):
+            conn.execute("COMMIT")
+            return db
+        tables = load_study_tables(study_dir)
         text = tables["generations"].set_index("gen_id")["text"]
         items = tables["items"].set_index("item_id")
         tasks = tables["tasks"]
@@ -163,6 +169,7 @@ def init_db(study_dir: str | Path) -> Path:
                 (t.task_id, t.labeler_id, position, t.kind, item["subreddit"] if isinstance(item["subreddit"], str) else None,
                  item["title"] if isinstance(item["title"], str) else None, item["body"], text[t.gen_id_left],
                  text[right] if right else None, t.gen_id_left, right))
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('tasks_sha256', ?)", (fingerprint,))
         conn.execute("COMMIT")
     finally:
         conn.close()
@@ -236,6 +243,13 @@ def same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
 
+def scale_value(text: str) -> int:
+    """A point on a scale as the form sends it: one ASCII digit (``int`` would also take "٧" or "７" for 7)."""
+    if not re.fullmatch(r"[0-9]", text):
+        raise ValueError(text)
+    return int(text)
+
+
 def answer_duration(shown_at: str, now: float) -> float | None:
     """Seconds from showing the task to the answer, from the page's ``shown_at``; None when it is not a time this
     server could have written (not a number, not finite, in the future, or more than a day ago)."""
@@ -264,12 +278,13 @@ class LabelingApp:
     """
 
     def __init__(self, study_dir: str | Path, instructions: str | None = None, crowd_config: CrowdConfig | None = None,
-                 clock=time.time):
+                 clock=time.time, trusted_proxies: tuple[str, ...] = ()):
         self.study_dir = Path(study_dir)
         self.db = self.study_dir / DB_FILE
         if not self.db.is_file():
             init_db(self.study_dir)
         self.config = crowd_config or CrowdConfig()
+        self.trusted_proxies = frozenset(trusted_proxies)
         self.local = threading.local()
         conn = self.connection()
         meta = dict(conn.execute("SELECT key, value FROM meta"))
@@ -323,15 +338,27 @@ class LabelingApp:
     def page(self, title: str, body: str) -> str:
         return PAGE.format(title=_esc(title), body=body)
 
-    def allowed(self, environ) -> bool:
-        """At most FAILED_TOKEN_LIMIT wrong tokens per client address per minute (guessing links is throttled)."""
-        now = time.monotonic()
-        hits = [t for t in self.failures.get(environ.get("REMOTE_ADDR", ""), []) if now - t < 60]
-        self.failures[environ.get("REMOTE_ADDR", "")] = hits
-        return len(hits) < FAILED_TOKEN_LIMIT
+    def client(self, environ) -> str:
+        """The client's address: the connection's, or — only when that is a configured proxy — the last address in
+        X-Forwarded-For that is not one of the proxies (a client can write anything to the left of it)."""
+        addr = environ.get("REMOTE_ADDR", "")
+        if addr not in self.trusted_proxies:
+            return addr
+        hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if h.strip()]
+        return next((h for h in reversed(hops) if h not in self.trusted_proxies), addr)
 
-    def failed(self, environ) -> None:
-        self.failures.setdefault(environ.get("REMOTE_ADDR", ""), []).append(time.monotonic())
+    def refuse_wrong(self, environ):
+        """A wrong link: 404, or 429 once the client has sent FAILED_TOKEN_LIMIT wrong links within a minute. Only
+        wrong links are refused: a client guessing links never locks a valid link out, its own or anyone's."""
+        now, who = time.monotonic(), self.client(environ)
+        hits = [t for t in self.failures.get(who, []) if now - t < 60]
+        if len(hits) >= FAILED_TOKEN_LIMIT:
+            self.failures[who] = hits
+            return self.too_many()
+        self.failures[who] = [*hits, now]
+        if len(self.failures) > 10_000:  # many addresses guessing: forget those quiet for a minute
+            self.failures = {k: v for k, v in self.failures.items() if v and now - v[-1] < 60}
+        return self.not_found()
 
     def too_many(self):
         return "429 Too Many Requests", [("Retry-After", "60")], self.page("Too many requests", "<p>Too many wrong links; wait a minute.</p>")
@@ -347,27 +374,14 @@ class LabelingApp:
         method = environ.get("REQUEST_METHOD", "GET")
         parts = [p for p in path.split("/") if p]
         if len(parts) == 2 and parts[0] == "admin" and method == "GET":
-            if not self.allowed(environ):
-                return self.too_many()
-            if same(parts[1], self.admin_token):
-                return self.admin(parts[1])
-            self.failed(environ)
-            return self.not_found()
+            return self.admin(parts[1]) if same(parts[1], self.admin_token) else self.refuse_wrong(environ)
         if len(parts) == 2 and parts[0] == "s" and method == "GET" and self.crowd is not None:
-            if not self.allowed(environ):
-                return self.too_many()
-            if not same(parts[1], self.study_link):
-                self.failed(environ)
-                return self.not_found()
-            return self.enrol(environ)
+            return self.enrol(environ) if same(parts[1], self.study_link) else self.refuse_wrong(environ)
         if len(parts) < 2 or parts[0] != "l":
             return self.not_found()
-        if not self.allowed(environ):
-            return self.too_many()
         labeler = self.labeler_of.get(parts[1])  # a hash lookup, as the SQL index it replaces
         if labeler is None:
-            self.failed(environ)
-            return self.not_found()
+            return self.refuse_wrong(environ)
         token = parts[1]
         if len(parts) == 2 and method == "GET":
             return self.instructions_page(labeler, token)
@@ -552,12 +566,12 @@ class LabelingApp:
         values = {"confidence": None, **{a: None for a in LIKERT_AXES}}
         try:
             if kind == "pairwise":
-                values["confidence"] = int(form["confidence"])
+                values["confidence"] = scale_value(form["confidence"])
                 if values["confidence"] not in CONFIDENCE_LABELS:
                     raise ValueError
             else:
                 for axis in LIKERT_AXES:
-                    values[axis] = int(form[axis])
+                    values[axis] = scale_value(form[axis])
                     if not 1 <= values[axis] <= 7:
                         raise ValueError
         except (KeyError, ValueError):
@@ -642,11 +656,11 @@ def run_paced(server, pause: float = LOOP_PAUSE_S) -> None:
 
 
 def serve(study_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, threads: int = 8, instructions: str | None = None,
-          crowd_config: CrowdConfig | None = None) -> None:
+          crowd_config: CrowdConfig | None = None, trusted_proxies: tuple[str, ...] = ()) -> None:
     """Serve the study with waitress (a production WSGI server) until interrupted."""
     from waitress import create_server
 
-    app = LabelingApp(study_dir, instructions, crowd_config)
+    app = LabelingApp(study_dir, instructions, crowd_config, trusted_proxies=trusted_proxies)
     # idle or slow clients must not lock labelers out: many sockets allowed, idle ones closed after 10 s; poll()
     # rather than select(), which cannot watch descriptors past 1024
     server = create_server(app, host=host, port=port, threads=threads, ident="evalkit", connection_limit=900, channel_timeout=10,
