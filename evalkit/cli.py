@@ -261,7 +261,8 @@ def study_serve(study_path: str, host: str, port: int, threads: int, trusted_pro
                    "?PROLIFIC_PID={{%PROLIFIC_PID%}}&STUDY_ID={{%STUDY_ID%}}&SESSION_ID={{%SESSION_ID%}} (Prolific), "
                    "?workerId=...&assignmentId=...&hitId=... (MTurk) or ?participant=<id>")
     sys.stdout.flush()
-    serve(folder, host, port, threads, instructions.read_text("utf-8") if instructions.is_file() else None, cfg.crowd, trusted_proxies)
+    serve(folder, host, port, threads, instructions.read_text("utf-8") if instructions.is_file() else None, cfg.crowd, trusted_proxies,
+          cfg.quality, cfg.design.baseline)
 
 
 @study.command("collect")
@@ -270,8 +271,10 @@ def study_serve(study_path: str, host: str, port: int, threads: int, trusted_pro
 def study_collect(study_path: str, overrides: tuple[str, ...]) -> None:
     """The web app's judgments → judgments.parquet (swap undone)."""
     cfg = load_study(study_path, list(overrides))
-    out = collect_judgments(cfg.layout.study_dir)
-    click.echo(f"{cfg.layout.judgments}: {len(out)} judgments")
+    out = collect_judgments(cfg.layout.study_dir, cfg.quality)
+    excluded = out[out["excluded"].notna()]
+    click.echo(f"{cfg.layout.judgments}: {len(out)} judgments"
+               + (f"; {excluded['labeler_id'].nunique()} labelers ({len(excluded)} judgments) excluded by the [quality] rules" if len(excluded) else ""))
 
 
 @study.command("simulate")

@@ -141,6 +141,22 @@ class CrowdConfig:
     enrolments_per_minute: int = 600  # new enrolments accepted per minute, from all clients together
 
 
+RESEARCHER_TASKS = ("overlap", "checks", "all")
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """Labeler quality: what the monitoring page flags, whom every analysis leaves out, what the researcher labels."""
+
+    min_gold_accuracy: float = 0.6  # excluded below this gold accuracy (once min_checks gold tasks are answered)
+    min_checks: int = 3  # gold tasks answered before gold accuracy can exclude
+    max_attention_failures: int = 2  # excluded at this many failed attention checks (0: never)
+    min_median_seconds: float = 0.0  # flagged when the median seconds per task is below this (0: never)
+    max_side_rate: float = 0.8  # flagged when one side (left or right) is chosen more often than this, over 20+ answers
+    min_researcher_agreement: float = 0.0  # flagged below this agreement with the researcher (0: never)
+    researcher_tasks: str = "overlap"  # comparisons the researcher link serves: overlap, checks (gold and attention) or all
+
+
 @dataclass(frozen=True)
 class ReportConfig:
     """What ``evalkit report`` analyses."""
@@ -213,6 +229,7 @@ class StudyConfig:
     design: DesignConfig = field(default_factory=DesignConfig)
     labelers: LabelersConfig = field(default_factory=LabelersConfig)
     crowd: CrowdConfig = field(default_factory=CrowdConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     path: str = field(default="", metadata=NOT_A_KEY)  # the study.toml it came from
 
@@ -273,6 +290,18 @@ def validate_study(cfg: StudyConfig, where: Path) -> None:
     if len(set(cfg.labelers.ids)) != len(cfg.labelers.ids) or any(not i.strip() for i in cfg.labelers.ids):
         raise EvalkitError(f"{where}: labelers.ids {list(cfg.labelers.ids)}: expected distinct, non-empty ids")
     check_crowd(cfg.crowd, where)
+    q = cfg.quality
+    for key in ("min_gold_accuracy", "max_side_rate", "min_researcher_agreement"):
+        if not (math.isfinite(getattr(q, key)) and 0 <= getattr(q, key) <= 1):
+            bad(f"quality.{key}", getattr(q, key), "a fraction in [0, 1]")
+    if q.min_checks < 1:
+        bad("quality.min_checks", q.min_checks, "a positive integer")
+    if q.max_attention_failures < 0:
+        bad("quality.max_attention_failures", q.max_attention_failures, "0 (never) or a count")
+    if not (math.isfinite(q.min_median_seconds) and q.min_median_seconds >= 0):
+        bad("quality.min_median_seconds", q.min_median_seconds, "0 (never) or seconds")
+    if q.researcher_tasks not in RESEARCHER_TASKS:
+        bad("quality.researcher_tasks", q.researcher_tasks, " or ".join(RESEARCHER_TASKS))
     if g.batch_size < 1:
         bad("generate.batch_size", g.batch_size, "a positive integer")
     if g.max_query_tokens < 0:

@@ -91,7 +91,7 @@ def test_a_simulated_crowd_run(crowd_study, tmp_path):
     db = init_db(out / "study")
     urls = links(db, "http://x", crowd=True)
     link = urls["study"].removeprefix("http://x")
-    assert set(urls) == {"study", "admin"}  # no slot links are served to a crowd
+    assert set(urls) == {"study", "researcher", "admin"}  # no slot links are served to a crowd
     srv = CrowdServer(out, free_port()).start()
     port = srv.port
     tasks = pd.read_parquet(out / "study" / "tasks.parquet")

@@ -37,11 +37,13 @@ from urllib.parse import parse_qs
 import pandas as pd
 
 from evalkit import artifacts
-from evalkit.config import CrowdConfig
+from evalkit.analysis.quality import excluded_reasons, researcher_pairs
+from evalkit.config import CrowdConfig, QualityConfig
 from evalkit.errors import EvalkitError
 from evalkit.study import crowd
 from evalkit.study.crowd import COMPLETE, EXPIRED, SCREENED_OUT, Crowd, EnrolmentRefused, fill_code, participant_of
-from evalkit.study.exchange import CONFIDENCE_LABELS, LIKERT_AXES, human_judgment_id, load_study_tables
+from evalkit.study.exchange import CONFIDENCE_LABELS, LIKERT_AXES, load_study_tables
+from evalkit.study.monitor import MONITOR_SCRIPT, REFRESH_S, researcher_labels, stats_csv, stats_json, study_stats, web_judgments
 from evalkit.vocab import confidence_side
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,9 @@ CREATE TABLE IF NOT EXISTS judgments (
     overall INTEGER, accuracy INTEGER, coverage INTEGER, coherence INTEGER, note TEXT,
     submitted_at TEXT NOT NULL, duration_s REAL);
 CREATE TABLE IF NOT EXISTS screening (labeler_id TEXT PRIMARY KEY, attempts INTEGER NOT NULL, passed INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS researcher (
+    item_id TEXT NOT NULL, pair TEXT NOT NULL, gen_id_left TEXT NOT NULL, gen_id_right TEXT NOT NULL, confidence INTEGER NOT NULL,
+    note TEXT, submitted_at TEXT NOT NULL, PRIMARY KEY (item_id, pair));
 """
 
 INSTRUCTIONS_FALLBACK = ("You will read Reddit posts (or news articles) and summaries of them. For each pair, say which "
@@ -148,7 +153,7 @@ def init_db(study_dir: str | Path) -> Path:
                            "with the sqlite3 tool) or rebuild the study") from None
     try:
         conn.execute("BEGIN IMMEDIATE")
-        for key in ("secret", "admin_token", "study_link"):
+        for key in ("secret", "admin_token", "study_link", "researcher_token"):
             conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, secrets.token_urlsafe(24)))
         tasks_file = study_dir / "tasks.parquet"
         fingerprint = artifacts.sha256_file(tasks_file) if tasks_file.is_file() else None
@@ -187,6 +192,7 @@ def links(db: Path, base_url: str, crowd: bool = False) -> dict[str, str]:
         else:
             out = {lab: f"{base_url}/l/{tok}" for lab, tok in conn.execute(
                 "SELECT labeler_id, token FROM labelers WHERE labeler_id NOT IN (SELECT labeler_id FROM participants) ORDER BY labeler_id")}
+        out["researcher"] = f"{base_url}/r/{meta['researcher_token']}"
         out["admin"] = f"{base_url}/admin/{meta['admin_token']}"
         return out
     finally:
@@ -229,10 +235,10 @@ def _inline_hash(block: str, tag: str) -> str:
 
 
 # a strict policy: no inline code runs but the pages' own two scripts and style block, named by their hashes
-CSP = ("default-src 'none'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'; "
+CSP = ("default-src 'none'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'; connect-src 'self'; "
        f"style-src {_inline_hash(PAGE.format(title='', body=''), 'style')}; "
        f"script-src {_inline_hash(PAIRWISE_FORM.format(left='', right='', csrf='', shown_at='', scale=''), 'script')} "
-       f"{_inline_hash(LIKERT_FORM.format(left='', csrf='', shown_at='', scales=''), 'script')}")
+       f"{_inline_hash(LIKERT_FORM.format(left='', csrf='', shown_at='', scales=''), 'script')} {_inline_hash(MONITOR_SCRIPT, 'script')}")
 FAILED_TOKEN_LIMIT = 30
 MAX_FORM_BYTES = 1 << 16  # an answer form (a 4,000-character note at most) is far smaller
 MAX_DURATION_S = 24 * 3600.0
@@ -278,7 +284,7 @@ class LabelingApp:
     """
 
     def __init__(self, study_dir: str | Path, instructions: str | None = None, crowd_config: CrowdConfig | None = None,
-                 clock=time.time, trusted_proxies: tuple[str, ...] = ()):
+                 clock=time.time, trusted_proxies: tuple[str, ...] = (), quality: QualityConfig | None = None, baseline: str = "ref"):
         self.study_dir = Path(study_dir)
         self.db = self.study_dir / DB_FILE
         if not self.db.is_file():
@@ -289,6 +295,13 @@ class LabelingApp:
         conn = self.connection()
         meta = dict(conn.execute("SELECT key, value FROM meta"))
         self.secret, self.admin_token, self.study_link = meta["secret"].encode(), meta["admin_token"], meta["study_link"]
+        self.researcher_token, self.quality, self.baseline = meta["researcher_token"], quality or QualityConfig(), baseline
+        self.tables = {k: pd.read_parquet(self.study_dir / f"{k}.parquet") for k in ("tasks", "generations")}
+        tasks = self.tables["tasks"]
+        self.check_of = {t: (role, exp) for t, role, exp in zip(tasks["task_id"], tasks["role"], tasks["expected"])
+                         if role in ("gold", "attention")}  # the answer known in advance, for a labeler's feedback
+        self.researcher_queue = researcher_pairs(tasks, self.quality.researcher_tasks)
+        self.researched = {(i, p) for i, p in conn.execute("SELECT item_id, pair FROM researcher")}
         self.labeler_of = dict(conn.execute("SELECT token, labeler_id FROM labelers").fetchall())
         self.order: dict[str, list[str]] = {lab: [] for lab in self.labeler_of.values()}
         self.task_meta: dict[str, tuple[str, str]] = {}  # task id -> (labeler id, kind)
@@ -299,7 +312,7 @@ class LabelingApp:
         self.screening = {lab: (n, bool(ok)) for lab, n, ok in conn.execute("SELECT labeler_id, attempts, passed FROM screening")}
         self.crowd = None
         if self.config.enrol:  # the public study link enrols participants; the slots' own links are not served
-            batch = pd.read_parquet(self.study_dir / "tasks.parquet", columns=["task_id", "batch"]).set_index("task_id")["batch"]
+            batch = tasks.set_index("task_id")["batch"]
             units: dict[str, list[str]] = {}
             for slot in sorted({lab for lab, _ in self.task_meta.values()}):
                 for task_id in self.order[slot]:
@@ -328,7 +341,9 @@ class LabelingApp:
             log.exception("request failed")
             status, headers, body = "500 Internal Server Error", [], self.page("Error", "<p>Something went wrong.</p>")
         data = body.encode("utf-8")
-        headers = [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(data))),
+        if not any(k == "Content-Type" for k, _ in headers):
+            headers = [("Content-Type", "text/html; charset=utf-8"), *headers]
+        headers = [("Content-Length", str(len(data))),
                    ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
                    ("Cache-Control", "no-store"),  # pages carry the labeler's secret link and CSRF tokens
                    ("Content-Security-Policy", CSP), *headers]
@@ -373,8 +388,14 @@ class LabelingApp:
         path = environ.get("PATH_INFO", "/").rstrip("/")
         method = environ.get("REQUEST_METHOD", "GET")
         parts = [p for p in path.split("/") if p]
-        if len(parts) == 2 and parts[0] == "admin" and method == "GET":
-            return self.admin(parts[1]) if same(parts[1], self.admin_token) else self.refuse_wrong(environ)
+        if len(parts) in (2, 3) and parts[0] == "admin" and method == "GET":
+            if not same(parts[1], self.admin_token):
+                return self.refuse_wrong(environ)
+            return self.admin(parts[1], parts[2] if len(parts) == 3 else "")
+        if len(parts) >= 2 and parts[0] == "r":
+            if not same(parts[1], self.researcher_token):
+                return self.refuse_wrong(environ)
+            return self.researcher(environ, method, parts[1], parts[2:])
         if len(parts) == 2 and parts[0] == "s" and method == "GET" and self.crowd is not None:
             return self.enrol(environ) if same(parts[1], self.study_link) else self.refuse_wrong(environ)
         if len(parts) < 2 or parts[0] != "l":
@@ -387,6 +408,8 @@ class LabelingApp:
             return self.instructions_page(labeler, token)
         if len(parts) == 3 and parts[2] == "next" and method == "GET":
             return self.next_task(labeler, token)
+        if len(parts) == 3 and parts[2] == "feedback" and method == "GET":
+            return self.feedback_page(labeler, token)
         if len(parts) == 3 and parts[2] == "check" and self.config.questions:
             return self.check_page(labeler, token) if method == "GET" else self.check_answers(environ, labeler, token)
         if len(parts) == 4 and parts[2] == "task":
@@ -431,9 +454,9 @@ class LabelingApp:
         self.order.setdefault(person.labeler_id, [])
         return "303 See Other", [("Location", f"/l/{person.token}")], ""
 
-    def completion_page(self):
+    def completion_page(self, extra: str = ""):
         code, url = self.config.completion_code, self.config.completion_url
-        body = "<h1 id='done'>All done — thank you!</h1>"
+        body = "<h1 id='done'>All done — thank you!</h1>" + extra
         if code:
             body += f"<p>Your completion code: <strong id='completion-code'>{_esc(code)}</strong></p>"
         if url:
@@ -526,13 +549,13 @@ class LabelingApp:
         if k == len(tasks):
             if person is not None:
                 self.crowd.finish(self.connection(), labeler, COMPLETE)
-                return self.completion_page()
-            return "200 OK", [], self.page("Done", "<h1 id='done'>All done — thank you!</h1>")
+                return self.completion_page(self.feedback_link(labeler, token))
+            return "200 OK", [], self.page("Done", "<h1 id='done'>All done — thank you!</h1>" + self.feedback_link(labeler, token))
         return "303 See Other", [("Location", f"/l/{token}/task/{tasks[k]}")], ""
 
-    def task_page(self, labeler, token, task):
+    def task_page(self, labeler, token, task, progress: tuple[int, int] | None = None, csrf_key: str | None = None):
         (task_id, _, _, kind, subreddit, title, body, left, right, _, _) = task
-        done, total = self.progress(labeler)
+        done, total = progress or self.progress(labeler)
         head = (f"<p class='progress' id='progress'>Task {done + 1} of {total}</p>"
                 + (f"<p>r/{_esc(subreddit)}</p>" if subreddit else "")
                 + (f"<h2 id='title'>{_esc(title)}</h2>" if title else "")
@@ -541,7 +564,7 @@ class LabelingApp:
         if kind == "pairwise":
             scale = "".join(f"<label><input type='radio' name='confidence' value='{v}' id='c{v}' required> {v}. {_esc(label)}</label>"
                             for v, label in CONFIDENCE_LABELS.items())
-            form = PAIRWISE_FORM.format(left=_esc(left), right=_esc(right), csrf=self.csrf(token, task_id), shown_at=shown_at, scale=scale)
+            form = PAIRWISE_FORM.format(left=_esc(left), right=_esc(right), csrf=self.csrf(token, csrf_key or task_id), shown_at=shown_at, scale=scale)
         else:
             scales = "".join(f"<p>{axis.capitalize()}: " + "".join(
                 f"<label><input type='radio' name='{axis}' value='{v}' id='{axis}{v}' required> {v}</label>" for v in range(1, 8)) + "</p>"
@@ -591,39 +614,141 @@ class LabelingApp:
         status, headers, body = self.next_task(labeler, token)
         return ("303 See Other", [("Location", f"/l/{token}/next")], "") if status.startswith("200") else (status, headers, body)
 
-    # -- admin
-    def admin(self, _token):
-        rows = self.connection().execute("SELECT t.labeler_id, COUNT(t.task_id), COUNT(j.task_id) FROM tasks t LEFT JOIN "
-                                         "judgments j ON j.task_id=t.task_id GROUP BY t.labeler_id ORDER BY t.labeler_id").fetchall()
-        table = "".join(f"<tr><td>{_esc(lab)}</td><td>{done}</td><td>{total}</td></tr>" for lab, total, done in rows)
-        body = f"<h1>Progress</h1><table id='progress'><tr><th>labeler</th><th>done</th><th>tasks</th></tr>{table}</table>"
-        return "200 OK", [], self.page("Admin", body)
+    # -- feedback: where a labeler's answer differs from the known or the researcher's answer
+    def disagreements(self, labeler: str) -> list[dict]:
+        conn = self.connection()
+        mine = conn.execute("SELECT j.task_id, j.confidence, t.title, t.body, t.left_text, t.right_text, t.gen_id_left, t.gen_id_right "
+                            "FROM judgments j JOIN tasks t USING (task_id) WHERE j.labeler_id=? AND t.kind='pairwise' ORDER BY t.position",
+                            (labeler,)).fetchall()
+        truth = {(r[0], r[1]): r for r in conn.execute("SELECT item_id, pair, gen_id_left, gen_id_right, confidence, note FROM researcher")}
+        items = self.tables["tasks"].set_index("task_id")["item_id"]
+        out = []
+        for task_id, confidence, title, body, left, right, gl, gr in mine:
+            side = confidence_side(confidence)
+            expected, note, source = None, "", ""
+            if task_id in self.check_of:
+                role, expected = self.check_of[task_id]
+                source = "a check with a known answer"
+                note = ("one summary is of another post" if role == "gold" else "one summary has its words shuffled")
+            else:
+                r = truth.get((items[task_id], " | ".join(sorted((gl, gr)))))
+                if r is not None and confidence_side(r[4]) in ("left", "right"):
+                    winner = r[2] if confidence_side(r[4]) == "left" else r[3]
+                    expected, note, source = ("left" if winner == gl else "right"), r[5] or "", "the researcher's answer"
+            if expected and side != expected:
+                out.append({"title": title, "body": body, "left": left, "right": right, "yours": side, "expected": expected,
+                            "note": note, "source": source})
+        return out
+
+    def feedback_link(self, labeler: str, token: str) -> str:
+        n = len(self.disagreements(labeler))
+        return (f"<p><a id='feedback' href='/l/{token}/feedback'>Feedback: {n} of your answers differ from the expected answer</a></p>"
+                if n else "<p id='feedback-none'>Every answer we can check matched the expected one.</p>")
+
+    def feedback_page(self, labeler, token):
+        rows = self.disagreements(labeler)
+        body = "<h1>Feedback</h1>" + ("<p>Every answer we can check matched the expected one.</p>" if not rows else "")
+        for k, r in enumerate(rows):
+            body += (f"<section class='feedback' id='fb{k}'>" + (f"<h2>{_esc(r['title'])}</h2>" if r["title"] else "")
+                     + f"<div class='post'>{_esc(r['body'])}</div><div class='pair'><div><h3>Left</h3><div class='summary'>"
+                     f"{_esc(r['left'])}</div></div><div><h3>Right</h3><div class='summary'>{_esc(r['right'])}</div></div></div>"
+                     f"<p>You chose <strong>{_esc(r['yours'] or 'neither')}</strong>; expected <strong class='expected'>"
+                     f"{_esc(r['expected'])}</strong> ({_esc(r['source'])}){': ' + _esc(r['note']) if r['note'] else ''}.</p></section>")
+        return "200 OK", [], self.page("Feedback", body + f"<p><a href='/l/{token}/next'>Back</a></p>")
+
+    # -- the researcher's labels: each configured comparison once, in the order first shown
+    def researcher(self, environ, method, token, rest):
+        queue = self.researcher_queue
+        done = sum((i, p) in self.researched for i, p in zip(queue["item_id"], queue["pair"]))
+        if not rest and method == "GET":
+            body = (f"<h1>Researcher labels</h1><div class='post'>{_esc(self.instructions)}</div><p class='progress'>{done} of "
+                    f"{len(queue)} comparisons ({_esc(self.quality.researcher_tasks)}) done.</p><p><a id='start' href='/r/{token}/next'>Start</a></p>")
+            return "200 OK", [], self.page("Researcher", body)
+        if rest == ["next"] and method == "GET":
+            k = next((k for k, (i, p) in enumerate(zip(queue["item_id"], queue["pair"])) if (i, p) not in self.researched), None)
+            if k is None:
+                return "200 OK", [], self.page("Done", "<h1 id='done'>Every researcher comparison is labelled.</h1>")
+            return "303 See Other", [("Location", f"/r/{token}/c/{k}")], ""
+        if len(rest) == 2 and rest[0] == "c" and rest[1].isdigit() and int(rest[1]) < len(queue):
+            row = queue.iloc[int(rest[1])]
+            if method == "GET":
+                task = self.connection().execute("SELECT * FROM tasks WHERE task_id=?", (row["task_id"],)).fetchone()
+                return self.task_page("researcher", token, task, (done, len(queue)), f"r:{rest[1]}")
+            form = self.form(environ)
+            if not same(form.get("csrf", ""), self.csrf(token, f"r:{rest[1]}")):
+                return "403 Forbidden", [], self.page("Forbidden", "<p>Invalid form token.</p>")
+            try:
+                confidence = scale_value(form.get("confidence", ""))
+                if confidence not in CONFIDENCE_LABELS:
+                    raise ValueError
+            except ValueError:
+                return "400 Bad Request", [], self.page("Incomplete", "<p>Please answer the scale.</p>")
+            conn = self.connection()
+            with crowd._transaction(conn):  # the first answer is kept, as a labeler's is
+                conn.execute("INSERT OR IGNORE INTO researcher VALUES (?,?,?,?,?,?,?)",
+                             (row["item_id"], row["pair"], row["gen_id_left"], row["gen_id_right"], confidence,
+                              (form.get("note") or "").strip()[:4000] or None, datetime.now(timezone.utc).isoformat()))
+            self.researched.add((row["item_id"], row["pair"]))
+            return "303 See Other", [("Location", f"/r/{token}/next")], ""
+        return self.not_found()
+
+    # -- admin: the live monitoring page
+    def stats(self) -> dict:
+        conn = self.connection()
+        tables = {**self.tables, "judgments": web_judgments(conn, f"web:{DB_FILE}")}
+        if self.crowd is not None:
+            assigned = {lab: len(self.crowd.units[p.unit]) for lab, p in self.crowd.people.items() if p.unit}
+        else:
+            assigned = {lab: len(tasks) for lab, tasks in self.order.items() if tasks}
+        return study_stats(tables, self.quality, researcher_labels(conn), assigned, self.baseline)
+
+    def admin(self, token, view: str = ""):
+        if view == "stats.json":
+            return "200 OK", [("Content-Type", "application/json")], stats_json(self.stats())
+        if view == "stats.csv":
+            return "200 OK", [("Content-Type", "text/csv; charset=utf-8"),
+                              ("Content-Disposition", "attachment; filename=labelers.csv")], stats_csv(self.stats())
+        if view:
+            return self.not_found()
+        stats = self.stats()
+
+        def cell(v):
+            return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else _esc(str(v))
+
+        def table(tid, cols, rows):  # the same cells the page's script writes on each refresh
+            return (f"<table id='{tid}'><tr>" + "".join(f"<th>{_esc(c)}</th>" for c in cols) + "</tr>"
+                    + "".join(f"<tr class='{'flagged' if r.get('flags') else ''}'>" + "".join(f"<td>{cell(r[c])}</td>" for c in cols)
+                              + "</tr>" for r in rows) + "</table>")
+
+        crowd_line = ""
+        if self.crowd is not None:
+            crowd_line = "<p id='crowd'>" + _esc(", ".join(f"{k} {v}" for k, v in self.crowd.counts().items())) + "</p>"
+        body = (f"<h1>Monitoring</h1><div id='monitor' data-stats='/admin/{token}/stats.json'></div>"
+                f"<p id='summary'>{_esc(stats['summary'])}</p>{crowd_line}<p>Updated <span id='updated'>{_esc(stats['updated'])}</span> "
+                f"(every {REFRESH_S} s). <a id='csv' href='/admin/{token}/stats.csv'>Download CSV</a></p>"
+                "<h2>Labelers</h2>" + table("labelers", stats["labeler_columns"], stats["labelers"])
+                + "<h2>Policies (researcher only)</h2>" + table("policies", stats["policy_columns"], stats["policies"]) + MONITOR_SCRIPT)
+        return "200 OK", [], self.page("Monitoring", body)
 
 
-def collect_judgments(study_dir: str | Path) -> pd.DataFrame:
-    """Judgments stored by the web app → ``judgments.parquet`` (``labeler_kind="human"``, swap undone)."""
+def collect_judgments(study_dir: str | Path, quality: QualityConfig | None = None) -> pd.DataFrame:
+    """Judgments stored by the web app → ``judgments.parquet`` (``labeler_kind="human"``, swap undone), each with
+    ``excluded``: its labeler's reason under the ``[quality]`` rules, or empty."""
     study_dir = Path(study_dir)
     db = study_dir / DB_FILE
     if not db.is_file():
         raise EvalkitError(f"no labels database at {db}; run `evalkit study serve` first")
     conn = connect(db)
     try:
-        df = pd.read_sql_query("SELECT j.*, t.gen_id_left, t.gen_id_right, t.kind FROM judgments j JOIN tasks t USING (task_id)", conn)
+        web = web_judgments(conn, f"web:{db.name}")
     finally:
         conn.close()
-    pairwise = df["kind"] == "pairwise"
-    df["preferred"] = None
-    df.loc[pairwise, "preferred"] = [confidence_side(c) for c in df.loc[pairwise, "confidence"]]
-    df["preferred_gen_id"] = df["gen_id_left"].where(df["preferred"] == "left", df["gen_id_right"]).where(pairwise, None)
-    df["judgment_id"] = [human_judgment_id(t, lab) for t, lab in zip(df["task_id"], df["labeler_id"])]
-    df["labeler_kind"] = "human"
-    df["source"] = f"web:{db.name}"
-    df["submitted_at"] = pd.to_datetime(df["submitted_at"], utc=True)
-    web = artifacts.conform(df.drop(columns=["gen_id_left", "gen_id_right", "kind"]), "judgments")
     target = study_dir / "judgments.parquet"
     if target.is_file():  # keep judgments imported from elsewhere; replace the web app's own, and any file answer of a
         old = artifacts.read_table(target, "judgments")  # task the same labeler also answered in the app (one per task × labeler)
         web = pd.concat([old[(old["source"] != f"web:{db.name}") & ~old["judgment_id"].isin(web["judgment_id"])], web], ignore_index=True)
+    tables = {"tasks": pd.read_parquet(study_dir / "tasks.parquet"), "judgments": web}
+    web["excluded"] = excluded_reasons(tables, quality or QualityConfig()).to_numpy()
     artifacts.write_table(web, target, "judgments")
     return web
 
@@ -656,11 +781,12 @@ def run_paced(server, pause: float = LOOP_PAUSE_S) -> None:
 
 
 def serve(study_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, threads: int = 8, instructions: str | None = None,
-          crowd_config: CrowdConfig | None = None, trusted_proxies: tuple[str, ...] = ()) -> None:
+          crowd_config: CrowdConfig | None = None, trusted_proxies: tuple[str, ...] = (), quality: QualityConfig | None = None,
+          baseline: str = "ref") -> None:
     """Serve the study with waitress (a production WSGI server) until interrupted."""
     from waitress import create_server
 
-    app = LabelingApp(study_dir, instructions, crowd_config, trusted_proxies=trusted_proxies)
+    app = LabelingApp(study_dir, instructions, crowd_config, trusted_proxies=trusted_proxies, quality=quality, baseline=baseline)
     # idle or slow clients must not lock labelers out: many sockets allowed, idle ones closed after 10 s; poll()
     # rather than select(), which cannot watch descriptors past 1024
     server = create_server(app, host=host, port=port, threads=threads, ident="evalkit", connection_limit=900, channel_timeout=10,
