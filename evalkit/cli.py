@@ -314,12 +314,13 @@ def study_power(p1: float, p2: float, alpha: float, power_: float, per_item: int
 @cli.command("report")
 @click.argument("study_path", metavar="STUDY", type=click.Path(), default="studies/default")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Default: [report] out_dir, or reports/<study id>.")
+@click.option("--include-excluded", is_flag=True, help="Re-admit the labelers the [quality] rules exclude.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
-def report_cmd(study_path: str, out_dir: str | None, overrides: tuple[str, ...]) -> None:
+def report_cmd(study_path: str, out_dir: str | None, include_excluded: bool, overrides: tuple[str, ...]) -> None:
     """Analyse a study's judgments → reports/<id>/ (report.html, report.md, figures, fits.parquet, manifest.json)."""
     from evalkit.pipeline import report_study
 
-    cfg = load_study(study_path, list(overrides))
+    cfg = load_study(study_path, [*overrides, *(["report.include_excluded=true"] if include_excluded else [])])
     paths = report_study(cfg, out_dir)
     click.echo(f"{paths['html']}\n{paths['md']}\n{paths['fits']}")
 

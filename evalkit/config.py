@@ -166,6 +166,7 @@ class ReportConfig:
     split: str = "valid2"  # "" = every split
     n_boot: int = 1000  # bootstrap replicates for intervals
     reward_models: tuple[str, ...] = ()  # reward-model folders for an accuracy-vs-size table
+    include_excluded: bool = False  # re-admit labelers the [quality] rules exclude (their judgments are always kept on disk)
     labels: str = ""  # whose labels: "" = people's if any, else the simulated panel's or the one judge's; people, simulated, a judge id, all (pooled)
     out_dir: str = ""  # default: reports/<id> (reports/<id>-quick under --quick)
 

@@ -240,7 +240,8 @@ def report_study(cfg: StudyConfig, out_dir: str | Path | None = None) -> dict[st
                             config=cfg.to_dict(), reward_models=tuple(study_reward_models(cfg)), policy_kl=policy_kl,
                             primary_dataset=cfg.data.dataset, inputs=tuple(inputs),
                             policy_family=study_families(cfg) if r.source == "study" else None, labels=r.labels,
-                            panel_validation=cfg.layout.study_dir / PANEL_VALIDATION if r.source == "study" else None)
+                            panel_validation=cfg.layout.study_dir / PANEL_VALIDATION if r.source == "study" else None,
+                            quality=cfg.quality, include_excluded=r.include_excluded)
 
 
 # ------------------------------------------------------------------------------------------------------- evalkit run

@@ -26,8 +26,10 @@ from evalkit import artifacts  # noqa: E402
 from evalkit.analysis.agreement import SMALL_N, agreement_with_ci, bradley_terry, cohen_kappa, labeler_position, oriented_by_policy, pairwise_view, per_labeler, position_effect  # noqa: E402
 from evalkit.analysis.labels import SIMULATED, describe, machine_sets, select_labels, set_judgments  # noqa: E402
 from evalkit.analysis.likert import krippendorff_alpha, length_adjusted_means, likert_means, likert_view  # noqa: E402
-from evalkit.analysis.preference import EXTRAPOLATION_LOG_RATIO, comparisons, fit_table, length_controlled, preference_rates, separated_kinds, size_curve, size_fit  # noqa: E402
+from evalkit.analysis.preference import EXTRAPOLATION_LOG_RATIO, comparisons, fit_table, length_controlled, preference_rates, separated_kinds, size_curve, size_fit, size_fit_labeler_effect  # noqa: E402
+from evalkit.analysis.quality import drop_excluded  # noqa: E402
 from evalkit.analysis.rm_eval import kl_vs_preference, rm_accuracy_by_size
+from evalkit.config import QualityConfig  # noqa: E402
 from evalkit.data.tldr import OPENAI_PPO_POLICY, load_llm_judgments
 from evalkit.errors import EvalkitError  # noqa: E402
 from evalkit.judges import LONGER_BY_CHARS  # noqa: E402
@@ -434,6 +436,8 @@ class ReportSpec:
     policy_family: dict[str, str] | None = None  # each policy's model family (size curves stay within one)
     labels: str = ""  # whose labels (evalkit.analysis.labels): "" people's if any, else the simulated panel's or the one judge's
     panel_validation: Path | None = None  # the simulated panel's evaluator table, shown under Figure 1
+    quality: QualityConfig | None = None  # the exclusion rules (None: nobody is excluded)
+    include_excluded: bool = False  # re-admit the excluded labelers
 
 
 class _Study:
@@ -445,6 +449,11 @@ class _Study:
             raise EvalkitError("no judgments to report on")
         self.all_judgments = tables["judgments"]
         self.judgments, self.labels, self.source = select_labels(tables["judgments"], spec.labels)
+        self.excluded = pd.DataFrame(columns=["labeler_id", "reason", "judgments"])
+        if spec.quality is not None:
+            kept, self.excluded = drop_excluded({**tables, "judgments": self.judgments}, spec.quality)
+            if not spec.include_excluded:
+                self.judgments = kept["judgments"]
         self.tables, self.spec = {**tables, "judgments": self.judgments}, spec  # every section reads one label set
         self._comparisons: dict[str, pd.DataFrame] = {}
 
@@ -463,12 +472,13 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
                  split: str | None = "valid2", n_boot: int = 1000, seed: int = 0, config: dict | None = None,
                  reward_models: tuple[str, ...] = (), policy_kl: dict[str, float] | None = None,
                  primary_dataset: str | None = None, inputs: tuple[str | Path, ...] = (),
-                 policy_family: dict[str, str] | None = None, labels: str = "", panel_validation: Path | None = None) -> dict[str, Path]:
+                 policy_family: dict[str, str] | None = None, labels: str = "", panel_validation: Path | None = None,
+                 quality: QualityConfig | None = None, include_excluded: bool = False) -> dict[str, Path]:
     """The study's report in ``out_dir``: report.md, report.html, figures, fits.parquet and manifest.json. It is
     built in a folder beside ``out_dir`` and put in its place whole at the end, so a failed or killed report leaves
     the previous one as it was. ``policy_family``: each policy's model family (size curves stay within one)."""
     spec = ReportSpec(title, tuple(baselines), split, n_boot, seed, config, tuple(reward_models), policy_kl, primary_dataset,
-                      tuple(inputs), policy_family, labels, panel_validation)
+                      tuple(inputs), policy_family, labels, panel_validation, quality, include_excluded)
     final = Path(out_dir)
     with artifacts.built_whole(final, lambda f: (artifacts.read_manifest(f) or {}).get("artifact") == "report",
                                "an evalkit report") as staging:
@@ -487,6 +497,7 @@ def _write_report(tables: dict[str, pd.DataFrame], out_dir: Path, spec: ReportSp
     _section_other_labels(rep, study)
     rep.text(f"Labels: {study.source}. {len(study.judgments)} judgments by {study.judgments['labeler_id'].nunique()} labelers"
              + (f"; preference rates on split {spec.split} only." if spec.split else "."))
+    _section_excluded(rep, study)
     for baseline in spec.baselines:
         _section_preferred_to(rep, study, baseline)
     _section_agreement(rep, study)
@@ -499,6 +510,20 @@ def _write_report(tables: dict[str, pd.DataFrame], out_dir: Path, spec: ReportSp
                                         outputs={"figures": len(rep.figures), "fits": sum(len(f) for f in rep.fits)},
                                         extra={"headline": headline})
     return {**rep.write(manifest), "headline": headline}
+
+
+def _section_excluded(rep: Report, study: _Study) -> None:
+    """Who the [quality] rules exclude, with their reason and judgments: left out of every analysis below, unless
+    re-admitted."""
+    if study.excluded.empty:
+        return
+    n = int(study.excluded["judgments"].sum())
+    if study.spec.include_excluded:
+        rep.text(f"Excluded by the [quality] rules but re-admitted (--include-excluded): {len(study.excluded)} labelers, {n} judgments.")
+    else:
+        rep.text(f"Excluded by the [quality] rules: {len(study.excluded)} labelers, {n} judgments, left out of every analysis "
+                 "below (kept in judgments.parquet; `evalkit report --include-excluded` re-admits them).")
+    rep.table(study.excluded)
 
 
 def _section_panel(rep: Report, study: _Study) -> None:
@@ -626,8 +651,24 @@ def _size_part(rep: Report, study: _Study, d: pd.DataFrame, rates: pd.DataFrame,
     clusters = fit["item_id"].nunique()
     if raw is not None:
         rep.fits.append(fit_table(size_fit(fit), f"size:{dataset}:{baseline}", clusters))
+        _labeler_effect_check(rep, fit, dataset, baseline)
     if controlled is not None:
         rep.fits.append(fit_table(size_fit(fit, length=True), f"size+length:{dataset}:{baseline}", clusters))
+
+
+def _labeler_effect_check(rep: Report, fit: pd.DataFrame, dataset: str, baseline: str) -> None:
+    """The size GLM again with a labeler random intercept, beside the item-clustered fit (labelers differ in
+    leniency; a slope that moves when that is modelled rests on who labelled what)."""
+    if fit["labeler_id"].nunique() < 2:
+        return
+    mixed = size_fit_labeler_effect(fit).assign(analysis=f"size+labeler:{dataset}:{baseline}")
+    rep.fits.append(artifacts.conform(mixed, "fits"))
+    clustered = rep.fits[-2].set_index("term")
+    slopes = [t for t in mixed["term"] if "log_n_params" in t]
+    parts = [f"{t}: {mixed.set_index('term').loc[t, 'estimate']:+.3f} (sd {mixed.set_index('term').loc[t, 'std_err']:.3f}) "
+             f"vs {clustered.loc[t, 'estimate']:+.3f} (item-clustered SE {clustered.loc[t, 'std_err']:.3f})" for t in slopes if t in clustered.index]
+    rep.text(f"{dataset}: the size fit with a labeler random intercept (binomial mixed GLM, variational Bayes, "
+             f"{fit['labeler_id'].nunique()} labelers) beside the item-clustered GLM — " + "; ".join(parts) + ".")
 
 
 def _length_part(rep: Report, d: pd.DataFrame, dataset: str, baseline: str) -> None:
@@ -740,7 +781,7 @@ def _pairwise_agreement(rep: Report, tables: dict[str, pd.DataFrame], split: str
     rep.table(per[per["n"] >= SMALL_N])
     flagged = per[per["failed_checks"] > 0]
     if len(flagged):
-        rep.text(f"Flagged (kept, not dropped): {', '.join(flagged['labeler_id'])} failed gold or attention checks.")
+        rep.text(f"Flagged (kept: within the [quality] rules, or re-admitted): {', '.join(flagged['labeler_id'])} failed some gold or attention checks.")
 
 
 def _likert_and_strengths(rep: Report, tables: dict[str, pd.DataFrame], source: str, n_boot: int, seed: int) -> None:
