@@ -98,3 +98,76 @@ def test_likert_with_mouse(tmp_path, browser):
         assert pd.isna(judgments.loc[task, "preferred"])
     finally:
         srv.kill()
+
+
+def test_a_prolific_participant_and_the_live_monitor(tmp_path, browser):
+    """From a Prolific-style URL: instructions, the comprehension check, a batch answered with the keyboard, feedback
+    on the checks answered wrongly, the completion code; the admin page refreshes itself (under the strict CSP) as
+    another participant answers, with the figures of collect + analysis."""
+    from conftest import baseline_study
+    from test_study_crowd import SETTINGS, CrowdServer, enrol, label, pass_check
+
+    from evalkit.analysis.quality import labeler_quality
+    from evalkit.config import QualityConfig
+    from evalkit.study.serve import init_db
+
+    settings = [s for s in SETTINGS if not s.startswith("design.batch_size")] + ["design.batch_size=4", "design.gold_fraction=0.4"]
+    baseline_study(tmp_path, *settings)
+    db = init_db(tmp_path / "study")
+    urls = links(db, "", crowd=True)
+    srv = CrowdServer(tmp_path, free_port(), settings=settings).start()
+    base = f"http://127.0.0.1:{srv.port}"
+    errors = []
+    try:
+        page = browser.new_page()
+        page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+        page.goto(f"{base}{urls['study']}?PROLIFIC_PID=5f0c0ffee&STUDY_ID=st1&SESSION_ID=se1")
+        assert "accuracy first" in page.inner_text("#instructions")
+        page.click("#start")
+        assert "Before you start" in page.content()
+        page.check("input[name=q0][value='1']")
+        page.click("#submit")
+        page.wait_for_selector("#progress")  # the first task
+        answered = []
+        while page.query_selector("#progress"):
+            answered.append(page.url.rsplit("/", 1)[1])
+            page.keyboard.press("9")
+            page.keyboard.press("Enter")
+            page.wait_for_url(lambda url, last=answered[-1]: not url.endswith(last))
+        assert page.inner_text("#completion-code") == "C0DE42"
+        assert "cc=C0DE42" in page.get_attribute("#finish", "href")
+        tasks = pd.read_parquet(tmp_path / "study" / "tasks.parquet").set_index("task_id").loc[answered]
+        wrong = int((tasks["expected"] == "left").sum())  # "9" is definitely right
+        if wrong:
+            page.click("#feedback")
+            assert len(page.query_selector_all("section.feedback")) == wrong
+            assert page.inner_text("section.feedback .expected") == "left"
+        else:
+            assert page.query_selector("#feedback-none")
+        # the admin page, then another participant answers: the table changes without a reload
+        admin = browser.new_page()
+        admin.on("console", lambda m: m.type == "error" and errors.append(m.text))
+        admin.goto(base + urls["admin"])
+        assert "prolific:5f0c0ffee" in admin.inner_text("#labelers")
+        _, headers, _ = enrol(srv.port, urls["study"], "second")
+        me = headers["Location"]
+        pass_check(srv.port, me)
+        done, _ = label(srv.port, me)
+        for _ in range(80):  # the page's own script refreshes the table every few seconds; the test never reloads it
+            if "prolific:second" in admin.inner_text("#labelers"):
+                break
+            admin.wait_for_timeout(250)
+        assert "prolific:second" in admin.inner_text("#labelers")
+        cells = admin.eval_on_selector_all("#labelers tr", "rows => rows.map(r => Array.from(r.cells).map(c => c.innerText))")
+        header, rows = cells[0], {r[0]: dict(zip(cells[0], r)) for r in cells[1:]}
+        assert rows["prolific:second"]["done"] == str(len(done)) and header[:3] == ["labeler_id", "done", "assigned"]
+        collected = collect_judgments(tmp_path / "study")
+        expect = labeler_quality({"tasks": pd.read_parquet(tmp_path / "study" / "tasks.parquet"), "judgments": collected},
+                                 QualityConfig()).set_index("labeler_id")
+        for who in ("prolific:5f0c0ffee", "prolific:second"):
+            for col in ("left_rate", "gold_accuracy", "agreement_with_others"):
+                shown, want = rows[who][col], expect.loc[who, col]
+                assert (shown == "—") if pd.isna(want) else float(shown) == pytest.approx(want, abs=5e-4), (who, col, shown, want)
+    finally:
+        srv.kill()
+    assert errors == []

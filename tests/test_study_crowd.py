@@ -35,12 +35,12 @@ answer = "Count it against the summary"
 class CrowdServer(Server):
     """The default study's spec with a [crowd] section, served from a copy beside the run."""
 
-    def __init__(self, out, port, crowd=CROWD):
+    def __init__(self, out, port, crowd=CROWD, settings=SETTINGS):
         spec = out / "spec"
         spec.mkdir(exist_ok=True)
         (spec / "study.toml").write_text((ROOT / "studies/default/study.toml").read_text() + crowd)
         (spec / "instructions.md").write_text((ROOT / "studies/default/instructions.md").read_text())
-        super().__init__(out, SETTINGS, port)
+        super().__init__(out, settings, port)
         self.args[self.args.index("studies/default")] = str(spec)
 
 

@@ -492,7 +492,7 @@ class LabelingApp:
             + "</fieldset>" for i, q in enumerate(self.config.questions))
         body = (f"<h1>Before you start</h1>{note}<p>Questions about the instructions (attempt {attempts + 1} of "
                 f"{self.config.attempts}). <a href='/l/{token}'>Read the instructions again</a></p>"
-                f"<form method='post' id='check'><input type='hidden' name='csrf' value='{self.csrf(token, 'check')}'>{questions}"
+                f"<form method='post' id='check' action='/l/{token}/check'><input type='hidden' name='csrf' value='{self.csrf(token, 'check')}'>{questions}"
                 "<button type='submit' id='submit'>Check my answers</button></form>")
         return "200 OK", [], self.page("Questions", body)
 
