@@ -10,6 +10,13 @@ and checks that no acknowledged judgment is missing.
 ``--idle N`` holds N idle client connections open for the whole run (an abusive or stuck client): the labelers
 must still be served.
 
+``--enrol R`` serves the study to a crowd (``[crowd] enrol = true``): the labelers are participants who enrolled
+through the study link first, and while they submit, new participants arrive through the study link at R
+enrolments/s on a fixed schedule (latency from each scheduled time). Its baseline: the same enrolment writes (a
+participant row and a token row in one durable transaction) made directly from as many threads.
+
+    .venv/bin/python benchmarks/serve_load.py --labelers 100 --per-labeler 20 --enrol 100   # the enrolment profile
+
 Without ``--rate`` each labeler submits its next judgment as soon as the last is acknowledged (closed loop: the
 server's capacity; latency is then mostly the queue of the other labelers' requests, ~labelers / throughput). With
 ``--rate R`` the labelers together offer R judgments/s on a fixed schedule (each at R / labelers per second, starts
@@ -71,6 +78,57 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+CROWD = """
+[crowd]
+enrol = true
+completion_code = "BENCH"
+max_participants = 1000000
+enrolments_per_minute = 1000000
+"""
+
+
+def enrol(port: int, link: str, pid: str, assign: bool = False) -> tuple[str, str]:
+    """Enrol one participant through the study link (and, with ``assign``, take their batch): (labeler id, token)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", f"/s/{link}?participant={pid}")
+    resp = conn.getresponse()
+    resp.read()
+    token = resp.getheader("Location").rsplit("/", 1)[1]
+    if assign:
+        conn.request("GET", f"/l/{token}/next")
+        conn.getresponse().read()
+    conn.close()
+    return f"link:{pid}", token
+
+
+def direct_enrolments(path: Path, n: int, threads: int) -> float:
+    """The enrolment writes alone (a participant row and a token row, one durable transaction each) from threads."""
+    setup = sqlite3.connect(path)
+    setup.execute("PRAGMA journal_mode=WAL")
+    setup.executescript("CREATE TABLE p (labeler_id TEXT PRIMARY KEY, params TEXT, state TEXT, enrolled_at REAL);"
+                        "CREATE TABLE l (labeler_id TEXT PRIMARY KEY, token TEXT UNIQUE)")
+    setup.close()
+    n = max(n, threads)
+
+    def writer(t: int) -> None:
+        conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA synchronous=FULL")
+        for k in range(t, n, threads):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO l VALUES (?, ?)", (f"p{k}", f"tok{k}"))
+            conn.execute("INSERT INTO p VALUES (?, '{}', 'enrolled', ?)", (f"p{k}", time.time()))
+            conn.execute("COMMIT")
+        conn.close()
+
+    workers = [threading.Thread(target=writer, args=(t,)) for t in range(threads)]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return n / (time.perf_counter() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--labelers", type=int, default=20)
@@ -78,17 +136,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--idle", type=int, default=0, help="idle connections held open during the run")
     ap.add_argument("--rate", type=float, default=0.0, help="judgments/s offered by all labelers together (0: closed loop)")
+    ap.add_argument("--enrol", type=float, default=0.0, help="new participants/s arriving through the study link meanwhile (0: no crowd)")
+    ap.add_argument("--enrollers", type=int, default=10, help="client threads offering the enrolments")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         settings, db = make_study(out, args.labelers, args.per_labeler)
-        with sqlite3.connect(db) as conn:
-            secret = conn.execute("SELECT value FROM meta WHERE key='secret'").fetchone()[0].encode()
-            labelers = conn.execute("SELECT labeler_id, token FROM labelers").fetchall()
-            work = {lab: [r[0] for r in conn.execute("SELECT task_id FROM tasks WHERE labeler_id=? ORDER BY position LIMIT ?", (lab, args.per_labeler))]
-                    for lab, _ in labelers}
+        spec = ROOT / "studies/default"
+        if args.enrol:  # the same study, served to a crowd
+            spec = out / "spec"
+            spec.mkdir()
+            (spec / "study.toml").write_text((ROOT / "studies/default/study.toml").read_text() + CROWD)
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "evalkit", "study", "serve", "studies/default", "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "evalkit", "study", "serve", str(spec), "--port", str(port),
                                  "--threads", str(args.threads), *[x for s in settings for x in ("--set", s)]],
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while True:
@@ -97,6 +157,16 @@ def main() -> None:
                 break
             except OSError:
                 time.sleep(0.05)
+        with sqlite3.connect(db) as conn:
+            meta = dict(conn.execute("SELECT key, value FROM meta"))
+            secret = meta["secret"].encode()
+            labelers = conn.execute("SELECT labeler_id, token FROM labelers").fetchall()
+        if args.enrol:  # each labeler enrols through the study link and is given their batch
+            labelers = [enrol(port, meta["study_link"], f"lab{k:04d}", assign=True) for k in range(args.labelers)]
+        with sqlite3.connect(db) as conn:
+            slot = dict(conn.execute("SELECT labeler_id, substr(unit, 1, instr(unit, '/') - 1) FROM units")) if args.enrol else {}
+            work = {lab: [r[0] for r in conn.execute("SELECT task_id FROM tasks WHERE labeler_id=? ORDER BY position LIMIT ?",
+                                                     (slot.get(lab, lab), args.per_labeler))] for lab, _ in labelers}
         idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(args.idle)]
         latencies: list[float] = []
         steady: list[float] = []  # each labeler's requests after its first (which also opens its connection)
@@ -127,13 +197,37 @@ def main() -> None:
             conn.close()
 
         threads = [threading.Thread(target=labeler, args=(lab, tok, interval * i / len(labelers))) for i, (lab, tok) in enumerate(labelers)]
+        enrolled: list[float] = []
+        running = threading.Event()
+        running.set()
+
+        def enroller(e: int) -> None:  # new participants on a schedule, while the labelers submit
+            gap, k = args.enrollers / args.enrol, 0
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            while running.is_set():
+                due = start + gap * (k + e / args.enrollers)
+                time.sleep(max(0.0, due - time.perf_counter()))
+                conn.request("GET", f"/s/{meta['study_link']}?PROLIFIC_PID=new{e:02d}x{k:06d}&STUDY_ID=bench&SESSION_ID=s{k}")
+                resp = conn.getresponse()
+                resp.read()
+                assert resp.status == 303, resp.status
+                with lock:
+                    enrolled.append(time.perf_counter() - due)
+                k += 1
+            conn.close()
+
+        if args.enrol:
+            threads += [threading.Thread(target=enroller, args=(e,)) for e in range(args.enrollers)]
         cpu = server_cpu(proc.pid), time.process_time()
         start = t0 = time.perf_counter() + (0.2 if interval else 0.0)  # a schedule starts once every thread runs
         for t in threads:
             t.start()
-        for t in threads:
+        for t in threads[:len(labelers)]:
             t.join()
         wall = time.perf_counter() - t0
+        running.clear()
+        for t in threads[len(labelers):]:
+            t.join()
         cpu = server_cpu(proc.pid) - cpu[0], time.process_time() - cpu[1]
         for sock in idle:
             sock.close()
@@ -165,6 +259,7 @@ def main() -> None:
         for t in threads:
             t.join()
         direct_wall = time.perf_counter() - t1
+        enrol_base = direct_enrolments(out / "enrol.sqlite", len(enrolled), args.enrollers) if args.enrol else 0.0
 
     n = sum(len(v) for v in work.values())
     rate, baseline = n / wall, n / direct_wall
@@ -176,6 +271,11 @@ def main() -> None:
     print(f"  baseline: {baseline:7.0f} durable SQLite commits/s from {args.labelers} threads in-process (SQLite's own locking)")
     print(f"  ratio web app / baseline: {rate / baseline:.2f}")
     print(f"  acknowledged {len(acked)} of {n}; stored {len(stored)}; lost {len(set(acked) - stored)}")
+    if args.enrol:
+        print(f"  enrolment: {len(enrolled) / wall:7.1f} enrolments/s offered {args.enrol:.0f}/s while the labelers submit; latency "
+              f"p50 {1000 * percentile(enrolled, 0.5):.1f} ms, p99 {1000 * percentile(enrolled, 0.99):.1f} ms ({len(enrolled)} enrolments)")
+        print(f"  enrolment baseline: {enrol_base:7.0f} durable participant+token transactions/s from {args.enrollers} threads in-process; "
+              f"ratio offered-and-served / baseline capacity: {len(enrolled) / wall / enrol_base:.3f}")
     print(f"  CPU: server {cpu[0]:.2f} s ({1000 * cpu[0] / n:.2f} ms per judgment, {100 * cpu[0] / wall:.0f}% of a core), "
           f"this client {cpu[1]:.2f} s ({100 * cpu[1] / wall:.0f}% of a core)")
 

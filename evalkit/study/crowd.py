@@ -125,7 +125,7 @@ class Crowd:
             if len(self.people) >= self.cap:
                 raise EnrolmentRefused("200 OK", "This study is full; please return it on your platform.")
             token = secrets.token_urlsafe(18)
-            with _transaction(conn):
+            with write_transaction(conn):
                 conn.execute("INSERT INTO labelers VALUES (?, ?)", (labeler_id, token))
                 conn.execute("INSERT INTO participants VALUES (?,?,?,?,?,NULL,?,NULL,NULL)",
                              (labeler_id, platform, pid, json.dumps(params, sort_keys=True), ENROLLED, now))
@@ -151,7 +151,7 @@ class Crowd:
                 unit = next((u for u in self._order() if self.holder[u] is None and not self._done(u, answered)), None)
             if unit is None:
                 return None
-            with _transaction(conn):
+            with write_transaction(conn):
                 taken = conn.execute("UPDATE units SET labeler_id=? WHERE unit=? AND labeler_id IS NULL", (labeler_id, unit)).rowcount
                 if taken != 1:  # never: the lock serialises every change in this process; one server per database
                     raise RuntimeError(f"batch {unit} is held in the database but free in memory")
@@ -173,7 +173,7 @@ class Crowd:
             person = self.people[labeler_id]
             if person.state in (COMPLETE, SCREENED_OUT):
                 return
-            with _transaction(conn):
+            with write_transaction(conn):
                 conn.execute("UPDATE participants SET state=?, finished_at=? WHERE labeler_id=?", (state, self.clock(), labeler_id))
             person.state = state
 
@@ -191,7 +191,7 @@ class Crowd:
                  and not self._done(p.unit, answered)]
         if not stale:
             return
-        with _transaction(conn):
+        with write_transaction(conn):
             for p in stale:
                 conn.execute("UPDATE units SET labeler_id=NULL WHERE unit=? AND labeler_id=?", (p.unit, p.labeler_id))
                 conn.execute("UPDATE participants SET state=? WHERE labeler_id=?", (EXPIRED, p.labeler_id))
@@ -203,17 +203,32 @@ class Crowd:
         return {"participants": len(self.people), "batches": len(self.units), "held": sum(h is not None for h in self.holder.values()), **c}
 
 
-class _transaction:
-    """``with _transaction(conn):`` BEGIN IMMEDIATE … COMMIT, rolled back on any error."""
+# One writer at a time in the server process: each thread has its own SQLite connection, and two of them asking for
+# the write lock at once would meet SQLite's busy handler, which backs off in sleeps of up to 100 ms (what a
+# labeler's p99 latency would feel). Answers (GroupCommit), enrolments, check attempts and researcher labels all
+# write under this lock.
+WRITE_LOCK = threading.Lock()
+
+
+class write_transaction:
+    """``with write_transaction(conn):`` BEGIN IMMEDIATE … COMMIT under ``WRITE_LOCK``, rolled back on any error."""
 
     def __init__(self, conn):
         self.conn = conn
 
     def __enter__(self):
-        self.conn.execute("BEGIN IMMEDIATE")
+        WRITE_LOCK.acquire()
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            WRITE_LOCK.release()
+            raise
 
     def __exit__(self, kind, *_):
-        self.conn.execute("COMMIT" if kind is None else "ROLLBACK")
+        try:
+            self.conn.execute("COMMIT" if kind is None else "ROLLBACK")
+        finally:
+            WRITE_LOCK.release()
         return False
 
 

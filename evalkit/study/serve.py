@@ -121,20 +121,14 @@ class GroupCommit:
 
     def _commit(self, batch: list[dict]) -> list:
         conn = self.connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            results = []
+        results = []
+        with crowd.write_transaction(conn):  # rolled back whole on any error: no row of the batch is stored
             for e in batch:  # a task answered twice in one batch: the second sees the first (same transaction)
                 prev = conn.execute("SELECT confidence, overall, accuracy, coverage, coherence FROM judgments WHERE task_id=?",
                                     (e["task_id"],)).fetchone()
                 if prev is None:
                     conn.execute("INSERT INTO judgments VALUES (?,?,?,?,?,?,?,?,?,?)", e["row"])
                 results.append(None if prev is None else tuple(prev))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         return results
 
 
@@ -505,7 +499,7 @@ class LabelingApp:
         ok = all(form.get(f"q{i}") == str(q.choices.index(q.answer)) for i, q in enumerate(self.config.questions))
         attempts = self.screening.get(labeler, (0, False))[0] + 1
         conn = self.connection()
-        with crowd._transaction(conn):  # the attempt is on disk before its result is shown
+        with crowd.write_transaction(conn):  # the attempt is on disk before its result is shown
             conn.execute("INSERT OR REPLACE INTO screening VALUES (?,?,?)", (labeler, attempts, int(ok)))
         self.screening[labeler] = (attempts, ok)
         if ok:
@@ -684,7 +678,7 @@ class LabelingApp:
             except ValueError:
                 return "400 Bad Request", [], self.page("Incomplete", "<p>Please answer the scale.</p>")
             conn = self.connection()
-            with crowd._transaction(conn):  # the first answer is kept, as a labeler's is
+            with crowd.write_transaction(conn):  # the first answer is kept, as a labeler's is
                 conn.execute("INSERT OR IGNORE INTO researcher VALUES (?,?,?,?,?,?,?)",
                              (row["item_id"], row["pair"], row["gen_id_left"], row["gen_id_right"], confidence,
                               (form.get("note") or "").strip()[:4000] or None, datetime.now(timezone.utc).isoformat()))
