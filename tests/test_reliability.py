@@ -220,6 +220,54 @@ def test_labelers_are_served_while_300_idle_connections_are_open(tmp_path):
         srv.kill()
 
 
+def test_labelers_are_served_past_950_slow_connections(tmp_path):
+    """950 connections that send a byte now and then (never a whole request) once made every real request wait."""
+    import http.client
+    import resource
+    import threading
+
+    from test_study_serve import Server, free_port, make_study
+
+    from evalkit.study.serve import connection_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if min(soft, hard) < 2200:
+        pytest.skip(f"this machine allows {soft} open files; the test needs ~2,200")
+    assert connection_limit() > 1000
+    settings = ["data.n_items=20", "design.items_per_policy=8", "labelers.count=3"]
+    cfg, db = make_study(tmp_path, *settings)
+    _, token = _token(db)
+    srv = Server(tmp_path, settings, free_port()).start()
+    slow, stop = [], threading.Event()
+
+    def trickle():  # a byte on every slow connection each 2 s: never idle long enough for the 10 s idle timeout
+        while not stop.wait(2):
+            for s in slow:
+                try:
+                    s.sendall(b"a")
+                except OSError:
+                    pass
+
+    feeder = threading.Thread(target=trickle, daemon=True)
+    try:
+        for _ in range(950):
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+            s.sendall(b"GET /l/")
+            slow.append(s)
+        feeder.start()
+        time.sleep(12)  # past the idle timeout: only a limit above 950 leaves room for a labeler now
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=15)
+        conn.request("GET", f"/l/{token}/next")
+        resp = conn.getresponse()
+        assert resp.status == 303 and "/task/" in resp.getheader("Location")
+        conn.close()
+    finally:
+        stop.set()
+        for s in slow:
+            s.close()
+        srv.kill()
+
+
 def test_a_hostile_client_neither_fills_the_disk_nor_locks_labelers_out(tmp_path):
     """A 400 MB POST is refused from its headers (nothing spooled), and a client flooding wrong links from the same
     address as a labeler leaves the labeler served."""

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import resource
 import secrets
 import select
 import sqlite3
@@ -774,6 +775,17 @@ def run_paced(server, pause: float = LOOP_PAUSE_S) -> None:
         server.task_dispatcher.shutdown()
 
 
+MAX_CONNECTIONS = 4000
+
+
+def connection_limit() -> int:
+    """Open connections waitress accepts: MAX_CONNECTIONS, or fewer where the process may not open that many files
+    (a margin kept for the database and the server's own). Slow or idle clients past it would make every real request
+    wait; per-client limits belong in the reverse proxy (nginx ``limit_conn``)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(64, min(MAX_CONNECTIONS, soft - 128)) if soft != resource.RLIM_INFINITY else MAX_CONNECTIONS
+
+
 def serve(study_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, threads: int = 8, instructions: str | None = None,
           crowd_config: CrowdConfig | None = None, trusted_proxies: tuple[str, ...] = (), quality: QualityConfig | None = None,
           baseline: str = "ref") -> None:
@@ -783,7 +795,7 @@ def serve(study_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, thre
     app = LabelingApp(study_dir, instructions, crowd_config, trusted_proxies=trusted_proxies, quality=quality, baseline=baseline)
     # idle or slow clients must not lock labelers out: many sockets allowed, idle ones closed after 10 s; poll()
     # rather than select(), which cannot watch descriptors past 1024
-    server = create_server(app, host=host, port=port, threads=threads, ident="evalkit", connection_limit=900, channel_timeout=10,
+    server = create_server(app, host=host, port=port, threads=threads, ident="evalkit", connection_limit=connection_limit(), channel_timeout=10,
                            cleanup_interval=5, asyncore_use_poll=True, max_request_body_size=MAX_FORM_BYTES)
     server.print_listen("Serving on http://{}:{}")
     run_paced(server)
