@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.0, help="judgments/s offered by all labelers together (0: closed loop)")
     ap.add_argument("--enrol", type=float, default=0.0, help="new participants/s arriving through the study link meanwhile (0: no crowd)")
     ap.add_argument("--enrollers", type=int, default=10, help="client threads offering the enrolments")
+    ap.add_argument("--loop", choices=["paced", "waitress"], default="paced", help="the server's event loop (evalkit study serve --loop)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -149,7 +150,7 @@ def main() -> None:
             (spec / "study.toml").write_text((ROOT / "studies/default/study.toml").read_text() + CROWD)
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "evalkit", "study", "serve", str(spec), "--port", str(port),
-                                 "--threads", str(args.threads), *[x for s in settings for x in ("--set", s)]],
+                                 "--threads", str(args.threads), "--loop", args.loop, *[x for s in settings for x in ("--set", s)]],
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while True:
             try:
@@ -264,7 +265,7 @@ def main() -> None:
     n = sum(len(v) for v in work.values())
     rate, baseline = n / wall, n / direct_wall
     load = f"offering {args.rate:.0f} judgments/s on a schedule" if args.rate else "closed loop (next as soon as acknowledged)"
-    print(f"{args.labelers} labelers x {args.per_labeler} judgments over loopback, {load}, waitress with {args.threads} "
+    print(f"{args.labelers} labelers x {args.per_labeler} judgments over loopback, {load}, waitress ({args.loop} loop) with {args.threads} "
           f"threads, {args.idle} idle connections held open")
     print(f"  web app : {rate:7.0f} judgments/s; latency p50 {1000 * percentile(latencies, 0.5):.1f} ms, p99 {1000 * percentile(latencies, 0.99):.1f} ms "
           f"(p99 after each labeler's first request, which opens its connection: {1000 * percentile(steady, 0.99):.1f} ms)")

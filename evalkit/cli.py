@@ -227,8 +227,10 @@ def study_import(study_path: str, answers: str, overrides: tuple[str, ...]) -> N
 @click.option("--trusted-proxy", "trusted_proxies", multiple=True, metavar="ADDRESS",
               help="A reverse proxy's address whose X-Forwarded-For names the client (repeatable); from any other "
                    "address the header is ignored.")
+@click.option("--loop", type=click.Choice(["paced", "waitress"]), default="paced", show_default=True,
+              help="The event loop: paced (evalkit's, on waitress's internals) or waitress's own public one (benchmarks/serve_load.py compares them).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
-def study_serve(study_path: str, host: str, port: int, threads: int, trusted_proxies: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+def study_serve(study_path: str, host: str, port: int, threads: int, trusted_proxies: tuple[str, ...], loop: str, overrides: tuple[str, ...]) -> None:
     """Serve the labeling web app (waitress; judgments in SQLite); prints each labeler's link and the admin link."""
     cfg = load_study(study_path, list(overrides))
     folder = cfg.layout.study_dir
@@ -262,7 +264,7 @@ def study_serve(study_path: str, host: str, port: int, threads: int, trusted_pro
                    "?workerId=...&assignmentId=...&hitId=... (MTurk) or ?participant=<id>")
     sys.stdout.flush()
     serve(folder, host, port, threads, instructions.read_text("utf-8") if instructions.is_file() else None, cfg.crowd, trusted_proxies,
-          cfg.quality, cfg.design.baseline)
+          cfg.quality, cfg.design.baseline, loop)
 
 
 @study.command("collect")

@@ -788,8 +788,9 @@ def connection_limit() -> int:
 
 def serve(study_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, threads: int = 8, instructions: str | None = None,
           crowd_config: CrowdConfig | None = None, trusted_proxies: tuple[str, ...] = (), quality: QualityConfig | None = None,
-          baseline: str = "ref") -> None:
-    """Serve the study with waitress (a production WSGI server) until interrupted."""
+          baseline: str = "ref", loop: str = "paced") -> None:
+    """Serve the study with waitress (a production WSGI server) until interrupted; ``loop`` "waitress" runs
+    waitress's own public loop (``server.run()``) instead of :func:`run_paced`, for comparison."""
     from waitress import create_server
 
     app = LabelingApp(study_dir, instructions, crowd_config, trusted_proxies=trusted_proxies, quality=quality, baseline=baseline)
@@ -798,4 +799,7 @@ def serve(study_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, thre
     server = create_server(app, host=host, port=port, threads=threads, ident="evalkit", connection_limit=connection_limit(), channel_timeout=10,
                            cleanup_interval=5, asyncore_use_poll=True, max_request_body_size=MAX_FORM_BYTES)
     server.print_listen("Serving on http://{}:{}")
-    run_paced(server)
+    if loop == "waitress":
+        server.run()
+    else:
+        run_paced(server)
