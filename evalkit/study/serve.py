@@ -201,7 +201,8 @@ PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{tit
 <style>body{{font-family:sans-serif;max-width:60rem;margin:1rem auto;padding:0 1rem;line-height:1.45}}
 .post{{white-space:pre-wrap;background:#f6f6f6;padding:1rem;border-radius:6px}}
 .pair{{display:grid;grid-template-columns:1fr 1fr;gap:1rem}} .summary{{border:1px solid #aaa;padding:.8rem;border-radius:6px;white-space:pre-wrap}}
-.scale label{{display:inline-block;margin:.2rem .4rem}} .progress{{color:#555}} button{{font-size:1.1rem;padding:.4rem 1.2rem}}</style>
+.scale label{{display:inline-block;margin:.2rem .4rem}} .progress{{color:#555}} button{{font-size:1.1rem;padding:.4rem 1.2rem}}
+.wide{{overflow-x:auto}} table{{border-collapse:collapse}} td,th{{padding:.15rem .5rem;border-bottom:1px solid #ddd}} tr.flagged{{background:#fde8e8}}</style>
 </head><body>{body}</body></html>"""
 
 PAIRWISE_FORM = """
@@ -711,9 +712,9 @@ class LabelingApp:
             return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else _esc(str(v))
 
         def table(tid, cols, rows):  # the same cells the page's script writes on each refresh
-            return (f"<table id='{tid}'><tr>" + "".join(f"<th>{_esc(c)}</th>" for c in cols) + "</tr>"
+            return (f"<div class='wide'><table id='{tid}'><tr>" + "".join(f"<th>{_esc(c)}</th>" for c in cols) + "</tr>"
                     + "".join(f"<tr class='{'flagged' if r.get('flags') else ''}'>" + "".join(f"<td>{cell(r[c])}</td>" for c in cols)
-                              + "</tr>" for r in rows) + "</table>")
+                              + "</tr>" for r in rows) + "</table></div>")
 
         crowd_line = ""
         if self.crowd is not None:
