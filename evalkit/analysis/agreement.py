@@ -21,12 +21,17 @@ def _pair_design(first, second, index: dict[str, int]) -> np.ndarray:
     return X
 
 
+def pair_key(gen_a: str, gen_b: str) -> str:
+    """The unordered pair of two generations, as every pairwise analysis names it (the order shown does not matter)."""
+    return " | ".join(sorted((gen_a, gen_b)))
+
+
 def pairwise_view(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Pairwise judgments with the unordered pair of generations, the winner and the side chosen."""
     tasks, judg = tables["tasks"], tables["judgments"]
     df = judg.dropna(subset=["preferred_gen_id"]).merge(
         tasks[["task_id", "item_id", "gen_id_left", "gen_id_right", "role", "expected"]], on="task_id")
-    df["pair"] = [" | ".join(sorted(p)) for p in zip(df["gen_id_left"], df["gen_id_right"])]
+    df["pair"] = [pair_key(a, b) for a, b in zip(df["gen_id_left"], df["gen_id_right"])]
     return df
 
 

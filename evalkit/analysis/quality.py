@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
 
-from evalkit.analysis.agreement import pairwise_view, per_labeler
-from evalkit.analysis.preference import wilson
+from evalkit.analysis.agreement import pair_key, pairwise_view, per_labeler
+from evalkit.analysis.preference import comparisons, wilson
 from evalkit.config import QualityConfig
 from evalkit.vocab import PEOPLE_KINDS
 
@@ -28,7 +27,7 @@ def researcher_pairs(tasks: pd.DataFrame, rule: str) -> pd.DataFrame:
     """The comparisons a researcher labels under ``rule`` (overlap: those given to two or more labelers; checks:
     gold and attention; all): one row each, in the order first shown, with ``pair`` as ``pairwise_view`` names it."""
     t = tasks[tasks["kind"] == "pairwise"].copy()
-    t["pair"] = [" | ".join(sorted(p)) for p in zip(t["gen_id_left"], t["gen_id_right"])]
+    t["pair"] = [pair_key(a, b) for a, b in zip(t["gen_id_left"], t["gen_id_right"])]
     if rule == "overlap":
         t = t[t["role"] == "overlap"]
     elif rule == "checks":
@@ -118,18 +117,12 @@ def drop_excluded(tables: dict[str, pd.DataFrame], rules: QualityConfig) -> tupl
     return {**tables, "judgments": out}, summary
 
 
-def running_rates(tables: dict[str, pd.DataFrame], baseline: str, generations: pd.DataFrame) -> pd.DataFrame:
-    """Per policy: main-task judgments against ``baseline`` so far, wins, the rate and its Wilson 95% interval
-    (the researcher's running view; checks and sentinels left out)."""
-    policy = generations.set_index("gen_id")["policy_id"]
-    df = pairwise_view(tables)
-    df = df[df["role"].isin(["main", "overlap"])]
-    left, right = df["gen_id_left"].map(policy), df["gen_id_right"].map(policy)
-    other = np.where(left == baseline, right, np.where(right == baseline, left, None))
-    df = df.assign(policy_id=other, won=(df["preferred_gen_id"].map(policy) != baseline).astype(int))
-    df = df[df["policy_id"].notna()]
+def running_rates(tables: dict[str, pd.DataFrame], baseline: str) -> pd.DataFrame:
+    """Per policy: its comparisons with ``baseline`` so far (``preference.comparisons``: checks and sentinels left
+    out), wins, the rate and its Wilson 95% interval — the researcher's running view."""
+    df = comparisons(tables, baseline)
     if df.empty:
         return pd.DataFrame(columns=["policy_id", "n", "wins", "rate", "wilson_low", "wilson_high"])
-    g = df.groupby("policy_id")["won"].agg(["size", "sum"]).rename(columns={"size": "n", "sum": "wins"}).reset_index()
+    g = df.groupby("policy_id")["outcome"].agg(["size", "sum"]).rename(columns={"size": "n", "sum": "wins"}).reset_index()
     lo, hi = wilson(g["wins"].to_numpy(), g["n"].to_numpy())
     return g.assign(rate=g["wins"] / g["n"], wilson_low=lo, wilson_high=hi)

@@ -92,8 +92,7 @@ class Crowd:
     def __init__(self, conn: sqlite3.Connection, units: dict[str, list[str]], config: CrowdConfig, clock):
         self.config, self.clock, self.lock = config, clock, threading.Lock()
         self.units = units  # unit -> its tasks in the order shown
-        self.unit_of = {t: u for u, tasks in units.items() for t in tasks}
-        conn.executescript(SCHEMA)
+        self.unit_of = {t: u for u, tasks in units.items() for t in tasks}  # the tables: made by serve.init_db
         conn.execute("BEGIN IMMEDIATE")
         for unit in units:
             slot, batch = unit.rsplit("/", 1)

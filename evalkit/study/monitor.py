@@ -68,7 +68,7 @@ def study_stats(tables: dict[str, pd.DataFrame], rules: QualityConfig, researche
     table["assigned"] = table["labeler_id"].map(assigned).fillna(0).astype(int)
     table["flags"] = table["flags"].fillna("")
     table["excluded"] = table["excluded"].fillna("")
-    rates = running_rates(tables, baseline, tables["generations"])
+    rates = running_rates(tables, baseline)
     flagged = int((table["flags"] != "").sum())
     return {"labeler_columns": list(LABELER_COLUMNS), "policy_columns": list(POLICY_COLUMNS),
             "labelers": _records(table, LABELER_COLUMNS), "policies": _records(rates, POLICY_COLUMNS),

@@ -38,6 +38,7 @@ from urllib.parse import parse_qs
 import pandas as pd
 
 from evalkit import artifacts
+from evalkit.analysis.agreement import pair_key
 from evalkit.analysis.quality import excluded_reasons, researcher_pairs
 from evalkit.config import CrowdConfig, QualityConfig
 from evalkit.errors import EvalkitError
@@ -245,9 +246,10 @@ def same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
 
-def scale_value(text: str) -> int:
-    """A point on a scale as the form sends it: one ASCII digit (``int`` would also take "٧" or "７" for 7)."""
-    if not re.fullmatch(r"[0-9]", text):
+def scale_value(text: str, points) -> int:
+    """A point of the scale ``points`` as the form sends it: one ASCII digit (``int`` would also take "٧" or "７"
+    for 7); ValueError for anything else."""
+    if not re.fullmatch(r"[0-9]", text) or int(text) not in points:
         raise ValueError(text)
     return int(text)
 
@@ -292,8 +294,7 @@ class LabelingApp:
         meta = dict(conn.execute("SELECT key, value FROM meta"))
         self.secret, self.admin_token, self.study_link = meta["secret"].encode(), meta["admin_token"], meta["study_link"]
         self.researcher_token, self.quality, self.baseline = meta["researcher_token"], quality or QualityConfig(), baseline
-        self.tables = {k: pd.read_parquet(self.study_dir / f"{k}.parquet") for k in ("tasks", "generations")}
-        tasks = self.tables["tasks"]
+        tasks = self.tasks = pd.read_parquet(self.study_dir / "tasks.parquet")
         self.check_of = {t: (role, exp) for t, role, exp in zip(tasks["task_id"], tasks["role"], tasks["expected"])
                          if role in ("gold", "attention")}  # the answer known in advance, for a labeler's feedback
         self.researcher_queue = researcher_pairs(tasks, self.quality.researcher_tasks)
@@ -306,7 +307,7 @@ class LabelingApp:
             self.task_meta[task_id] = (labeler, kind)
         self.answered = {r[0] for r in conn.execute("SELECT task_id FROM judgments")}
         self.screening = {lab: (n, bool(ok)) for lab, n, ok in conn.execute("SELECT labeler_id, attempts, passed FROM screening")}
-        self.crowd = None
+        self.crowd, self._study_tables = None, None
         if self.config.enrol:  # the public study link enrols participants; the slots' own links are not served
             batch = tasks.set_index("task_id")["batch"]
             units: dict[str, list[str]] = {}
@@ -585,14 +586,10 @@ class LabelingApp:
         values = {"confidence": None, **{a: None for a in LIKERT_AXES}}
         try:
             if kind == "pairwise":
-                values["confidence"] = scale_value(form["confidence"])
-                if values["confidence"] not in CONFIDENCE_LABELS:
-                    raise ValueError
+                values["confidence"] = scale_value(form["confidence"], CONFIDENCE_LABELS)
             else:
                 for axis in LIKERT_AXES:
-                    values[axis] = scale_value(form[axis])
-                    if not 1 <= values[axis] <= 7:
-                        raise ValueError
+                    values[axis] = scale_value(form[axis], range(1, 8))
         except (KeyError, ValueError):
             return "400 Bad Request", [], self.page("Incomplete", "<p>Please answer every scale.</p>")
         duration = answer_duration(form.get("shown_at", ""), time.time())
@@ -617,7 +614,7 @@ class LabelingApp:
                             "FROM judgments j JOIN tasks t USING (task_id) WHERE j.labeler_id=? AND t.kind='pairwise' ORDER BY t.position",
                             (labeler,)).fetchall()
         truth = {(r[0], r[1]): r for r in conn.execute("SELECT item_id, pair, gen_id_left, gen_id_right, confidence, note FROM researcher")}
-        items = self.tables["tasks"].set_index("task_id")["item_id"]
+        items = self.tasks.set_index("task_id")["item_id"]
         out = []
         for task_id, confidence, title, body, left, right, gl, gr in mine:
             side = confidence_side(confidence)
@@ -627,7 +624,7 @@ class LabelingApp:
                 source = "a check with a known answer"
                 note = ("one summary is of another post" if role == "gold" else "one summary has its words shuffled")
             else:
-                r = truth.get((items[task_id], " | ".join(sorted((gl, gr)))))
+                r = truth.get((items[task_id], pair_key(gl, gr)))
                 if r is not None and confidence_side(r[4]) in ("left", "right"):
                     winner = r[2] if confidence_side(r[4]) == "left" else r[3]
                     expected, note, source = ("left" if winner == gl else "right"), r[5] or "", "the researcher's answer"
@@ -674,9 +671,7 @@ class LabelingApp:
             if not same(form.get("csrf", ""), self.csrf(token, f"r:{rest[1]}")):
                 return "403 Forbidden", [], self.page("Forbidden", "<p>Invalid form token.</p>")
             try:
-                confidence = scale_value(form.get("confidence", ""))
-                if confidence not in CONFIDENCE_LABELS:
-                    raise ValueError
+                confidence = scale_value(form.get("confidence", ""), CONFIDENCE_LABELS)
             except ValueError:
                 return "400 Bad Request", [], self.page("Incomplete", "<p>Please answer the scale.</p>")
             conn = self.connection()
@@ -689,9 +684,15 @@ class LabelingApp:
         return self.not_found()
 
     # -- admin: the live monitoring page
+    def study_tables(self) -> dict[str, pd.DataFrame]:
+        """The built study's items and generations (read on the first look at the monitor, never at start) and tasks."""
+        if self._study_tables is None:
+            self._study_tables = {"tasks": self.tasks, **{k: pd.read_parquet(self.study_dir / f"{k}.parquet") for k in ("items", "generations")}}
+        return self._study_tables
+
     def stats(self) -> dict:
         conn = self.connection()
-        tables = {**self.tables, "judgments": web_judgments(conn, f"web:{DB_FILE}")}
+        tables = {**self.study_tables(), "judgments": web_judgments(conn, f"web:{DB_FILE}")}
         if self.crowd is not None:
             assigned = {lab: len(self.crowd.units[p.unit]) for lab, p in self.crowd.people.items() if p.unit}
         else:
