@@ -1,5 +1,5 @@
 """Load on the labeling web app: 20 concurrent labelers submitting judgments over loopback to `evalkit study serve`
-(waitress, SQLite WAL, synchronous=FULL), side by side with a baseline — the same number of durable SQLite
+(granian, SQLite WAL, synchronous=FULL), side by side with a baseline — the same number of durable SQLite
 commits made directly from 20 threads in one process. Prints judgments/s, p50/p99 latency, the ratio to the baseline,
 and checks that no acknowledged judgment is missing.
 
@@ -66,11 +66,12 @@ def make_study(out: Path, labelers: int, per_labeler: int) -> tuple[list[str], P
 
 
 def server_cpu(pid: int) -> float:
-    """CPU seconds (user + system) the process has used, from /proc."""
+    """CPU seconds (user + system) the process and its children (the server's worker) have used, from /proc."""
     import os
 
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(server_cpu(int(c)) for c in children)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -138,7 +139,6 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.0, help="judgments/s offered by all labelers together (0: closed loop)")
     ap.add_argument("--enrol", type=float, default=0.0, help="new participants/s arriving through the study link meanwhile (0: no crowd)")
     ap.add_argument("--enrollers", type=int, default=10, help="client threads offering the enrolments")
-    ap.add_argument("--loop", choices=["paced", "waitress"], default="paced", help="the server's event loop (evalkit study serve --loop)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -150,7 +150,7 @@ def main() -> None:
             (spec / "study.toml").write_text((ROOT / "studies/default/study.toml").read_text() + CROWD)
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "evalkit", "study", "serve", str(spec), "--port", str(port),
-                                 "--threads", str(args.threads), "--loop", args.loop, *[x for s in settings for x in ("--set", s)]],
+                                 "--threads", str(args.threads), *[x for s in settings for x in ("--set", s)]],
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while True:
             try:
@@ -265,7 +265,7 @@ def main() -> None:
     n = sum(len(v) for v in work.values())
     rate, baseline = n / wall, n / direct_wall
     load = f"offering {args.rate:.0f} judgments/s on a schedule" if args.rate else "closed loop (next as soon as acknowledged)"
-    print(f"{args.labelers} labelers x {args.per_labeler} judgments over loopback, {load}, waitress ({args.loop} loop) with {args.threads} "
+    print(f"{args.labelers} labelers x {args.per_labeler} judgments over loopback, {load}, granian with {args.threads} "
           f"threads, {args.idle} idle connections held open")
     print(f"  web app : {rate:7.0f} judgments/s; latency p50 {1000 * percentile(latencies, 0.5):.1f} ms, p99 {1000 * percentile(latencies, 0.99):.1f} ms "
           f"(p99 after each labeler's first request, which opens its connection: {1000 * percentile(steady, 0.99):.1f} ms)")

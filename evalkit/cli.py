@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -227,11 +229,9 @@ def study_import(study_path: str, answers: str, overrides: tuple[str, ...]) -> N
 @click.option("--trusted-proxy", "trusted_proxies", multiple=True, metavar="ADDRESS",
               help="A reverse proxy's address whose X-Forwarded-For names the client (repeatable); from any other "
                    "address the header is ignored.")
-@click.option("--loop", type=click.Choice(["paced", "waitress"]), default="paced", show_default=True,
-              help="The event loop: paced (evalkit's, on waitress's internals) or waitress's own public one (benchmarks/serve_load.py compares them).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
-def study_serve(study_path: str, host: str, port: int, threads: int, trusted_proxies: tuple[str, ...], loop: str, overrides: tuple[str, ...]) -> None:
-    """Serve the labeling web app (waitress; judgments in SQLite); prints each labeler's link and the admin link."""
+def study_serve(study_path: str, host: str, port: int, threads: int, trusted_proxies: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+    """Serve the labeling web app (granian; judgments in SQLite); prints each labeler's link and the admin link."""
     cfg = load_study(study_path, list(overrides))
     folder = cfg.layout.study_dir
     if not (folder / "tasks.parquet").is_file():
@@ -245,12 +245,17 @@ def study_serve(study_path: str, host: str, port: int, threads: int, trusted_pro
         addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]
     except (socket.gaierror, UnicodeError):
         raise EvalkitError(f"--host {host!r}: not an address this machine can serve on (e.g. 127.0.0.1)") from None
-    with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as waitress does: a restart right after a kill
-        try:
-            probe.bind((addr, port))
-        except OSError as exc:
-            raise EvalkitError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); choose another port") from None
+    deadline = time.monotonic() + PORT_WAIT_S  # a killed server's worker may still be closing its socket
+    while True:
+        with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: a restart right after a kill
+            try:
+                probe.bind((addr, port))
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    raise EvalkitError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); choose another port") from None
+        time.sleep(0.05)
     if not ipaddress.ip_address(addr).is_loopback:
         click.echo(f"warning: serving plain HTTP on {host}: labelers' secret links and answers cross the network "
                    "unencrypted. Put a TLS reverse proxy in front (README: 'Serving labelers over a network').", err=True)
@@ -264,7 +269,7 @@ def study_serve(study_path: str, host: str, port: int, threads: int, trusted_pro
                    "?workerId=...&assignmentId=...&hitId=... (MTurk) or ?participant=<id>")
     sys.stdout.flush()
     serve(folder, host, port, threads, instructions.read_text("utf-8") if instructions.is_file() else None, cfg.crowd, trusted_proxies,
-          cfg.quality, cfg.design.baseline, loop)
+          cfg.quality, cfg.design.baseline)
 
 
 @study.command("collect")
@@ -341,6 +346,7 @@ def _quiet_hf() -> None:
     hf_logging.set_verbosity_error()
 
 
+PORT_WAIT_S = 3.0  # how long `study serve` waits for its port to be released before saying it is taken
 _SET = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field, e.g. steps=100.")
 _OUT = click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
 

@@ -3,8 +3,8 @@
 and what was expected, exit status 2, and leave every existing artifact byte-identical.
 
 Cases run in-process through ``evalkit.cli.main`` (the same path as the installed command, without the import cost of
-a subprocess). HTTP requests go over a socket to the labeling app served by waitress, as `evalkit study serve` serves
-it: each must get its 4xx page (never a 500 or a traceback) and leave the stored judgments and the study's files as
+a subprocess). HTTP requests go over a socket to the labeling app served by `evalkit study serve` in its own
+process: each must get its 4xx page (never a 500 or a traceback) and leave the stored judgments and the study's files as
 they were.
 """
 
@@ -421,32 +421,31 @@ def test_bad_option(world, name, args, expected, monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """One pairwise and one Likert study, each served by waitress on a loopback port (as `evalkit study serve` does)."""
+    """One pairwise and one Likert study, each served by `evalkit study serve` on a loopback port."""
     import sqlite3
-    import threading
 
-    from waitress import create_server
+    from test_study_serve import Server, free_port
 
-    from evalkit.study.serve import LabelingApp, init_db, run_paced
+    from evalkit.study.serve import init_db
 
     worlds, servers = {}, []
     for kind in ("pairwise", "likert"):
         out = tmp_path_factory.mktemp(f"http-{kind}")
-        baseline_study(out, "data.n_items=12", "design.items_per_policy=6", "labelers.count=2", "design.overlap_fraction=0",
-                       "design.gold_fraction=0", "design.attention_fraction=0", f"design.kind={kind}")
+        settings = ["data.n_items=12", "design.items_per_policy=6", "labelers.count=2", "design.overlap_fraction=0",
+                    "design.gold_fraction=0", "design.attention_fraction=0", f"design.kind={kind}"]
+        baseline_study(out, *settings)
         db = init_db(out / "study")
-        server = create_server(LabelingApp(out / "study"), host="127.0.0.1", port=0, threads=2)
-        threading.Thread(target=run_paced, args=(server,), daemon=True).start()  # the loop `evalkit study serve` runs
+        server = Server(out, settings, free_port()).start()
         servers.append(server)
         with sqlite3.connect(db) as conn:
             (lab, tok), (_, other) = conn.execute("SELECT labeler_id, token FROM labelers ORDER BY labeler_id").fetchall()
             mine = [r[0] for r in conn.execute("SELECT task_id FROM tasks WHERE labeler_id=? ORDER BY position", (lab,))]
             their = conn.execute("SELECT task_id FROM tasks WHERE labeler_id<>? LIMIT 1", (lab,)).fetchone()[0]
-        worlds[kind] = {"dir": out / "study", "db": db, "port": server.effective_port, "tok": tok, "other": other,
+        worlds[kind] = {"dir": out / "study", "db": db, "port": server.port, "tok": tok, "other": other,
                         "task": mine[0], "task2": mine[1], "their": their}
     yield worlds
     for server in servers:
-        server.close()
+        server.kill()
 
 
 def _http_state(w) -> tuple:

@@ -228,12 +228,9 @@ def test_labelers_are_served_past_950_slow_connections(tmp_path):
 
     from test_study_serve import Server, free_port, make_study
 
-    from evalkit.study.serve import connection_limit
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if min(soft, hard) < 2200:
         pytest.skip(f"this machine allows {soft} open files; the test needs ~2,200")
-    assert connection_limit() > 1000
     settings = ["data.n_items=20", "design.items_per_policy=8", "labelers.count=3"]
     cfg, db = make_study(tmp_path, *settings)
     _, token = _token(db)
@@ -255,7 +252,7 @@ def test_labelers_are_served_past_950_slow_connections(tmp_path):
             s.sendall(b"GET /l/")
             slow.append(s)
         feeder.start()
-        time.sleep(12)  # past the idle timeout: only a limit above 950 leaves room for a labeler now
+        time.sleep(12)  # past the 10 s header timeout: the slow connections, not the labelers, are the ones dropped
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=15)
         conn.request("GET", f"/l/{token}/next")
         resp = conn.getresponse()

@@ -1,4 +1,4 @@
-"""Participants from a crowd platform over real HTTP (waitress in its own process): enrolment by the public study
+"""Participants from a crowd platform over real HTTP (`evalkit study serve` in its own process): enrolment by the public study
 link with Prolific's parameters, the comprehension check, one batch per participant and one participant per batch,
 abandoned batches re-served, the completion code only at the end, a restart in the middle — and hostile input."""
 

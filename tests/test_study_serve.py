@@ -1,4 +1,4 @@
-"""The labeling web app on a real server (waitress) over HTTP: personal links, escaping, CSRF, idempotent submits,
+"""The labeling web app on a real server (granian) over HTTP: personal links, escaping, CSRF, idempotent submits,
 another labeler's token refused, judgments on disk before the acknowledgement — and after a SIGKILL."""
 
 import http.client
@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urlencode, urlparse
 
 import pytest
@@ -47,8 +48,19 @@ class Server:
         raise RuntimeError("server did not start")
 
     def kill(self):
+        """SIGKILL the server and wait until its port is free (its worker dies with it, closing its socket)."""
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(("127.0.0.1", self.port))
+                    return
+                except OSError:
+                    time.sleep(0.02)
+        raise RuntimeError(f"port {self.port} still taken 10 s after the server was killed")
 
 
 def request(port, method, path, form=None):
@@ -57,7 +69,7 @@ def request(port, method, path, form=None):
     headers = {"Content-Type": "application/x-www-form-urlencoded"} if form is not None else {}
     conn.request(method, path, body=body, headers=headers)
     resp = conn.getresponse()
-    out = resp.status, dict(resp.getheaders()), resp.read().decode()
+    out = resp.status, resp.headers, resp.read().decode()
     conn.close()
     return out
 
@@ -264,35 +276,20 @@ def test_group_commit_batches_concurrent_answers_and_fails_them_together(tmp_pat
         assert conn.execute("SELECT COUNT(*) FROM judgments WHERE task_id='t98'").fetchone()[0] == 1
 
 
-def test_the_paced_loop_serves_one_address_or_several():
-    """`evalkit study serve --host` may name a host with several addresses (waitress then returns a MultiSocketServer):
-    the paced event loop serves every listening socket either way."""
-    import threading
-
-    from waitress import create_server
-
-    from evalkit.study.serve import run_paced
-
-    def app(environ, start_response):
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        return [environ["PATH_INFO"].encode()]
-
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-        listens = ["127.0.0.1:0", "127.0.0.1:0 [::1]:0"]
-    except OSError:  # no IPv6 loopback here: two IPv4 sockets make a MultiSocketServer as well
-        listens = ["127.0.0.1:0", "127.0.0.1:0 127.0.0.1:0"]
-    for listen in listens:
-        server = create_server(app, listen=listen)
-        threading.Thread(target=run_paced, args=(server,), daemon=True).start()
-        where = getattr(server, "effective_listen", None) or [(server.effective_host, server.effective_port)]
-        assert len(where) == len(listen.split())
-        for host, port in where:
-            conn = http.client.HTTPConnection(host, port, timeout=10)
-            conn.request("GET", "/hello")
-            resp = conn.getresponse()
-            assert resp.status == 200 and resp.read() == b"/hello"
-            conn.close()
-        for sock in list((getattr(server, "map", None) or server._map).values()):  # an empty map ends the loop
-            sock.close()
+def test_a_killed_server_leaves_no_worker_behind(tmp_path):
+    """granian serves the app from a worker process: SIGKILL of `evalkit study serve` takes the worker with it, so
+    nothing keeps answering from (or writing to) the study, and a restart gets the port."""
+    settings = ["labelers.count=3", "design.items_per_policy=6", "data.n_items=12"]
+    make_study(tmp_path, *settings)
+    srv = Server(tmp_path, settings, free_port()).start()
+    assert request(srv.port, "GET", "/")[0] == 404  # the worker answers
+    workers = [int(t) for t in Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()]
+    assert workers
+    srv.kill()
+    for w in workers:  # gone, or a zombie whose threads have all exited (the port is free: kill() waited for it)
+        tasks = Path(f"/proc/{w}/task")
+        assert not tasks.exists() or all("Z" in (t / "stat").read_text().rsplit(")", 1)[1][:3] for t in tasks.iterdir() if t.exists()), \
+            "the worker outlived the server"
+    srv.start()
+    assert request(srv.port, "GET", "/")[0] == 404
+    srv.kill()

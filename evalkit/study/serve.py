@@ -1,4 +1,4 @@
-"""``evalkit study serve``: the labeling web app (WSGI, served by waitress) with judgments in SQLite.
+"""``evalkit study serve``: the labeling web app (WSGI, served by granian) with judgments in SQLite.
 
 - Each labeler has a personal link with a secret token and sees only their own tasks (another token, or a task that
   is not theirs, is a 404). Instructions come first; then pairwise pages (the post and two summaries, a 9-point scale
@@ -18,17 +18,19 @@
 from __future__ import annotations
 
 import base64
+import ctypes
 import hashlib
 import hmac
 import html
 import logging
 import math
 import os
+import pickle
 import re
-import resource
 import secrets
-import select
+import signal
 import sqlite3
+import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -36,6 +38,10 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 import pandas as pd
+from granian.constants import HTTPModes, Interfaces
+from granian.http import HTTP1Settings
+from granian.log import LogLevels
+from granian.server import Server
 
 from evalkit import artifacts
 from evalkit.analysis.agreement import pair_key
@@ -238,6 +244,14 @@ CSP = ("default-src 'none'; form-action 'self'; base-uri 'none'; frame-ancestors
        f"{_inline_hash(LIKERT_FORM.format(left='', csrf='', shown_at='', scales=''), 'script')} {_inline_hash(MONITOR_SCRIPT, 'script')}")
 FAILED_TOKEN_LIMIT = 30
 MAX_FORM_BYTES = 1 << 16  # an answer form (a 4,000-character note at most) is far smaller
+
+
+def content_length(environ) -> int:
+    """The request's declared body size (0 when absent or not a number)."""
+    try:
+        return max(0, int(environ.get("CONTENT_LENGTH") or 0))
+    except ValueError:
+        return 0
 MAX_DURATION_S = 24 * 3600.0
 
 
@@ -324,7 +338,7 @@ class LabelingApp:
         self.failures: dict[str, list[float]] = {}
 
     def connection(self) -> sqlite3.Connection:
-        """This thread's connection to the database (opened on first use; waitress's threads live as long as it)."""
+        """This thread's connection to the database (opened on first use; the server's threads live as long as it)."""
         conn = getattr(self.local, "conn", None)
         if conn is None:
             conn = self.local.conn = connect(self.db)
@@ -385,6 +399,8 @@ class LabelingApp:
         path = environ.get("PATH_INFO", "/").rstrip("/")
         method = environ.get("REQUEST_METHOD", "GET")
         parts = [p for p in path.split("/") if p]
+        if content_length(environ) > MAX_FORM_BYTES:  # refused from the headers: the body is never read
+            return "413 Content Too Large", [("Connection", "close")], self.page("Too large", "<p>This request is larger than any answer.</p>")
         if len(parts) in (2, 3) and parts[0] == "admin" and method == "GET":
             if not same(parts[1], self.admin_token):
                 return self.refuse_wrong(environ)
@@ -572,11 +588,7 @@ class LabelingApp:
     @staticmethod
     def form(environ) -> dict[str, str]:
         """A posted form's fields (first value of each), read up to MAX_FORM_BYTES."""
-        try:
-            size = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            size = 0
-        body = environ["wsgi.input"].read(max(0, min(size, MAX_FORM_BYTES)))
+        body = environ["wsgi.input"].read(min(content_length(environ), MAX_FORM_BYTES))
         return {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), max_num_fields=64).items()}
 
     def submit(self, environ, labeler, token, task_id, kind):
@@ -750,58 +762,39 @@ def collect_judgments(study_dir: str | Path, quality: QualityConfig | None = Non
     return web
 
 
-LOOP_PAUSE_S = 0.0003  # after each pass of waitress's event loop (see run_paced)
-
-
-def run_paced(server, pause: float = LOOP_PAUSE_S) -> None:
-    """waitress's own event loop (``BaseWSGIServer.run`` of the pinned waitress 3.0.2: poll the sockets, handle the
-    ready ones, again), with a pause of ``pause`` seconds after each pass.
-
-    Unpaced, the loop wakes for every single event; with many labelers submitting back to back and few other sockets
-    open, that loop and the worker threads hand the GIL to each other on every event and the server spends its CPU
-    switching threads. A short pause lets each pass gather the events that arrived meanwhile, at the cost of at most
-    ``pause`` added to a request's latency and nothing when the server is idle (the poll itself waits); the figures
-    are in benchmarks/README.md (serve_load.py)."""
-    from waitress import wasyncore
-
-    sockets = getattr(server, "map", None) or server._map  # a MultiSocketServer (a host with several addresses) or one
-    waiting = select.poll()
-    for listener in [obj for obj in sockets.values() if getattr(obj, "accepting", False)]:
-        waiting.register(listener.socket, select.POLLIN)
-    try:
-        while sockets:
-            wasyncore.poll2(server.adj.asyncore_loop_timeout, sockets)
-            if not waiting.poll(0):  # new connections (waitress accepts one per pass) are taken without a pause
-                time.sleep(pause)
-    except (SystemExit, KeyboardInterrupt):
-        server.task_dispatcher.shutdown()
-
-
-MAX_CONNECTIONS = 4000
-
-
-def connection_limit() -> int:
-    """Open connections waitress accepts: MAX_CONNECTIONS, or fewer where the process may not open that many files
-    (a margin kept for the database and the server's own). Slow or idle clients past it would make every real request
-    wait; per-client limits belong in the reverse proxy (nginx ``limit_conn``)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(64, min(MAX_CONNECTIONS, soft - 128)) if soft != resource.RLIM_INFINITY else MAX_CONNECTIONS
+APP_ENV = "EVALKIT_SERVE_APP"  # how serve() hands the app's arguments to granian's worker process
 
 
 def serve(study_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, threads: int = 8, instructions: str | None = None,
           crowd_config: CrowdConfig | None = None, trusted_proxies: tuple[str, ...] = (), quality: QualityConfig | None = None,
-          baseline: str = "ref", loop: str = "paced") -> None:
-    """Serve the study with waitress (a production WSGI server) until interrupted; ``loop`` "waitress" runs
-    waitress's own public loop (``server.run()``) instead of :func:`run_paced`, for comparison."""
-    from waitress import create_server
+          baseline: str = "ref") -> None:
+    """Serve the study with granian (a maintained HTTP server: its I/O in Rust, the WSGI app in ``threads`` Python
+    threads) until interrupted.
 
-    app = LabelingApp(study_dir, instructions, crowd_config, trusted_proxies=trusted_proxies, quality=quality, baseline=baseline)
-    # idle or slow clients must not lock labelers out: many sockets allowed, idle ones closed after 10 s; poll()
-    # rather than select(), which cannot watch descriptors past 1024
-    server = create_server(app, host=host, port=port, threads=threads, ident="evalkit", connection_limit=connection_limit(), channel_timeout=10,
-                           cleanup_interval=5, asyncore_use_poll=True, max_request_body_size=MAX_FORM_BYTES)
-    server.print_listen("Serving on http://{}:{}")
-    if loop == "waitress":
-        server.run()
-    else:
-        run_paced(server)
+    One worker process, never more: submissions are group-committed and enrolment is serialised inside the process
+    (:class:`GroupCommit`, ``crowd.WRITE_LOCK``). granian has no in-process mode for a WSGI app on a GIL build, so
+    the app is built in its worker by :func:`served_app` from the arguments passed in the environment."""
+    args = {"study_dir": str(study_dir), "instructions": instructions, "crowd_config": crowd_config, "trusted_proxies": tuple(trusted_proxies),
+            "quality": quality, "baseline": baseline, "parent": os.getpid()}
+    os.environ[APP_ENV] = base64.b64encode(pickle.dumps(args)).decode("ascii")
+    # idle or slow clients cost an open socket, not a thread; a client that has not sent its headers in 10 s is dropped
+    server = Server(f"{__name__}:served_app", address=host, port=port, interface=Interfaces.WSGI, workers=1, blocking_threads=threads,
+                    http=HTTPModes.http1, http1_settings=HTTP1Settings(header_read_timeout=10_000), factory=True, log_level=LogLevels.warning,
+                    backlog=2048, websockets=False)
+    print(f"Serving on http://{host}:{port}", flush=True)
+    server.serve()
+
+
+def served_app() -> LabelingApp:
+    """The app of :func:`serve`, built in granian's worker process, which dies with the server process (a SIGKILLed
+    server must not leave a worker holding the port and the database)."""
+    args = pickle.loads(base64.b64decode(os.environ[APP_ENV]))
+    parent = args.pop("parent")
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the server died before the line above
+        os._exit(1)
+    return LabelingApp(args.pop("study_dir"), args.pop("instructions"), args.pop("crowd_config"), **args)
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
