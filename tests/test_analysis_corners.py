@@ -133,22 +133,27 @@ def test_sentinel_pairs_stay_out_of_the_rates(tmp_path):
             tables["generations"]["policy_id"] == "lead3", "gen_id"])])
 
 
-def test_bradley_terry_intervals_come_from_resamples_that_contain_the_policy():
+def test_bradley_terry_gives_no_number_where_the_data_are_separated_or_tiny():
+    """A rare policy C (2 judgments, won both) and a policy D that won all of its 30 comparisons have no finite
+    strength: both are reported as not estimable, with their counts, never as a number; A keeps its interval."""
     from evalkit.analysis import bradley_terry
 
     rng = np.random.default_rng(2)
     tables = _placement_tables(rng, n_items=200, first_share=0.5)
-    # a rare policy C judged against A on two items only
-    extra_g = pd.DataFrame([{"gen_id": "c0", "policy_id": "C"}, {"gen_id": "c1", "policy_id": "C"}])
-    extra_t = pd.DataFrame([{"task_id": f"tc{i}", "item_id": f"i{i}", "gen_id_left": f"c{i}", "gen_id_right": f"a{i}",
-                             "role": "main", "expected": None} for i in range(2)])
-    extra_j = pd.DataFrame([{"task_id": f"tc{i}", "labeler_id": "l0", "preferred": "left", "preferred_gen_id": f"c{i}"} for i in range(2)])
-    tables = {k: pd.concat([tables[k], e], ignore_index=True) for k, e in
-              (("generations", extra_g), ("tasks", extra_t), ("judgments", extra_j))}
+    extra = {"generations": [], "tasks": [], "judgments": []}
+    for name, n in (("c", 2), ("d", 30)):
+        for i in range(n):
+            extra["generations"].append({"gen_id": f"{name}{i}", "policy_id": name.upper()})
+            extra["tasks"].append({"task_id": f"t{name}{i}", "item_id": f"i{i}", "gen_id_left": f"{name}{i}", "gen_id_right": f"a{i}",
+                                   "role": "main", "expected": None})
+            extra["judgments"].append({"task_id": f"t{name}{i}", "labeler_id": "l0", "preferred": "left", "preferred_gen_id": f"{name}{i}"})
+    tables = {k: pd.concat([tables[k], pd.DataFrame(e)], ignore_index=True) for k, e in extra.items()}
     bt = bradley_terry(tables, n_boot=100, rng=np.random.default_rng(0), anchor="B").set_index("policy_id")
-    assert bool(bt.loc["C", "small_n"]) and not bool(bt.loc["A", "small_n"])
-    assert bt.loc["C", "ci_low"] > 0  # never the anchor's 0 from resamples without C
-    assert list(bt.index)[-1] == "C"  # small-n policies are listed after the others
+    assert np.isnan(bt.loc["C", "strength"]) and bt.loc["C", "estimable"] == "too few judgments (2 < 20)"
+    assert np.isnan(bt.loc["D", "strength"]) and bt.loc["D", "estimable"].startswith("separated: won 30 of its 30")
+    assert int(bt.loc["D", "wins"]) == 30 and int(bt.loc["D", "n"]) == 30
+    assert bt.loc["A", "estimable"] == "yes" and bt.loc["A", "ci_low"] < bt.loc["A", "strength"] < bt.loc["A", "ci_high"]
+    assert set(list(bt.index)[-2:]) == {"C", "D"}  # not-estimable policies are listed after the others
 
 
 def test_notebook_api():

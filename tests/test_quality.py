@@ -52,7 +52,8 @@ def test_labeler_quality_on_a_constructed_panel():
     assert q.loc["a", "attention_failures"] == 0 and q.loc["b", "attention_failures"] == 2
     assert q.loc["a", "agreement_with_researcher"] == 1.0 and q.loc["b", "agreement_with_researcher"] == 0.0
     assert q.loc["a", "n_researcher"] == 3 and np.isnan(q.loc["c", "agreement_with_researcher"])  # nothing shared: NaN, not 0
-    assert q.loc["a", "agreement_with_others"] == 0.0 and q.loc["a", "n_shared"] == 3  # a and b disagree on every overlap pair
+    # a and b disagree on every overlap pair, but 3 shared comparisons are too few to report an agreement
+    assert np.isnan(q.loc["a", "agreement_with_others"]) and q.loc["a", "n_shared"] == 3
     assert q.loc["b", "excluded"] == "gold accuracy 0.25 < 0.6 on 4 gold tasks; 2 failed attention checks (limit 2)"
     assert q.loc["a", "excluded"] == "" and q.loc["c", "excluded"] == ""  # rules for people: the simulated labeler stays
     assert "median" in q.loc["b", "flags"] and "median" not in q.loc["a", "flags"]
@@ -70,8 +71,8 @@ def test_the_report_leaves_excluded_labelers_out_unless_readmitted():
 
     tables, _ = _tables()
     rules = QualityConfig()
-    assert len(_Study(tables, ReportSpec("t", quality=rules)).judgments) == len(tables["judgments"][lambda d: d["labeler_kind"] == "human"]) - 9
-    again = _Study(tables, ReportSpec("t", quality=rules, include_excluded=True))
+    assert len(_Study(tables, ReportSpec("t", quality=rules, split=None)).judgments) == len(tables["judgments"][lambda d: d["labeler_kind"] == "human"]) - 9
+    again = _Study(tables, ReportSpec("t", quality=rules, include_excluded=True, split=None))
     assert len(again.judgments) == 18 and list(again.excluded["labeler_id"]) == ["b"]
 
 

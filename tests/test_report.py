@@ -18,12 +18,20 @@ def test_openai_released_report(tmp_path):
                                       ("PPO (RLHF) 6.7B", "sup4_6b_ppo_rm4_6b_kl14", "6.7B", 38, 74),
                                       ("pretrained 6.7B, T=0.7", "pretrain_6b_t.7", "6.7B", 22, 73),
                                       ("PPO (RLHF) 1.3B, T=0.7", "sup4_ppo_rm4_t.7", "1.3B", 598, 832)):
-        assert re.search(rf"\| {re.escape(label)} \| {re.escape(pid)} \| {size} \| \d+ \| {wins} \| {n} \|", md), pid
+        assert re.search(rf"\| {re.escape(label)} \| {re.escape(pid)} \| {size} \| [\d.]+ \| {wins} \| {n} \|", md), pid
     # agreement per dataset on the report's split (valid2), with item-resampled intervals, and the paper beside it
-    assert "| tldr | 0.715 | 0.627 | 0.800 | 649 |" in md and "| cnndm | 0.786 |" in md
-    assert "| labeler–labeler agreement (tldr) | 71.5% [" in md and "| 73 ± 2% | Sec. 3.4 and App. C |" in md
-    assert "| 1.3B RLHF beats 12.9B SFT | 71.9% [" in md
-    assert "Too few judgments (fewer than 20" in md and "sup4_6b_p.7): 1 of 1" in md
+    # both weightings, with the comparisons and posts they rest on (35 comparisons on 30 posts give 649 pairs)
+    assert "| tldr | 0.715 | 0.627 | 0.800 | 0.647 |" in md and "| 649 | 35 | 30 |" in md and "| cnndm | 0.786 |" in md
+    assert "| labeler–labeler agreement (tldr) | 71.5% [" in md and "(35 comparisons on 30 posts)" in md
+    # one interval per quantity: the paper table quotes the rates table's interval
+    assert "| 1.3B RLHF over 12.9B SFT | 71.9% [67.7%, 75.7%] head-to-head (n=832)" in md
+    assert "| sup4_ppo_rm4_t.7 | 1.3B | 39.4 | 598 | 832 | 689 | 0.719 | 0.677 | 0.757 |" in md
+    assert "Too few judgments for a rate (fewer than 20" in md and "sup4_6b_p.7): 1 of 1" in md
+    # one split for every analysis, said once: Bradley–Terry's reference has valid2's 279 judgments, not 339
+    assert "Scope: every analysis below reads split valid2 only — 1,823 judgments by 30 labelers" in md
+    assert "| ref | 0.000 | 0.000 | 0.000 | 207 | 279 | reference (0 by definition) |" in md
+    assert "| sup4_6b_p.7 | — | — | — | 2 | 2 | too few judgments (2 < 20) |" in md
+    assert "| batch18.json | 554 | — | — | — | 6 | 1 |" in md  # an alpha on one post is not given
     assert "not fitted — no tldr policy kind is measured at two or more sizes" in md  # degenerate input, said in words
     assert "leaves out sft: measured at one size only" in md and "No policy kind has two sizes in the tldr" in md
     assert "imported human labels" in md and "nan" not in md.lower()
@@ -107,10 +115,10 @@ def tables_from_comparisons(comp):
     gens, tasks, judg, items = [], [], [], {}
     for k, r in enumerate(comp.itertuples()):
         items[r.item_id] = {"item_id": r.item_id, "dataset": "tldr", "split": "valid2", "subreddit": "s", "title": "t",
-                            "body": "post", "reference": "r" * int(r.len_baseline), "source": "sim"}
+                            "body": "post", "reference": " ".join(["r"] * int(r.len_baseline)), "source": "sim"}
         g_pol, g_ref = f"gp{k}", f"gr{k}"
-        for gid, policy, kind, n, text in ((g_pol, r.policy_id, r.policy_kind, r.n_params, "x" * int(r.len_policy)),
-                                           (g_ref, "ref", "ref", None, "r" * int(r.len_baseline))):
+        for gid, policy, kind, n, text in ((g_pol, r.policy_id, r.policy_kind, r.n_params, " ".join(["x"] * int(r.len_policy))),
+                                           (g_ref, "ref", "ref", None, " ".join(["r"] * int(r.len_baseline)))):
             gens.append({"gen_id": gid, "item_id": r.item_id, "dataset": "tldr", "split": "valid2", "policy_id": policy,
                          "policy_kind": kind, "n_params": n, "checkpoint": None, "temperature": None, "top_p": None,
                          "seed": None, "sample_idx": 0, "text": text, "n_tokens": None, "hit_eos": None})

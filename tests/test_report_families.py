@@ -4,7 +4,7 @@ paper's ordering (PPO >= SFT >= pretrained) is checked per family and size, raw 
 import numpy as np
 import pandas as pd
 
-from evalkit.report.build import Report, _headline, fit_groups
+from evalkit.report.build import Report, _headline, fit_groups, policy_rates
 
 
 def _family_study(rng, n_items=300):
@@ -30,7 +30,7 @@ def _family_study(rng, n_items=300):
 def test_size_curves_stay_within_one_family(tmp_path):
     d = _family_study(np.random.default_rng(3))
     rep = Report(tmp_path, "families")
-    headline = _headline(rep, d, "tldr", "ref", "SIMULATED labels", n_boot=200, seed=0)
+    headline = _headline(rep, d, policy_rates(d, 200, np.random.default_rng(0)), "tldr", "ref", "SIMULATED labels")
     md = "\n".join(rep.md)
     # the fits: one per kind of family A (three sizes each); family B's one size gives no curve and is not pooled in
     assert sorted(h["policy_kind"] for h in headline) == ["ppo", "sft"] and {h["family"] for h in headline} == {"A"}
@@ -47,7 +47,7 @@ def test_one_size_per_family_draws_dots_and_no_curve(tmp_path):
     d = _family_study(np.random.default_rng(4))
     d = d[(d["family"] == "B") | (d["n_params"] == 1e9)]  # every family at one size
     rep = Report(tmp_path, "one size each")
-    headline = _headline(rep, d, "tldr", "ref", "SIMULATED labels", n_boot=200, seed=0)
+    headline = _headline(rep, d, policy_rates(d, 200, np.random.default_rng(0)), "tldr", "ref", "SIMULATED labels")
     assert len(headline) == d["policy_id"].nunique() and {h["family"] for h in headline} == {"A", "B"}  # every dot
     md = "\n".join(rep.md)
     assert "No policy kind has two sizes in the tldr comparisons within one model family" in md

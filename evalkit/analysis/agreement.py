@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.stats import norm
 
+from evalkit.vocab import CONFIDENCE_MIDPOINT
+
 SMALL_N = 20  # judgments: fewer, and a policy's estimate is listed apart as "too few judgments"
+MIN_SHARED = 5  # shared comparisons: fewer, and a labeler's agreement with the others is not reported
 
 
 def _pair_design(first, second, index: dict[str, int]) -> np.ndarray:
@@ -56,7 +61,8 @@ def labeler_agreement(tables: dict[str, pd.DataFrame]) -> dict[str, float]:
 
 def per_labeler(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Per labeler: judgments, share choosing the left summary (position bias), agreement with the other labelers'
-    majority on shared pairs, and gold/attention accuracy where such tasks exist (failures are flagged, not dropped)."""
+    majority on shared pairs (only from MIN_SHARED shared comparisons or more; ``n_shared`` says how many), and
+    gold/attention accuracy and failures where the labeler had such tasks (NaN, not 0, where they had none)."""
     df = pairwise_view(tables)
     majority = {}
     for pair, g in df.groupby("pair"):
@@ -79,16 +85,40 @@ def per_labeler(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
             agree += counts.index[0] == r.preferred_gen_id
         checks = g[g["expected"].notna()]
         rows.append({"labeler_id": labeler, "n": len(g), "left_rate": float((g["preferred"] == "left").mean()),
-                     "agreement_with_others": agree / total if total else float("nan"), "n_shared": total,
+                     "agreement_with_others": agree / total if total >= MIN_SHARED else float("nan"), "n_shared": total,
+                     "n_checks": len(checks),  # gold and attention: with none, accuracy and failures are not measured
                      "check_accuracy": float((checks["preferred"] == checks["expected"]).mean()) if len(checks) else float("nan"),
-                     "failed_checks": int((checks["preferred"] != checks["expected"]).sum())})
+                     "failed_checks": float((checks["preferred"] != checks["expected"]).sum()) if len(checks) else float("nan")})
     return pd.DataFrame(rows)
+
+
+def _strong_group(d: pd.DataFrame, anchor: str, policies: list[str]) -> set[str]:
+    """The policies in ``anchor``'s strongly connected component of the "beat" graph (an edge from each winner to the
+    loser it beat): the Bradley–Terry maximum likelihood estimate is finite exactly for them (Zermelo; Ford 1957). A
+    policy outside it won, or lost, every comparison that links it to the anchor's group, and its strength runs off to
+    ±∞ (a regularised fit returns a large number that means nothing)."""
+    index = {p: k for k, p in enumerate(policies)}
+    winner = np.where(d["a_won"] == 1, d["a"], d["b"])
+    loser = np.where(d["a_won"] == 1, d["b"], d["a"])
+    rows, cols = [index[w] for w in winner], [index[ell] for ell in loser]
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(policies), len(policies)))
+    _, label = connected_components(graph, directed=True, connection="strong")
+    return {p for p in policies if label[index[p]] == label[index[anchor]]}
+
+
+BT_MIN_ESTIMABLE_SHARE = 0.95  # an interval only when the policy is estimable in this share of the resamples
 
 
 def bradley_terry(tables: dict[str, pd.DataFrame], n_boot: int = 200, rng: np.random.Generator | None = None,
                   anchor: str = "ref") -> pd.DataFrame:
     """Bradley–Terry strengths of every policy from all pairwise judgments (``anchor`` fixed at 0), point estimate from
-    the full fit and percentile intervals from an item-level bootstrap."""
+    the full fit and percentile intervals from an item-level bootstrap.
+
+    Checked before fitting: a policy with fewer than SMALL_N judgments, or outside the anchor's strongly connected
+    group of comparisons (:func:`_strong_group`: it won all, or lost all, of the comparisons linking it), is not
+    estimable: its row has no strength, the reason in ``estimable``, and its wins and n. Each resample is checked the
+    same way; a policy not estimable in a resample has no value there, and its interval is given only when it is
+    estimable in at least BT_MIN_ESTIMABLE_SHARE of the resamples (``boot_estimable`` says the share)."""
     import statsmodels.api as sm
 
     rng = rng if rng is not None else np.random.default_rng(0)
@@ -98,48 +128,67 @@ def bradley_terry(tables: dict[str, pd.DataFrame], n_boot: int = 200, rng: np.ra
     df["a"], df["b"] = df["gen_id_left"].map(policy), df["gen_id_right"].map(policy)
     df = df[df["a"] != df["b"]]
     df["a_won"] = (df["preferred_gen_id"] == df["gen_id_left"]).astype(float)
-    policies = sorted(set(df["a"]) | set(df["b"]))
-    if anchor not in policies:
-        anchor = policies[0]
-    # only the policies connected to the anchor by comparisons are identified
-    linked, frontier = {anchor}, [anchor]
-    while frontier:
-        p = frontier.pop()
-        for q in set(df.loc[df["a"] == p, "b"]) | set(df.loc[df["b"] == p, "a"]):
-            if q not in linked:
-                linked.add(q)
-                frontier.append(q)
-    df = df[df["a"].isin(linked) & df["b"].isin(linked)]
-    policies = sorted(linked)
-    others = [p for p in policies if p != anchor]
+    every = sorted(set(df["a"]) | set(df["b"]))
+    if anchor not in every:
+        anchor = every[0]
+    n_all = pd.concat([df["a"], df["b"]]).value_counts()
+    wins_all = pd.concat([df.loc[df["a_won"] == 1, "a"], df.loc[df["a_won"] == 0, "b"]]).value_counts()
+    why: dict[str, str] = {p: f"too few judgments ({int(n_all[p])} < {SMALL_N})" for p in every if p != anchor and n_all[p] < SMALL_N}
+    keep = [p for p in every if p not in why]
+    while True:  # dropping a policy can separate another: repeat until the group is stable
+        d = df[df["a"].isin(keep) & df["b"].isin(keep)]
+        group = _strong_group(d, anchor, keep)
+        if len(group) == len(keep):
+            break
+        keep = [p for p in keep if p in group]
+    for p in every:
+        if p in why or p in group:
+            continue
+        mine = df[((df["a"] == p) & df["b"].isin(group)) | ((df["b"] == p) & df["a"].isin(group))]
+        won = int(((mine["a"] == p) & (mine["a_won"] == 1)).sum() + ((mine["b"] == p) & (mine["a_won"] == 0)).sum())
+        why[p] = ("never compared with the reference's group" if mine.empty else
+                  f"separated: won {won} of its {len(mine)} comparisons with the reference's group")
+    others = [p for p in keep if p != anchor]
     index = {p: i for i, p in enumerate(others)}
 
     def fit(d: pd.DataFrame) -> np.ndarray:
         X = _pair_design(d["a"], d["b"], index)
-        res = sm.GLM(d["a_won"].to_numpy(), X, family=sm.families.Binomial()).fit_regularized(alpha=1e-6, L1_wt=0.0)
+        res = sm.GLM(d["a_won"].to_numpy(), X, family=sm.families.Binomial()).fit()
         return np.asarray(res.params)
 
-    point = fit(df)
-    items = df["item_id"].unique()
-    groups = {i: g for i, g in df.groupby("item_id")}
-    boots = []
-    for _ in range(n_boot):
+    point = fit(d) if others else np.zeros(0)
+    items = d["item_id"].unique()
+    groups = {i: g for i, g in d.groupby("item_id")}
+    boots = np.full((n_boot, len(others)), np.nan)
+    for b in range(n_boot if others else 0):
         sample = rng.choice(items, size=len(items), replace=True)
-        d = pd.concat([groups[i] for i in sample], ignore_index=True)
-        est = fit(d)
-        absent = [index[p] for p in others if not ((d["a"] == p) | (d["b"] == p)).any()]
-        est[absent] = np.nan  # a policy missing from a resample has no estimate there (not 0, the anchor's value)
-        boots.append(est)
-    boots = np.array(boots).reshape(len(boots), len(others))
-    n_of = pd.concat([df["a"], df["b"]]).value_counts()
-    out = [{"policy_id": anchor, "strength": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": int(n_of.get(anchor, 0)),
-            "small_n": bool(n_of.get(anchor, 0) < SMALL_N)}]
+        r = pd.concat([groups[i] for i in sample], ignore_index=True)
+        present = sorted(set(r["a"]) | set(r["b"]))
+        if anchor not in present:
+            continue
+        ok = _strong_group(r, anchor, present)
+        r = r[r["a"].isin(ok) & r["b"].isin(ok)]
+        sub = {p: k for k, p in enumerate(p for p in others if p in ok)}
+        if not sub:
+            continue
+        res = sm.GLM(r["a_won"].to_numpy(), _pair_design(r["a"], r["b"], sub), family=sm.families.Binomial()).fit()
+        for p, k in sub.items():
+            boots[b, index[p]] = res.params[k]
+    out = [{"policy_id": anchor, "strength": 0.0, "ci_low": 0.0, "ci_high": 0.0, "wins": int(wins_all.get(anchor, 0)),
+            "n": int(n_all.get(anchor, 0)), "boot_estimable": 1.0, "estimable": "reference (0 by definition)"}]
     for p, k in index.items():
-        col = boots[:, k][~np.isnan(boots[:, k])]
-        lo, hi = (float(np.quantile(col, 0.025)), float(np.quantile(col, 0.975))) if len(col) else (np.nan, np.nan)
-        out.append({"policy_id": p, "strength": float(point[k]), "ci_low": lo, "ci_high": hi, "n": int(n_of.get(p, 0)),
-                    "small_n": bool(n_of.get(p, 0) < SMALL_N)})
-    return pd.DataFrame(out).sort_values(["small_n", "strength"], ascending=[True, False]).reset_index(drop=True)
+        col = boots[:, k][np.isfinite(boots[:, k])]
+        share = len(col) / n_boot if n_boot else 0.0
+        lo, hi = (float(np.quantile(col, 0.025)), float(np.quantile(col, 0.975))) if share >= BT_MIN_ESTIMABLE_SHARE else (np.nan, np.nan)
+        out.append({"policy_id": p, "strength": float(point[k]), "ci_low": lo, "ci_high": hi, "wins": int(wins_all.get(p, 0)),
+                    "n": int(n_all.get(p, 0)), "boot_estimable": share,
+                    "estimable": "yes" if share >= BT_MIN_ESTIMABLE_SHARE else
+                    f"point estimate only: separated in {1 - share:.0%} of the resamples"})
+    for p, reason in why.items():
+        out.append({"policy_id": p, "strength": np.nan, "ci_low": np.nan, "ci_high": np.nan, "wins": int(wins_all.get(p, 0)),
+                    "n": int(n_all.get(p, 0)), "boot_estimable": np.nan, "estimable": reason})
+    table = pd.DataFrame(out)
+    return table.assign(_na=table["strength"].isna()).sort_values(["_na", "strength"], ascending=[True, False]).drop(columns="_na").reset_index(drop=True)
 
 
 def _placement(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -182,16 +231,19 @@ def position_effect(tables: dict[str, pd.DataFrame], level: float = 0.95) -> dic
     import statsmodels.api as sm
 
     df = _placement(tables)
-    naive = float(df["left_won"].mean()) if len(df) else float("nan")
-    # policies with very few judgments (often won all or none) make the fit singular and say nothing about sides
+    # policies with very few judgments (often won all or none) make the fit singular and say nothing about sides;
+    # the naive rate is over the same judgments as the adjusted one, and ``n_left_out`` counts the others
     counts = pd.concat([df["left_policy"], df["right_policy"]]).value_counts()
     rare = set(counts[counts < 10].index)
+    n_placed = len(df)
     df = df[~df["left_policy"].isin(rare) & ~df["right_policy"].isin(rare)]
+    naive = float(df["left_won"].mean()) if len(df) else float("nan")
     X, _ = _placement_design(df) if len(df) else (np.zeros((0, 0)), [])
     X = np.column_stack([np.ones(len(df)), X])
     if len(df) < 10 or np.linalg.matrix_rank(X) < X.shape[1]:  # e.g. every policy always shown on the same side
         return {"naive_left_rate": naive, "adjusted_left_rate": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
-                "log_odds": float("nan"), "std_err": float("nan"), "n": len(df), "n_clusters": int(df["item_id"].nunique())}
+                "log_odds": float("nan"), "std_err": float("nan"), "n": len(df), "n_clusters": int(df["item_id"].nunique()),
+                "n_left_out": n_placed - len(df)}
     groups = df["item_id"].astype("category").cat.codes.to_numpy()
     res = sm.GLM(df["left_won"].to_numpy(), X, family=sm.families.Binomial()).fit(cov_type="cluster", cov_kwds={"groups": groups})
     b, se = float(res.params[0]), float(res.bse[0])
@@ -201,7 +253,7 @@ def position_effect(tables: dict[str, pd.DataFrame], level: float = 0.95) -> dic
         return float(1 / (1 + np.exp(-v)))
 
     return {"naive_left_rate": naive, "adjusted_left_rate": sig(b), "ci_low": sig(b - z * se), "ci_high": sig(b + z * se),
-            "log_odds": b, "std_err": se, "n": len(df), "n_clusters": int(df["item_id"].nunique())}
+            "log_odds": b, "std_err": se, "n": len(df), "n_clusters": int(df["item_id"].nunique()), "n_left_out": n_placed - len(df)}
 
 
 def labeler_position(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -223,29 +275,52 @@ def labeler_position(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def agreement_with_ci(tables: dict[str, pd.DataFrame], n_boot: int = 1000, rng: np.random.Generator | None = None) -> dict:
-    """Labeler–labeler agreement with a 95% interval from resampling items (pairs of one item are not independent)."""
+    """Labeler–labeler agreement two ways, each with a 95% item-clustered bootstrap interval (both from the same
+    resamples of posts, whose pairs are not independent):
+
+    - pair-weighted (``agreement``): over every two judgments of one comparison (the same two summaries) by different
+      labelers; a comparison judged by k labelers weighs k(k−1)/2;
+    - comparison-weighted (``agreement_per_comparison``): each comparison's share of agreeing pairs, averaged over
+      comparisons, so a comparison with 11 labelers counts once.
+
+    With ``n_pairs``, ``n_comparisons`` (those judged by two labelers or more) and ``n_items`` (their posts)."""
     rng = rng if rng is not None else np.random.default_rng(0)
     df = pairwise_view(tables)
-    per_item = [counts for _, g in df.groupby("item_id") if (counts := _agreeing_pairs(g))[1]]
+    per_item = []
+    for _, g in df.groupby("item_id"):
+        counts = [c for _, p in g.groupby("pair") if (c := _agreeing_pairs(p))[1]]
+        if counts:
+            per_item.append((sum(a for a, _ in counts), sum(t for _, t in counts), sum(a / t for a, t in counts), len(counts)))
+    nan = float("nan")
     if not per_item:
-        return {"agreement": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n_pairs": 0, "n_items": 0}
-    counts = np.array(per_item, dtype=float)
-    k = len(counts)
+        return {"agreement": nan, "ci_low": nan, "ci_high": nan, "agreement_per_comparison": nan, "comparison_ci_low": nan,
+                "comparison_ci_high": nan, "n_pairs": 0, "n_comparisons": 0, "n_items": 0}
+    c = np.array(per_item, dtype=float)
+    k = len(c)
     w = rng.multinomial(k, np.full(k, 1 / k), size=n_boot)
-    boot = (w @ counts[:, 0]) / np.maximum(w @ counts[:, 1], 1)
-    return {"agreement": float(counts[:, 0].sum() / counts[:, 1].sum()), "ci_low": float(np.quantile(boot, 0.025)),
-            "ci_high": float(np.quantile(boot, 0.975)), "n_pairs": int(counts[:, 1].sum()), "n_items": k}
+    by_pair = (w @ c[:, 0]) / np.maximum(w @ c[:, 1], 1)
+    by_comparison = (w @ c[:, 2]) / np.maximum(w @ c[:, 3], 1)
+    return {"agreement": float(c[:, 0].sum() / c[:, 1].sum()), "ci_low": float(np.quantile(by_pair, 0.025)),
+            "ci_high": float(np.quantile(by_pair, 0.975)), "agreement_per_comparison": float(c[:, 2].sum() / c[:, 3].sum()),
+            "comparison_ci_low": float(np.quantile(by_comparison, 0.025)), "comparison_ci_high": float(np.quantile(by_comparison, 0.975)),
+            "n_pairs": int(c[:, 1].sum()), "n_comparisons": int(c[:, 3].sum()), "n_items": k}
 
 
-def oriented_by_policy(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Pairwise judgments with ``first_won``: whether the summary of the policy that sorts first won (ties in policy:
-    the generation id). The orientation is fixed by the policies, not by the ids' hash order, so alpha is too."""
-    policy = tables["generations"].set_index("gen_id")["policy_id"]
+def oriented_by_record(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Pairwise judgments coded for Krippendorff's alpha on a coding that no renaming of policies or ids can change:
+    each comparison (unit ``pair``) is oriented to the order in which its first task recorded the two summaries
+    (before any left/right swap): ``first_won`` is 1 when that first-recorded summary won, and ``first_confidence``
+    is the 9-point confidence turned so that 1 means "definitely the first-recorded summary"."""
     df = pairwise_view(tables)
-    key_l = list(zip(df["gen_id_left"].map(policy).fillna(""), df["gen_id_left"]))
-    key_r = list(zip(df["gen_id_right"].map(policy).fillna(""), df["gen_id_right"]))
-    first = [a[1] if a <= b else b[1] for a, b in zip(key_l, key_r)]
-    return df.assign(first_won=(df["preferred_gen_id"] == pd.Series(first, index=df.index)).astype(int))
+    tasks = tables["tasks"]
+    swapped = tasks.set_index("task_id")["is_swapped"].astype(bool) if "is_swapped" in tasks else pd.Series(False, index=tasks["task_id"])
+    recorded_first = df["gen_id_right"].where(df["task_id"].map(swapped).fillna(False).astype(bool), df["gen_id_left"])
+    order = df["task_id"].map({t: k for k, t in enumerate(tasks["task_id"])})
+    first_of_pair = recorded_first.groupby(df["pair"]).transform(lambda s: s.loc[order.loc[s.index].idxmin()])
+    first_shown_left = df["gen_id_left"] == first_of_pair
+    conf = df["confidence"].astype(float) if "confidence" in df else pd.Series(np.nan, index=df.index)
+    return df.assign(first_won=(df["preferred_gen_id"] == first_of_pair).astype(int),
+                     first_confidence=conf.where(first_shown_left, 2 * CONFIDENCE_MIDPOINT - conf))
 
 
 def cohen_kappa(a, b, clusters=None, n_boot: int = 1000, rng: np.random.Generator | None = None) -> dict:

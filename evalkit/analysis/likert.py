@@ -58,25 +58,25 @@ def length_adjusted_means(df: pd.DataFrame, axis: str = "overall"):
     return pd.DataFrame(rows), fit
 
 
-def krippendorff_alpha(data: pd.DataFrame, unit: str, coder: str, value: str, level: str = "nominal") -> float:
-    """Krippendorff's alpha from a long table (one row per coder's value for a unit); ``level`` nominal, ordinal or
-    interval. Units with fewer than two values are not pairable and are ignored."""
-    d = data[[unit, coder, value]].dropna()
-    values = np.sort(d[value].unique())
-    index = {v: i for i, v in enumerate(values)}
+def _unit_coincidences(d: pd.DataFrame, unit: str, value: str, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each pairable unit's contribution to the coincidence matrix (units × m × m) and the units' ids."""
     m = len(values)
-    coincidence = np.zeros((m, m))
-    for _, g in d.groupby(unit):
-        vals = [index[v] for v in g[value]]
-        n_u = len(vals)
-        if n_u < 2:
-            continue
-        counts = np.bincount(vals, minlength=m).astype(float)
-        coincidence += (np.outer(counts, counts) - np.diag(counts)) / (n_u - 1)
+    codes = np.searchsorted(values, d[value].to_numpy())
+    counts = pd.crosstab(d[unit].to_numpy(), codes).reindex(columns=range(m), fill_value=0)
+    c = counts.to_numpy(dtype=float)
+    n_u = c.sum(axis=1)
+    keep = n_u >= 2
+    c, n_u = c[keep], n_u[keep]
+    contrib = (c[:, :, None] * c[:, None, :] - np.einsum("uk,kl->ukl", c, np.eye(m))) / (n_u - 1)[:, None, None]
+    return contrib, counts.index.to_numpy()[keep]
+
+
+def _alpha_from(coincidence: np.ndarray, values: np.ndarray, level: str) -> float:
+    m = len(values)
     n_c = coincidence.sum(axis=1)
     n = n_c.sum()
-    if n == 0:
-        raise EvalkitError("Krippendorff's alpha needs units with at least two values")
+    if n <= 1:
+        return float("nan")
     if level == "nominal":
         delta = 1.0 - np.eye(m)
     elif level == "interval":
@@ -93,3 +93,38 @@ def krippendorff_alpha(data: pd.DataFrame, unit: str, coder: str, value: str, le
     observed = (coincidence * delta).sum() / n
     expected = (np.outer(n_c, n_c) * delta).sum() / (n * (n - 1))
     return float(1 - observed / expected) if expected > 0 else float("nan")
+
+
+def krippendorff_alpha(data: pd.DataFrame, unit: str, coder: str, value: str, level: str = "nominal") -> float:
+    """Krippendorff's alpha from a long table (one row per coder's value for a unit); ``level`` nominal, ordinal or
+    interval. Units with fewer than two values are not pairable and are ignored."""
+    d = data[[unit, coder, value]].dropna()
+    values = np.sort(d[value].unique())
+    contrib, _ = _unit_coincidences(d, unit, value, values)
+    if len(contrib) == 0:
+        raise EvalkitError("Krippendorff's alpha needs units with at least two values")
+    return _alpha_from(contrib.sum(axis=0), values, level)
+
+
+def krippendorff_alpha_ci(data: pd.DataFrame, unit: str, coder: str, value: str, level: str = "nominal", cluster: str = "item_id",
+                          n_boot: int = 1000, rng: np.random.Generator | None = None) -> dict:
+    """Krippendorff's alpha with a 95% percentile interval from resampling ``cluster`` (items: the units of one post
+    are not independent); each replicate weighs every unit by its cluster's draw count. Also the number of pairable
+    units and of their clusters (an alpha resting on a few posts says so)."""
+    d = data[[unit, coder, value, cluster]].dropna()
+    values = np.sort(d[value].unique())
+    contrib, units = _unit_coincidences(d, unit, value, values)
+    if len(contrib) == 0:
+        return {"alpha": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n_units": 0, "n_clusters": 0}
+    of_unit = d.drop_duplicates(unit).set_index(unit)[cluster].reindex(units).to_numpy()
+    clusters, which = np.unique(of_unit, return_inverse=True)
+    per_cluster = np.zeros((len(clusters), contrib.shape[1] * contrib.shape[2]))
+    np.add.at(per_cluster, which, contrib.reshape(len(contrib), -1))
+    rng = rng if rng is not None else np.random.default_rng(0)
+    k = len(clusters)
+    weights = rng.multinomial(k, np.full(k, 1 / k), size=n_boot)
+    reps = (weights @ per_cluster).reshape(n_boot, *contrib.shape[1:])
+    boots = np.array([_alpha_from(r, values, level) for r in reps])
+    boots = boots[np.isfinite(boots)]
+    lo, hi = (float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))) if len(boots) else (float("nan"), float("nan"))
+    return {"alpha": _alpha_from(contrib.sum(axis=0), values, level), "ci_low": lo, "ci_high": hi, "n_units": len(units), "n_clusters": k}

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import numpy as np
@@ -18,11 +19,27 @@ from scipy.stats import norm
 
 from evalkit import artifacts
 from evalkit.analysis.labels import select_labels
+from evalkit.data.bundled import gpt2_bpe
 from evalkit.errors import EvalkitError
 
 SIZE_FORMULA = "outcome ~ C(policy_kind) * log_n_params"
 SIZE_FORMULA_ONE_KIND = "outcome ~ log_n_params"
 LENGTH_TERM = "log_len_ratio"
+LENGTH_UNIT = "GPT-2 BPE tokens"  # every summary's length: the released policies' own tokens, one unit for all
+MIN_JUDGMENTS = 20  # comparisons a policy needs before a model gives it its own term (fewer: not estimable)
+
+
+@functools.lru_cache(maxsize=1)
+def _bpe():
+    return gpt2_bpe()
+
+
+def summary_lengths(texts: pd.Series) -> pd.Series:
+    """Each summary's length in LENGTH_UNIT (each distinct text encoded once)."""
+    texts = texts.fillna("").astype(str)
+    distinct = list(texts.unique())
+    counts = dict(zip(distinct, (len(e.ids) for e in _bpe().encode_batch(distinct, add_special_tokens=False))))
+    return texts.map(counts).astype(float)
 
 
 def comparisons(tables: dict[str, pd.DataFrame], baseline: str = "ref", labels: str = "") -> pd.DataFrame:
@@ -41,13 +58,15 @@ def comparisons(tables: dict[str, pd.DataFrame], baseline: str = "ref", labels: 
     policy_gen = df["gen_id_left"].where(df["gen_id_right"].map(g["policy_id"]) == baseline, df["gen_id_right"])
     base_gen = df["gen_id_right"].where(policy_gen == df["gen_id_left"], df["gen_id_left"])
     split = items.set_index("item_id")["split"]
+    used = pd.unique(pd.concat([policy_gen, base_gen]))
+    length = summary_lengths(g.loc[used, "text"]) if len(used) else pd.Series(dtype=float)
     out = pd.DataFrame({
         "item_id": df["item_id"].to_numpy(), "labeler_id": df["labeler_id"].to_numpy(),
         "policy_id": policy_gen.map(g["policy_id"]).to_numpy(), "policy_kind": policy_gen.map(g["policy_kind"]).to_numpy(),
         "n_params": policy_gen.map(g["n_params"]).to_numpy(), "baseline_id": baseline,
         "outcome": (df["preferred_gen_id"] == policy_gen).astype(int).to_numpy(),
-        "len_policy": policy_gen.map(g["text"]).str.len().to_numpy(dtype=float),
-        "len_baseline": base_gen.map(g["text"]).str.len().to_numpy(dtype=float),
+        "len_policy": policy_gen.map(length).to_numpy(dtype=float),  # in LENGTH_UNIT
+        "len_baseline": base_gen.map(length).to_numpy(dtype=float),
         "dataset": policy_gen.map(g["dataset"]).to_numpy(), "split": df["item_id"].map(split).to_numpy(),
     })
     return artifacts.conform(out, "comparisons")
@@ -185,7 +204,8 @@ def check_sizes_per_kind(d: pd.DataFrame) -> None:
 
 
 def separated_kinds(df: pd.DataFrame) -> dict[str, str]:
-    """Kinds whose preference-vs-size fit has no finite estimate, with the reason. Each kind has its own intercept and
+    """Kinds whose preference-vs-size fit is not estimated, with the reason: a size with fewer than MIN_JUDGMENTS
+    comparisons, or no finite estimate. Each kind has its own intercept and
     slope in log size, so a kind is (quasi-)separated when one size threshold splits its outcomes: every win at or
     above it and every loss at or below it (or the reverse), e.g. 0 wins at the smaller of two sizes. The fitted
     curve then reaches 0 or 1 with an infinite slope, its coefficients run off (e.g. -300 ± 16,000) and its band
@@ -193,6 +213,12 @@ def separated_kinds(df: pd.DataFrame) -> dict[str, str]:
     out = {}
     for kind, g in df.dropna(subset=["n_params"]).groupby("policy_kind"):
         if g["n_params"].nunique() < 2:
+            continue
+        per_size = g.groupby("n_params")["outcome"].size()
+        tiny = per_size[per_size < MIN_JUDGMENTS]
+        if len(tiny):  # a slope through a handful of judgments: not estimated
+            out[kind] = " and ".join(f"has only {int(n)} comparisons at {params:,.0f} parameters (fewer than {MIN_JUDGMENTS})"
+                                     for params, n in tiny.items())
             continue
         wins, losses = g.loc[g["outcome"] == 1, "n_params"], g.loc[g["outcome"] == 0, "n_params"]
         if wins.empty or losses.empty:
@@ -236,20 +262,28 @@ EXTRAPOLATION_LOG_RATIO = 0.3  # |mean log length ratio| beyond which "at equal 
 
 def length_controlled(df: pd.DataFrame, cluster: str | tuple[str, str] = "item_id") -> tuple[pd.DataFrame, object]:
     """Per policy: raw rate (every comparison) and the rate predicted at equal length (log ratio 0), from a GLM with a
-    policy term, fitted on the comparisons where both summaries are non-empty. Returns (the per-policy table, the
-    fitted statsmodels result, or None when nothing could be fitted).
+    policy term and one length slope shared by all policies, fitted on the comparisons where both summaries are
+    non-empty; intervals are Wald on the logit with standard errors clustered by ``cluster``. Returns (the per-policy
+    table, the fitted statsmodels result, or None when nothing could be fitted).
 
-    Said explicitly per policy: ``n_empty`` (comparisons with an empty summary: in the raw rate, outside the length
-    model, whose log ratio is undefined for them); ``separated`` (won all or none of its non-empty comparisons: no
-    controlled estimate, and left out of the fit, whose coefficient would run to infinity); ``extrapolated`` (its mean
-    |log length ratio| exceeds 0.3, so "at equal length" lies outside most of its data).
-    """
+    Checked before fitting, per policy: ``estimable`` says "yes" or why not — fewer than MIN_JUDGMENTS non-empty
+    comparisons, or separated (won all or none of them); such a policy gets no controlled estimate and is left out of
+    the fit (its coefficient would be noise, or run to infinity). Also said per policy: ``n_empty`` (comparisons with
+    an empty summary: in the raw rate, outside the length model, whose log ratio is undefined for them);
+    ``extrapolated`` (its mean |log length ratio| exceeds 0.3, so "at equal length" lies outside most of its data);
+    ``own_slope_rate``, the same prediction from the policy's own length slope (a check of the shared-slope
+    assumption; no interval)."""
     require_comparisons(df, "length_controlled")
     full = df.assign(n_params=df["n_params"].fillna(1))
     d = _prepare(full, length=True)
     raw = full.groupby("policy_id")["outcome"].agg(["mean", "size"])
-    separated = d.groupby("policy_id")["outcome"].nunique() < 2
-    fit_on = d[~d["policy_id"].map(separated)]
+    why = {}
+    for policy, g in d.groupby("policy_id"):
+        if len(g) < MIN_JUDGMENTS:
+            why[policy] = f"too few: {len(g)} comparisons < {MIN_JUDGMENTS}"
+        elif g["outcome"].nunique() < 2:
+            why[policy] = f"separated: won {int(g['outcome'].sum())} of {len(g)}"
+    fit_on = d[~d["policy_id"].isin(why)]
     result = None
     if len(fit_on):
         formula = f"outcome ~ C(policy_id) + {LENGTH_TERM}" if fit_on["policy_id"].nunique() > 1 else f"outcome ~ {LENGTH_TERM}"
@@ -257,15 +291,19 @@ def length_controlled(df: pd.DataFrame, cluster: str | tuple[str, str] = "item_i
     rows = []
     for policy, (raw_rate, n_all) in raw.iterrows():
         g = d[d["policy_id"] == policy]
-        sep = bool(separated.get(policy, True))
+        reason = why.get(policy, "yes" if len(g) else "no comparison with two non-empty summaries")
         est = {"mean": np.nan, "mean_ci_lower": np.nan, "mean_ci_upper": np.nan}
-        if not sep and result is not None:
+        own = np.nan
+        if reason == "yes" and result is not None:
             new = pd.DataFrame({"policy_id": [policy], LENGTH_TERM: [0.0]})
             est = result.get_prediction(new).summary_frame(alpha=0.05).iloc[0]
+            if g[LENGTH_TERM].std() > 0:
+                own = float(_glm(f"outcome ~ {LENGTH_TERM}", g, cluster).predict(pd.DataFrame({LENGTH_TERM: [0.0]})).iloc[0])
         ratio = float(g[LENGTH_TERM].mean()) if len(g) else np.nan
         rows.append({"policy_id": policy, "raw_rate": float(raw_rate), "controlled_rate": est["mean"],
-                     "ci_low": est["mean_ci_lower"], "ci_high": est["mean_ci_upper"], "mean_log_len_ratio": ratio,
-                     "n": int(n_all), "n_empty": int(n_all - len(g)), "separated": sep,
+                     "ci_low": est["mean_ci_lower"], "ci_high": est["mean_ci_upper"], "own_slope_rate": own,
+                     "mean_log_len_ratio": ratio, "n": int(n_all), "n_empty": int(n_all - len(g)), "estimable": reason,
+                     "separated": reason.startswith("separated"),
                      "extrapolated": bool(np.isfinite(ratio) and abs(ratio) > EXTRAPOLATION_LOG_RATIO)})
     return pd.DataFrame(rows), result
 

@@ -23,10 +23,22 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from evalkit import artifacts  # noqa: E402
-from evalkit.analysis.agreement import SMALL_N, agreement_with_ci, bradley_terry, cohen_kappa, labeler_position, oriented_by_policy, pairwise_view, per_labeler, position_effect  # noqa: E402
+from evalkit.analysis.agreement import MIN_SHARED, SMALL_N, agreement_with_ci, bradley_terry, cohen_kappa, labeler_position, oriented_by_record, pairwise_view, per_labeler, position_effect  # noqa: E402
 from evalkit.analysis.labels import SIMULATED, describe, machine_sets, select_labels, set_judgments  # noqa: E402
-from evalkit.analysis.likert import krippendorff_alpha, length_adjusted_means, likert_means, likert_view  # noqa: E402
-from evalkit.analysis.preference import EXTRAPOLATION_LOG_RATIO, comparisons, fit_table, length_controlled, preference_rates, separated_kinds, size_curve, size_fit, size_fit_labeler_effect  # noqa: E402
+from evalkit.analysis.likert import krippendorff_alpha, krippendorff_alpha_ci, length_adjusted_means, likert_means, likert_view  # noqa: E402
+from evalkit.analysis.preference import (  # noqa: E402
+    EXTRAPOLATION_LOG_RATIO,
+    LENGTH_UNIT,
+    MIN_JUDGMENTS,
+    comparisons,
+    fit_table,
+    length_controlled,
+    preference_rates,
+    separated_kinds,
+    size_curve,
+    size_fit,
+    size_fit_labeler_effect,
+)
 from evalkit.analysis.quality import drop_excluded  # noqa: E402
 from evalkit.analysis.rm_eval import kl_vs_preference, rm_accuracy_by_size
 from evalkit.config import QualityConfig  # noqa: E402
@@ -39,6 +51,11 @@ log = logging.getLogger(__name__)
 
 KIND_LABELS = {"pretrained": "pretrained", "sft": "SFT", "ppo": "PPO (RLHF)", "best_of_n": "best-of-N",
                "external": "external", "ref": "reference", "lead3": "lead-3"}
+
+INTERVAL_COLUMN = re.compile(r"(^|_)(low|high)$")
+BOOT = "item-clustered bootstrap percentile ({n} replicates; clusters: posts)"
+WALD = "cluster-robust Wald on the logit (clusters: posts)"
+
 
 class Report:
     def __init__(self, out_dir: Path, title: str):
@@ -61,7 +78,12 @@ class Report:
         self.md.append(f"## {text}\n")
         self.html.append(f"<h2>{html.escape(text)}</h2>")
 
-    def table(self, df: pd.DataFrame, floatfmt: str = "{:.3f}") -> None:
+    def table(self, df: pd.DataFrame, floatfmt: str = "{:.3f}", intervals: str = "") -> None:
+        """A table; one with interval columns (``*_low``/``*_high``) must name their method and clusters in
+        ``intervals``, written under it."""
+        bounds = [c for c in df.columns if INTERVAL_COLUMN.search(str(c))]
+        if bounds and not intervals:
+            raise ValueError(f"table with interval columns {bounds} but no method named for them")
         shown = df.copy()
         for c in shown.columns:
             if pd.api.types.is_float_dtype(shown[c]):
@@ -70,6 +92,8 @@ class Report:
         lines = [header, "|" + "---|" * len(shown.columns)] + ["| " + " | ".join(map(str, r)) + " |" for r in shown.itertuples(index=False)]
         self.md.append("\n".join(lines) + "\n")
         self.html.append(shown.to_html(index=False, escape=True, border=0, classes="t"))
+        if intervals:
+            self.text(f"Intervals (95%): {intervals}.")
 
     def figure(self, fig, name: str, caption: str) -> None:
         png, svg = self.out_dir / f"{name}.png", self.out_dir / f"{name}.svg"
@@ -202,19 +226,18 @@ def _size_curves(ds: pd.DataFrame, separated: dict[str, str]) -> tuple[pd.DataFr
 
 def _separated_text(separated: dict[str, str]) -> str:
     return ("No fitted curve for " + "; ".join(f"{KIND_LABELS.get(k, k)}: it {why}" for k, why in separated.items())
-            + ". When one size splits a kind's wins from its losses (none won below it, none lost above it, or the "
-            "reverse), its logistic fit has no finite slope; its dots are the observed rates.")
+            + f". A kind gets no curve when one size splits its wins from its losses (none won below it, none lost above "
+            f"it, or the reverse: its logistic fit has no finite slope) or when a size has fewer than {MIN_JUDGMENTS} "
+            "comparisons; its dots are the observed rates.")
 
 
-def _headline(rep: "Report", d: pd.DataFrame, dataset: str, baseline: str, source: str, n_boot: int, seed: int) -> list[dict]:
+def _headline(rep: "Report", d: pd.DataFrame, rates: pd.DataFrame, dataset: str, baseline: str, source: str) -> list[dict]:
     """The paper's Figure 1 first: fraction preferred to the baseline vs size, per kind with ≥ 2 sizes, raw and at equal
     length, item-clustered CIs, n per point; a sentence per kind at its largest size. Returns the headline numbers."""
     rep.heading(f"Headline: {dataset} summaries preferred to {baseline}, by model size")
     groups = fit_groups(d)
     kinds, _, separated = _size_kinds(groups)
-    rates = preference_rates(d, n_boot=n_boot, rng=rng_for(seed, "rates", baseline, dataset))  # a stream per policy
-    family = d.drop_duplicates("policy_id").set_index("policy_id")["family"] if "family" in d else pd.Series(dtype=str)
-    rates["family"] = rates["policy_id"].map(family).fillna("")
+    rates = rates.copy()
     title_source = source.removesuffix(", not people")
     caption = (f"{dataset}: fraction preferred to {baseline} vs model size (log parameters); colour: kind, marker: model "
                f"family; dots: observed rate with its 95% item-clustered bootstrap interval, n beside each; curves (solid "
@@ -226,14 +249,15 @@ def _headline(rep: "Report", d: pd.DataFrame, dataset: str, baseline: str, sourc
                  "family (a line from one family's small model to another's large one describes no model); OpenAI's "
                  "released summaries are a point of reference on the same axes.")
     if not kinds:
-        shown = rates.sort_values("rate", ascending=False).copy()
+        shown = rates.assign(_few=rates["n"] < SMALL_N).sort_values(["_few", "rate"], ascending=[True, False]).drop(columns="_few")
         shown.insert(0, "policy", readable_labels(shown))
         rep.text(f"No policy kind has two sizes in the {dataset} comparisons{' within one model family' if families else ''}, "
                  f"so there is no size curve. The main comparison — the fraction of comparisons in which each policy's "
-                 f"summary was preferred to {baseline} (95% item-clustered interval; {source}):")
+                 f"summary was preferred to {baseline} (95% item-clustered bootstrap interval; {source}); policies with "
+                 f"fewer than {SMALL_N} judgments are given as counts, without a rate or interval:")
         rep.bullets([f"{r.policy}{f', {r.family}' if r.family else ''}{f' ({r.policy_id})' if r.policy_id != r.policy else ''}: "
-                     f"{r.rate:.1%} [{r.boot_low:.1%}, {r.boot_high:.1%}], n={r.n}"
-                     + (f" (fewer than {SMALL_N} judgments: read its interval)" if r.n < SMALL_N else "") for r in shown.itertuples()])
+                     + (f"{r.rate:.1%} [{r.boot_low:.1%}, {r.boot_high:.1%}], n={r.n}" if r.n >= SMALL_N else
+                        f"won {r.wins} of {r.n} (too few judgments for a rate)") for r in shown.itertuples()])
         _kind_order(rep, d, rates, baseline)
         if not families or not rates["n_params"].notna().any():
             return []
@@ -351,42 +375,70 @@ def _judges(rep: "Report", tables: dict[str, pd.DataFrame], split: str | None, n
              f"Cohen's kappa {k['kappa']:.2f} [{k['ci_low']:.2f}, {k['ci_high']:.2f}] (item bootstrap).")
 
 
-PAPER_POLICIES = {"rlhf_1_3b": "sup4_ppo_rm4_t.7", "sft_12_9b": "sup4_12b_t0.7"}
+PAPER_POLICIES = {"rlhf_1_3b": "sup4_ppo_rm4_t.7", "sft_12_9b": "sup4_12b_t0.7", "rlhf_6_7b": "sup4_6b_ppo_rm4_6b_kl14",
+                  "sft_6_7b": "sup4_6b"}
+PAPER_LENGTH = "6.7B PPO vs the reference on TL;DR: ≈70% → ≈65% (≈ −5 points)"
 
 
-def _paper_beside(rep: "Report", tables: dict[str, pd.DataFrame], split: str | None, n_boot: int, seed: int) -> None:
-    """Released labels: our estimates next to the figures the paper publishes, with the section they come from."""
+def _length_row(study: _Study, policy: str, baseline: str, dataset: str, what: str, like: str) -> dict | None:
+    """One row of the paper's length comparison from our data: raw → at equal length for ``policy`` vs ``baseline``."""
+    d = study.comparisons(baseline)
+    d = d[(d["dataset"] == dataset) & (d["policy_id"] == policy)]
+    if d.empty:
+        return None
+    t = length_controlled(d)[0].iloc[0]
+    if t["estimable"] != "yes":
+        ours = f"{t['raw_rate']:.1%} raw; at equal length not estimable ({t['estimable']})"
+    else:
+        ours = (f"{t['raw_rate']:.1%} raw → {t['controlled_rate']:.1%} [{t['ci_low']:.1%}, {t['ci_high']:.1%}] at equal length "
+                f"({100 * (t['controlled_rate'] - t['raw_rate']):+.1f} points; n={t['n']})")
+        if t["extrapolated"]:
+            ours += f"; extrapolated: mean log length ratio {t['mean_log_len_ratio']:+.2f}"
+    return {"finding": what, "ours": ours, "paper": PAPER_LENGTH, "like for like": like, "source": "App. F"}
+
+
+def _paper_beside(rep: "Report", study: _Study) -> None:
+    """Released labels: our estimates next to the figures the paper publishes, each row saying whether it compares
+    like with like; intervals are the ones the tables below give for the same quantities."""
     rows = []
-    h2h = comparisons(tables, baseline=PAPER_POLICIES["sft_12_9b"])
-    h2h = h2h[h2h["policy_id"] == PAPER_POLICIES["rlhf_1_3b"]]
-    h2h = h2h[h2h["split"] == split] if split else h2h
+    if study.comparisons(PAPER_POLICIES["sft_12_9b"]).empty:
+        h2h = pd.DataFrame()
+    else:
+        h2h = study.rates(PAPER_POLICIES["sft_12_9b"], "tldr")
+        h2h = h2h[h2h["policy_id"] == PAPER_POLICIES["rlhf_1_3b"]]
     if len(h2h):
-        r = preference_rates(h2h, n_boot=n_boot, rng=rng_for(seed, "paper", "h2h")).iloc[0]
-        rows.append({"finding": "1.3B RLHF beats 12.9B SFT", "ours": f"{r['rate']:.1%} [{r['boot_low']:.1%}, {r['boot_high']:.1%}] "
-                     f"head-to-head (n={r['n']})", "paper": "61% vs 43% preferred to the reference", "source": "Sec. 4.1, Fig. 1"})
-        if (h2h["len_policy"] > 0).any():
-            table, _ = length_controlled(h2h)
-            t = table.iloc[0]
-            if np.isfinite(t["controlled_rate"]):
-                rows.append({"finding": "controlling for length lowers RLHF's rate", "ours":
-                             f"{t['raw_rate']:.1%} raw → {t['controlled_rate']:.1%} at equal length "
-                             f"({100 * (t['controlled_rate'] - t['raw_rate']):+.1f} points)",
-                             "paper": "≈ −5 points (6.7B: ≈70% → ≈65%)", "source": "App. F"})
-    for dataset, paper in (("tldr", "73 ± 2%"), ("cnndm", "66.9%")):
-        sub = restrict(tables, dataset, split)
+        r = h2h.iloc[0]
+        rows.append({"finding": "1.3B RLHF over 12.9B SFT", "ours": f"{r['rate']:.1%} [{r['boot_low']:.1%}, {r['boot_high']:.1%}] "
+                     f"head-to-head (n={r['n']})", "paper": "61% vs 43%, each preferred to the reference",
+                     "like for like": "no: the paper compares each with the reference; batch13 has no reference", "source": "Sec. 4.1, Fig. 1"})
+    rows.append({"finding": "length control lowers 6.7B RLHF's rate (TL;DR)", "ours": "— (no released TL;DR batch compares 6.7B PPO with the reference)",
+                 "paper": PAPER_LENGTH, "like for like": "not measurable from the bundled batches", "source": "App. F"})
+    for args in ((PAPER_POLICIES["sft_6_7b"], "ref", "tldr", "length control, 6.7B SFT (T=0) vs the reference (TL;DR, batch18)",
+                  "partly: same size, baseline and dataset, but SFT, not PPO"),
+                 (PAPER_POLICIES["rlhf_6_7b"], "ref", "cnndm", "length control, 6.7B PPO vs the reference (CNN/DM, batch0)",
+                  "partly: same policy and baseline, but news, not TL;DR"),
+                 (PAPER_POLICIES["rlhf_1_3b"], PAPER_POLICIES["sft_12_9b"], "tldr", "length control, 1.3B PPO vs 12.9B SFT (TL;DR, batch13)",
+                  "no: another size and baseline")):
+        row = _length_row(study, *args)
+        if row:
+            rows.append(row)
+    for dataset, paper in (("tldr", "73 ± 2% (weighting not stated)"), ("cnndm", "66.9% (weighting not stated)")):
+        sub = restrict(study.tables, dataset, None)
         if pairwise_view(sub).empty:
             continue
-        a = agreement_with_ci(sub, n_boot=n_boot, rng=rng_for(seed, "agreement", dataset))  # as in the agreement table
+        a = agreement_with_ci(sub, n_boot=study.spec.n_boot, rng=rng_for(study.spec.seed, "agreement", dataset))  # the agreement table's
         if a["n_pairs"]:
             rows.append({"finding": f"labeler–labeler agreement ({dataset})", "ours":
-                         f"{a['agreement']:.1%} [{a['ci_low']:.1%}, {a['ci_high']:.1%}] (n={a['n_pairs']} pairs)",
-                         "paper": paper, "source": "Sec. 3.4 and App. C"})
-    if rows:
-        rep.heading("The paper beside us")
-        rep.text("Our estimates from the released labels" + (f" (split {split})" if split else "") +
-                 " next to the figures Stiennon et al. (2020) publish; the paper's preference rates are against the "
-                 "reference, ours head-to-head where the released batch has no reference.")
-        rep.table(pd.DataFrame(rows))
+                         f"{a['agreement']:.1%} [{a['ci_low']:.1%}, {a['ci_high']:.1%}] per pair ({a['n_pairs']} pairs); "
+                         f"{a['agreement_per_comparison']:.1%} [{a['comparison_ci_low']:.1%}, {a['comparison_ci_high']:.1%}] per "
+                         f"comparison ({a['n_comparisons']} comparisons on {a['n_items']} posts)",
+                         "paper": paper, "like for like": "yes, on the released labels", "source": "Sec. 3.4 and App. C"})
+    rep.heading("The paper beside us")
+    rep.text("Our estimates from the released labels next to the figures Stiennon et al. (2020) publish, each row saying "
+             f"whether it compares like with like; lengths in {LENGTH_UNIT} (the released policies' own tokens). Intervals: "
+             f"rates {BOOT.format(n=study.spec.n_boot)}; at equal length {WALD}; agreement {BOOT.format(n=study.spec.n_boot)}, "
+             "the same as in the tables below.")
+    rep.table(pd.DataFrame(rows))
 
 
 def _samples(rep: "Report", tables: dict[str, pd.DataFrame], dataset: str) -> None:
@@ -440,6 +492,14 @@ class ReportSpec:
     include_excluded: bool = False  # re-admit the excluded labelers
 
 
+def policy_rates(d: pd.DataFrame, n_boot: int, rng: np.random.Generator) -> pd.DataFrame:
+    """Each policy's rate in the comparisons ``d`` (preference_rates) with its mean length (in LENGTH_UNIT) and family."""
+    rates = preference_rates(d, n_boot=n_boot, rng=rng)
+    rates = rates.merge(d.groupby("policy_id")["len_policy"].mean().rename("mean_tokens"), on="policy_id")
+    family = d.drop_duplicates("policy_id").set_index("policy_id")["family"] if "family" in d else pd.Series(dtype=object)
+    return rates.assign(family=rates["policy_id"].map(family).fillna("").astype(str))
+
+
 class _Study:
     """The tables and what every section reads of them, computed once: whose labels they are and each baseline's
     comparisons on the report's split."""
@@ -454,14 +514,41 @@ class _Study:
             kept, self.excluded = drop_excluded({**tables, "judgments": self.judgments}, spec.quality)
             if not spec.include_excluded:
                 self.judgments = kept["judgments"]
-        self.tables, self.spec = {**tables, "judgments": self.judgments}, spec  # every section reads one label set
+        self.n_all_splits = len(self.judgments)
+        # one split rule: every section reads one label set on the report's split, and nothing else
+        self.tables, self.spec = {**tables, "judgments": self.judgments}, spec
+        if spec.split:
+            self.tables = restrict(self.tables, None, spec.split)
+        self.judgments = self.tables["judgments"]
         self._comparisons: dict[str, pd.DataFrame] = {}
+        self._rates: dict[tuple[str, str], pd.DataFrame] = {}
 
     def comparisons(self, baseline: str) -> pd.DataFrame:
         if baseline not in self._comparisons:
-            comp = family_comparisons(self.tables, baseline, self.spec.policy_family)
-            self._comparisons[baseline] = comp[comp["split"] == self.spec.split] if self.spec.split else comp
+            self._comparisons[baseline] = family_comparisons(self.tables, baseline, self.spec.policy_family)
         return self._comparisons[baseline]
+
+    def rates(self, baseline: str, dataset: str) -> pd.DataFrame:
+        """Each policy's rate against ``baseline`` on ``dataset``, computed once per report (one bootstrap stream), so
+        every section that quotes a rate quotes the same interval."""
+        key = (baseline, dataset)
+        if key not in self._rates:
+            d = self.comparisons(baseline)
+            self._rates[key] = policy_rates(d[d["dataset"] == dataset], self.spec.n_boot, rng_for(self.spec.seed, "rates", baseline, dataset))
+        return self._rates[key]
+
+    def scope(self) -> str:
+        """The report's one split rule and its counts, said once at the top."""
+        j, items = self.judgments, self.tables["tasks"].loc[self.tables["tasks"]["task_id"].isin(self.judgments["task_id"]), "item_id"]
+        where = f"split {self.spec.split} only" if self.spec.split else "every split"
+        text = (f"Scope: every analysis below reads {where} — {len(j):,} judgments by {j['labeler_id'].nunique()} labelers on "
+                f"{items.nunique():,} posts")
+        if self.spec.split and self.n_all_splits != len(j):
+            text += f" (of {self.n_all_splits:,} judgments in all splits)"
+        text += f"; labels: {self.source}; lengths in {LENGTH_UNIT}."
+        if len(self.excluded) and self.spec.split:
+            text += " Exception: the [quality] exclusions are decided on each labeler's judgments in every split."
+        return text
 
     def datasets_first(self, datasets) -> list:
         """The study's own dataset first, then the others by name."""
@@ -489,14 +576,13 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: st
 def _write_report(tables: dict[str, pd.DataFrame], out_dir: Path, spec: ReportSpec) -> dict:
     """The report, section by section (each: the analysis in, its text, tables and figures out)."""
     rep, study = Report(out_dir, spec.title), _Study(tables, spec)
+    rep.text(study.scope())
     headline = _section_headline(rep, study)
     _section_panel(rep, study)
     if set(study.judgments["labeler_kind"].dropna()) == {"imported"}:
-        _paper_beside(rep, study.tables, spec.split, spec.n_boot, spec.seed)
+        _paper_beside(rep, study)
     _judges(rep, study.tables, spec.split, spec.n_boot, spec.seed, study.source)
     _section_other_labels(rep, study)
-    rep.text(f"Labels: {study.source}. {len(study.judgments)} judgments by {study.judgments['labeler_id'].nunique()} labelers"
-             + (f"; preference rates on split {spec.split} only." if spec.split else "."))
     _section_excluded(rep, study)
     for baseline in spec.baselines:
         _section_preferred_to(rep, study, baseline)
@@ -580,7 +666,7 @@ def _section_headline(rep: Report, study: _Study) -> list[dict]:
     first = spec.primary_dataset if spec.primary_dataset in datasets else (sorted(datasets)[0] if datasets else None)
     if first is None:
         return []
-    headline = _headline(rep, comp[comp["dataset"] == first], first, spec.baselines[0], study.source, spec.n_boot, spec.seed)
+    headline = _headline(rep, comp[comp["dataset"] == first], study.rates(spec.baselines[0], first), first, spec.baselines[0], study.source)
     _samples(rep, study.tables, first)
     return headline
 
@@ -604,19 +690,17 @@ def _section_preferred_to(rep: Report, study: _Study, baseline: str) -> None:
 def _rates_part(rep: Report, study: _Study, d: pd.DataFrame, dataset: str, baseline: str) -> pd.DataFrame:
     """The rates table and figure; returns the rates of the policies with enough judgments."""
     spec = study.spec
-    all_rates = preference_rates(d, n_boot=spec.n_boot, rng=rng_for(spec.seed, "rates", baseline, dataset))
-    all_rates = all_rates.merge(d.groupby("policy_id")["len_policy"].mean().rename("mean_chars"), on="policy_id")
+    all_rates = study.rates(baseline, dataset).copy()
     all_rates.insert(0, "policy", readable_labels(all_rates))
     rates = all_rates[all_rates["n"] >= SMALL_N].reset_index(drop=True)
     few = all_rates[all_rates["n"] < SMALL_N]
-    rep.text(f"{dataset}: fraction of comparisons in which the policy's summary was preferred to {baseline}, with an "
-             f"item-clustered bootstrap interval ({spec.n_boot} replicates) and the Wilson interval (which treats "
-             "judgments as independent); mean summary length in characters.")
-    shown = rates.assign(size=rates["n_params"].map(params_label), mean_chars=rates["mean_chars"].round().astype("Int64"))
-    rep.table(shown[["policy", "policy_id", "size", "mean_chars", "wins", "n", "n_clusters", "rate", "boot_low", "boot_high",
-                     "wilson_low", "wilson_high"]], floatfmt="{:.3f}")
+    rep.text(f"{dataset}: fraction of comparisons in which the policy's summary was preferred to {baseline}; mean "
+             f"summary length in {LENGTH_UNIT}; n_clusters: the posts the judgments are on.")
+    shown = rates.assign(size=rates["n_params"].map(params_label), mean_tokens=rates["mean_tokens"].map("{:.1f}".format))
+    rep.table(shown[["policy", "policy_id", "size", "mean_tokens", "wins", "n", "n_clusters", "rate", "boot_low", "boot_high"]],
+              intervals="boot_low–boot_high: " + BOOT.format(n=spec.n_boot))
     if len(few):
-        rep.text(f"Too few judgments (fewer than {SMALL_N}; listed here, not in the table or the figure): "
+        rep.text(f"Too few judgments for a rate (fewer than {SMALL_N}; counted here, not in the table or the figure): "
                  + "; ".join(f"{r.policy} ({r.policy_id}): {r.wins} of {r.n}" for r in few.itertuples()) + ".")
     if rates.empty:
         return rates
@@ -676,15 +760,17 @@ def _length_part(rep: Report, d: pd.DataFrame, dataset: str, baseline: str) -> N
     if not (d["len_policy"] > 0).any():
         return
     table, result = length_controlled(d)
-    empty, sep, extra = int(table["n_empty"].sum()), table[table["separated"]], table[table["extrapolated"]]
-    rep.text("Length control (paper App. F): logistic regression on policy and log(length ratio), predicted at "
-             "equal length. The raw rate counts every comparison"
+    empty, out, extra = int(table["n_empty"].sum()), table[table["estimable"] != "yes"], table[table["extrapolated"]]
+    rep.text(f"Length control (paper App. F): logistic regression of the outcome on policy and log(length ratio), lengths "
+             f"in {LENGTH_UNIT}, one length slope shared by all policies, predicted at equal length; own_slope_rate is the "
+             "same prediction from the policy's own slope (a check of the shared slope). The raw rate counts every comparison"
              + (f"; {empty} comparison(s) with an empty summary count in it but not in the length model "
                 "(their length ratio is undefined)" if empty else "") + "."
-             + (f" No controlled estimate (won all or none, left out of the fit): {', '.join(sep['policy_id'])}." if len(sep) else "")
+             + (f" Not estimable (fewer than {MIN_JUDGMENTS} comparisons, or won all or none; left out of the fit): "
+                + "; ".join(f"{r.policy_id} ({r.estimable})" for r in out.itertuples()) + "." if len(out) else "")
              + (f" Extrapolated to equal length from a mean |log length ratio| above {EXTRAPOLATION_LOG_RATIO} "
                 f"(read with care): {', '.join(extra['policy_id'])}." if len(extra) else ""))
-    rep.table(table)
+    rep.table(table.drop(columns=["separated"]), intervals="ci_low–ci_high: " + WALD + ", from the GLM with the shared slope")
     if result is not None:
         rep.fits.append(fit_table(result, f"length:{dataset}:{baseline}", d["item_id"].nunique()))
 
@@ -703,7 +789,7 @@ def _section_reward_models(rep: Report, study: _Study) -> None:
         return
     rep.heading("Reward-model accuracy vs size")
     table, summary = rm_accuracy_by_size(list(study.spec.reward_models))
-    rep.table(table)
+    rep.table(table, intervals="ci_low–ci_high: Wilson score, the held-out pairs treated as independent")
     slope = summary["accuracy_per_doubling"]
     rep.text("Accuracy gained per doubling of size: " + (f"{100 * slope:.2f} points" if slope is not None else f"not measured ({summary['why_not']})")
              + " (the paper: ≈1.8 points).")
@@ -716,7 +802,10 @@ def _section_kl(rep: Report, study: _Study) -> None:
     known = {p: k for p, k in study.spec.policy_kl.items() if p in set(comp["policy_id"])}
     rep.heading("Preference vs KL from SFT")
     if known:
-        rep.table(kl_vs_preference(comp, known))
+        table = kl_vs_preference(comp, known).drop(columns=["ci_low", "ci_high"])
+        rates = pd.concat([study.rates(study.spec.baselines[0], ds) for ds in comp["dataset"].unique()])
+        table = table.merge(rates[["policy_id", "boot_low", "boot_high"]].drop_duplicates("policy_id"), on="policy_id", how="left")
+        rep.table(table, intervals="boot_low–boot_high: the rate's interval from the tables above (" + BOOT.format(n=study.spec.n_boot) + ")")
     else:
         rep.text("None of the policies with a known KL from SFT has comparisons with the baseline.")
 
@@ -738,46 +827,70 @@ def restrict(tables: dict[str, pd.DataFrame], dataset: str | None = None, split:
     return {**tables, "tasks": tasks, "judgments": tables["judgments"][tables["judgments"]["task_id"].isin(tasks["task_id"])]}
 
 
+MIN_ALPHA_POSTS = 10  # posts with a comparison judged twice or more: fewer, and an alpha is not reported
+
+
+def _alpha_row(pv: pd.DataFrame, n_boot: int, rng: np.random.Generator) -> dict:
+    """Krippendorff's alpha on the report's coding (oriented_by_record: the first-recorded summary won), with its
+    item-clustered interval, or "—" and the counts when it rests on fewer than MIN_ALPHA_POSTS posts."""
+    a = krippendorff_alpha_ci(pv, "pair", "labeler_id", "first_won", "nominal", n_boot=n_boot, rng=rng)
+    if a["n_clusters"] < MIN_ALPHA_POSTS:
+        a = {**a, "alpha": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
+    return {"alpha": a["alpha"], "alpha_low": a["ci_low"], "alpha_high": a["ci_high"], "comparisons": a["n_units"], "posts": a["n_clusters"]}
+
+
 def _pairwise_agreement(rep: Report, tables: dict[str, pd.DataFrame], split: str | None, n_boot: int, seed: int,
                         datasets: list[str]) -> None:
-    """Agreement, alpha and position bias per dataset on the report's split, each with its interval."""
-    rep.text("Per dataset" + (f", split {split} only" if split else "") + ": agreement (95% interval from resampling "
-             "items), Krippendorff's alpha (which of the two summaries won, oriented by policy), and position bias "
-             "adjusted for which policy sat on each side.")
-    rows = []
+    """Agreement, alpha and position bias per dataset on the report's split, each with its interval and counts."""
+    rows, positions = [], []
     for dataset in datasets:
         sub = restrict(tables, dataset, split)
         if pairwise_view(sub).empty:
             continue
         agree = agreement_with_ci(sub, n_boot=n_boot, rng=rng_for(seed, "agreement", dataset))
         pos = position_effect(sub)
-        pv = oriented_by_policy(sub)
-        alpha = (krippendorff_alpha(pv, "pair", "labeler_id", "first_won", "nominal")
-                 if pv.groupby("pair")["labeler_id"].nunique().max() >= 2 else float("nan"))
-        rows.append({"dataset": dataset, "agreement": agree["agreement"], "agreement_low": agree["ci_low"],
-                     "agreement_high": agree["ci_high"], "n_pairs": agree["n_pairs"], "alpha": alpha,
-                     "left_chosen_adjusted": pos["adjusted_left_rate"], "left_low": pos["ci_low"], "left_high": pos["ci_high"],
-                     "left_chosen_naive": pos["naive_left_rate"], "n_judgments": pos["n"]})
+        pv = oriented_by_record(sub)
+        alpha = _alpha_row(pv, n_boot, rng_for(seed, "alpha", dataset))
+        rows.append({"dataset": dataset, "agreement_by_pair": agree["agreement"], "pair_low": agree["ci_low"], "pair_high": agree["ci_high"],
+                     "agreement_by_comparison": agree["agreement_per_comparison"], "comparison_low": agree["comparison_ci_low"],
+                     "comparison_high": agree["comparison_ci_high"], "n_pairs": agree["n_pairs"],
+                     "n_comparisons": agree["n_comparisons"], "n_posts": agree["n_items"], **alpha})
+        positions.append({"dataset": dataset, "left_chosen_adjusted": pos["adjusted_left_rate"], "left_low": pos["ci_low"],
+                          "left_high": pos["ci_high"], "left_chosen_naive": pos["naive_left_rate"], "n_judgments": pos["n"],
+                          "n_posts": pos["n_clusters"], "left_out": pos["n_left_out"]})
         by_source = pv.groupby("source")
         if by_source.ngroups > 1:  # alpha per batch: a pooled alpha hides batches that differ
-            per = [{"dataset": dataset, "source": src, "alpha": krippendorff_alpha(g, "pair", "labeler_id", "first_won", "nominal"),
-                    "n_judgments": len(g)} for src, g in by_source if g.groupby("pair")["labeler_id"].nunique().max() >= 2]
-            if per:
-                rep.text(f"{dataset}: Krippendorff's alpha per batch (source file):")
-                rep.table(pd.DataFrame(per))
+            per = [{"dataset": dataset, "source": src, "n_judgments": len(g), **_alpha_row(g, n_boot, rng_for(seed, "alpha", dataset, src))}
+                   for src, g in by_source]
+            rep.text(f"{dataset}: Krippendorff's alpha per batch (source file), on the same coding:")
+            rep.table(pd.DataFrame(per), intervals="alpha_low–alpha_high: " + BOOT.format(n=n_boot))
     if not rows:
         rep.text("No pairwise judgments on this split: agreement and position bias are not measured.")
         return
     table = pd.DataFrame(rows)
-    rep.table(table)
+    rep.text("Labeler–labeler agreement per dataset: over every two judgments of the same comparison (the same two "
+             "summaries of a post) by different labelers (agreement_by_pair, so a comparison judged by k labelers weighs "
+             "k(k−1)/2), and per comparison (agreement_by_comparison: each comparison's share of agreeing pairs, "
+             "averaged), with the comparisons judged twice or more and their posts. Krippendorff's alpha (nominal) codes "
+             "each judgment as whether the comparison's first-recorded summary won (the order its first task stored, "
+             "before any left/right swap), a coding no renaming of policies changes; it is given from "
+             f"{MIN_ALPHA_POSTS} posts or more.")
+    rep.table(table, intervals="pair_low–pair_high, comparison_low–comparison_high and alpha_low–alpha_high: "
+              + BOOT.format(n=n_boot) + ", one set of resamples per dataset for the two agreements")
     for r in table.itertuples():
         if r.n_pairs == 0:
             rep.text(f"{r.dataset}: no pair of summaries was judged by two different labelers, so agreement is not measured.")
-    per = per_labeler(restrict(tables, None, split))
-    per = per.merge(labeler_position(restrict(tables, None, split))[["labeler_id", "left_excess"]], on="labeler_id", how="left")
+    rep.text("Position bias: the share of judgments choosing the left summary, adjusted for which policy sat on each side "
+             "(Bradley–Terry with a side effect, at two equal summaries) and naive, over the same judgments; left_out: "
+             "judgments of policies with fewer than 10, which make the fit singular.")
+    rep.table(pd.DataFrame(positions), intervals="left_low–left_high: " + WALD)
+    per = per_labeler(tables)
+    per = per.merge(labeler_position(tables)[["labeler_id", "left_excess"]], on="labeler_id", how="left")
     small = per[per["n"] < SMALL_N]
     rep.text(f"Labelers with at least {SMALL_N} judgments (left_excess: left choices beyond what the policies on each side "
-             "predict)" + (f"; {len(small)} labelers with fewer are counted above but not listed." if len(small) else ":"))
+             f"predict; agreement_with_others: with the other labelers' majority, from {MIN_SHARED} shared comparisons or "
+             "more; check_accuracy and failed_checks: over their gold and attention tasks, — where they had none)"
+             + (f"; {len(small)} labelers with fewer are counted above but not listed." if len(small) else ":"))
     rep.table(per[per["n"] >= SMALL_N])
     flagged = per[per["failed_checks"] > 0]
     if len(flagged):
@@ -789,14 +902,14 @@ def _likert_and_strengths(rep: Report, tables: dict[str, pd.DataFrame], source: 
     if len(likert):
         rep.heading("Likert ratings (1–7)")
         means = likert_means(likert, n_boot=n_boot, rng=rng_for(seed, "likert"))
-        rep.text(f"Mean rating per policy with item-clustered bootstrap 95% intervals; {source}.")
-        rep.table(means)
+        rep.text(f"Mean rating per policy; {source}.")
+        rep.table(means, intervals="<axis>_low–<axis>_high: " + BOOT.format(n=n_boot))
         rep.figure(_likert_figure(likert, means, source), "likert_overall_vs_length",
                    f"overall rating vs summary length, per policy (means with 95% intervals); {source}")
         if likert["policy_id"].nunique() > 1:
             adjusted, fit = length_adjusted_means(likert)
             rep.text("Length-adjusted overall means (regression on policy and log length, at the pooled mean length).")
-            rep.table(adjusted)
+            rep.table(adjusted, intervals="ci_low–ci_high: cluster-robust Wald (clusters: posts), from that regression")
             rep.fits.append(fit_table(fit, "likert_length", likert["item_id"].nunique()))
         if likert.groupby("item_id")["labeler_id"].nunique().max() >= 2:
             unit = likert["item_id"] + "|" + likert["policy_id"]
@@ -811,6 +924,9 @@ def _likert_and_strengths(rep: Report, tables: dict[str, pd.DataFrame], source: 
         if pairwise_view(sub).empty:
             continue
         bt = bradley_terry(sub, n_boot=min(n_boot, 200), rng=rng_for(seed, "bradley-terry", dataset))
-        rep.text(f"{dataset}: log-odds strengths with the reference at 0 (item bootstrap 95% intervals); "
-                 "policies never compared with the reference's component are left out.")
-        rep.table(bt)
+        rep.text(f"{dataset}: log-odds strengths with the reference at 0. Checked before fitting: a policy with fewer than "
+                 f"{SMALL_N} judgments, or whose wins and losses do not link it both ways to the reference's group (it won "
+                 "all, or lost all, of those comparisons: no finite strength), is not estimable — no number, the reason "
+                 "in `estimable`.")
+        rep.table(bt.drop(columns=["boot_estimable"]), intervals=f"ci_low–ci_high: {BOOT.format(n=min(n_boot, 200))}, each resample "
+                  "checked the same way; an interval only where the policy is estimable in 95% of the resamples or more")
