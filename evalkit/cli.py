@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from evalkit import artifacts
+from evalkit.analysis.agreement import SMALL_N
 from evalkit.checkpoints import read_metadata
 from evalkit.config import LabelersConfig, StudyConfig, load_study
 from evalkit.data import COMPARISON_BATCHES, comparison_batch, format_query, load_items, preferred_to_reference, read_openai_comparisons
@@ -127,8 +128,9 @@ def run(study: str, overrides: tuple[str, ...], quick: bool, force: bool) -> Non
     click.echo(f"report: {result.report}")
     for h in result.headline:
         family = f", {h['family']}" if h.get("family") else ""
-        click.echo(f"  {h['policy_kind']:10s} {params_label(h['n_params']):>6s} ({h['policy_id']}{family}): {h['rate']:.1%} preferred to "
-                   f"the reference [{h['boot_low']:.1%}, {h['boot_high']:.1%}], n={h['n']}")
+        what = (f"{h['rate']:.1%} preferred to the reference [{h['boot_low']:.1%}, {h['boot_high']:.1%}], n={h['n']}" if h["n"] >= SMALL_N
+                else f"preferred to the reference in {round(h['rate'] * h['n'])} of {h['n']} (too few judgments for a rate)")
+        click.echo(f"  {h['policy_kind']:10s} {params_label(h['n_params']):>6s} ({h['policy_id']}{family}): {what}")
     if not result.headline:
         click.echo("  (no policy kind at two sizes: no size headline; see the report's rates)")
     times = ", ".join(f"{k} {v.get('seconds', 0):.0f}s" + (" (cached)" if v.get("skipped") else "") for k, v in result.stages.items() if "seconds" in v)

@@ -40,6 +40,9 @@ def test_openai_released_report(tmp_path):
     for name in ("preferred_ref_tldr", "preferred_ref_cnndm", "preferred_sup4_12b_t0_7_tldr"):
         assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.svg").is_file()
     fits = artifacts.read_table(out / "fits.parquet", "fits")
+    rate = fits[(fits["analysis"] == "rate:tldr:ref") & (fits["term"] == "sup4_6b")].set_index("method")["ci_low"].round(3).to_dict()
+    assert rate == {"item-clustered bootstrap percentile (1000 replicates; clusters: posts)": 0.258,  # shown in the report
+                    "Wilson score (judgments treated as independent)": 0.260}  # kept, labelled, for recomputation
     length = fits[fits["analysis"] == "length:tldr:sup4_12b_t0.7"].set_index("term")
     assert length.loc["log_len_ratio", "estimate"] > 0 and length.loc["log_len_ratio", "n_clusters"] > 500
     manifest = artifacts.read_manifest(out)

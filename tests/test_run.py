@@ -41,9 +41,10 @@ def test_default_study_quick_profile_end_to_end(tmp_path, monkeypatch):
     sections = [line for line in md.splitlines() if line.startswith("## ")]
     assert sections[0].startswith("## Headline: tldr summaries preferred to ref, by model size")
     first = md.split("## ")[1]
-    assert "SIMULATED" in first and "preferred to ref" in first and "], n=" in first and "![" in first
+    # a rate with its interval, or (the quick profile's few judgments) the counts without one
+    assert "SIMULATED" in first and "preferred to ref" in first and ("], n=" in first or "too few judgments for a rate" in first) and "![" in first
     assert (report / "figure1_tldr.png").is_file() and "Sample summaries" in sections[1]
-    headline = [line for line in out.splitlines() if "preferred to the reference [" in line]
+    headline = [line for line in out.splitlines() if "preferred to the reference" in line]
     assert len(headline) >= 3
     stages = json.loads((run_dir / "run.json").read_text())["stages"]
     assert set(stages) == {"data", "train", "generate", "build", "labels", "report"} and all(s["seconds"] >= 0 for s in stages.values())

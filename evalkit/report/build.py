@@ -497,7 +497,7 @@ def policy_rates(d: pd.DataFrame, n_boot: int, rng: np.random.Generator) -> pd.D
     rates = preference_rates(d, n_boot=n_boot, rng=rng)
     rates = rates.merge(d.groupby("policy_id")["len_policy"].mean().rename("mean_tokens"), on="policy_id")
     family = d.drop_duplicates("policy_id").set_index("policy_id")["family"] if "family" in d else pd.Series(dtype=object)
-    return rates.assign(family=rates["policy_id"].map(family).fillna("").astype(str))
+    return rates.assign(family=rates["policy_id"].map(family).astype(object).fillna("").astype(str))
 
 
 class _Study:
@@ -694,6 +694,7 @@ def _rates_part(rep: Report, study: _Study, d: pd.DataFrame, dataset: str, basel
     all_rates.insert(0, "policy", readable_labels(all_rates))
     rates = all_rates[all_rates["n"] >= SMALL_N].reset_index(drop=True)
     few = all_rates[all_rates["n"] < SMALL_N]
+    rep.fits.append(_rate_fits(all_rates, f"rate:{dataset}:{baseline}", spec.n_boot))
     rep.text(f"{dataset}: fraction of comparisons in which the policy's summary was preferred to {baseline}; mean "
              f"summary length in {LENGTH_UNIT}; n_clusters: the posts the judgments are on.")
     shown = rates.assign(size=rates["n_params"].map(params_label), mean_tokens=rates["mean_tokens"].map("{:.1f}".format))
@@ -710,6 +711,18 @@ def _rates_part(rep: Report, study: _Study, d: pd.DataFrame, dataset: str, basel
     for r in zero.itertuples():
         rep.text(f"Note: {r.policy_id} won {r.wins} of {r.n}; its rate sits at a bound and only the interval is informative.")
     return rates
+
+
+WILSON = "Wilson score (judgments treated as independent)"
+
+
+def _rate_fits(rates: pd.DataFrame, analysis: str, n_boot: int) -> pd.DataFrame:
+    """The rates as ``fits`` rows, one per policy and interval method: the report shows the bootstrap interval; the
+    Wilson one is kept here, labelled, for a reader who recomputes the counts."""
+    rows = [{"analysis": analysis, "term": r.policy_id, "estimate": float(r.rate), "std_err": np.nan, "ci_low": float(lo), "ci_high": float(hi),
+             "p_value": np.nan, "n_obs": int(r.n), "n_clusters": int(r.n_clusters), "method": method}
+            for r in rates.itertuples() for method, lo, hi in ((BOOT.format(n=n_boot), r.boot_low, r.boot_high), (WILSON, r.wilson_low, r.wilson_high))]
+    return artifacts.conform(pd.DataFrame(rows), "fits")
 
 
 def _size_part(rep: Report, study: _Study, d: pd.DataFrame, rates: pd.DataFrame, dataset: str, baseline: str) -> None:
