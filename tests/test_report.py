@@ -31,7 +31,7 @@ def test_openai_released_report(tmp_path):
     assert "Scope: every analysis below reads split valid2 only — 1,823 judgments by 30 labelers" in md
     assert "| ref | 0.000 | 0.000 | 0.000 | 207 | 279 | reference (0 by definition) |" in md
     assert "| sup4_6b_p.7 | — | — | — | 2 | 2 | too few judgments (2 < 20) |" in md
-    assert "| batch18.json | 554 | — | — | — | 6 | 1 |" in md  # an alpha on one post is not given
+    assert "| batch18.json | 554 | — | — | — | — | — | — | 6 | 1 |" in md  # an alpha on one post is not given
     assert "not fitted — no tldr policy kind is measured at two or more sizes" in md  # degenerate input, said in words
     assert "leaves out sft: measured at one size only" in md and "No policy kind has two sizes in the tldr" in md
     assert "imported human labels" in md and "nan" not in md.lower()

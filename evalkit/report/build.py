@@ -846,10 +846,15 @@ MIN_ALPHA_POSTS = 10  # posts with a comparison judged twice or more: fewer, and
 def _alpha_row(pv: pd.DataFrame, n_boot: int, rng: np.random.Generator) -> dict:
     """Krippendorff's alpha on the report's coding (oriented_by_record: the first-recorded summary won), with its
     item-clustered interval, or "—" and the counts when it rests on fewer than MIN_ALPHA_POSTS posts."""
+    nan = {"alpha": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
     a = krippendorff_alpha_ci(pv, "pair", "labeler_id", "first_won", "nominal", n_boot=n_boot, rng=rng)
+    # the 9-point confidence turned to the first-recorded summary, as an ordinal, where every judgment has one
+    c = (krippendorff_alpha_ci(pv, "pair", "labeler_id", "first_confidence", "ordinal", n_boot=n_boot, rng=rng)
+         if pv["first_confidence"].notna().all() else nan)
     if a["n_clusters"] < MIN_ALPHA_POSTS:
-        a = {**a, "alpha": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
-    return {"alpha": a["alpha"], "alpha_low": a["ci_low"], "alpha_high": a["ci_high"], "comparisons": a["n_units"], "posts": a["n_clusters"]}
+        a, c = {**a, **nan}, nan
+    return {"alpha": a["alpha"], "alpha_low": a["ci_low"], "alpha_high": a["ci_high"], "alpha_confidence": c["alpha"],
+            "confidence_low": c["ci_low"], "confidence_high": c["ci_high"], "comparisons": a["n_units"], "posts": a["n_clusters"]}
 
 
 def _pairwise_agreement(rep: Report, tables: dict[str, pd.DataFrame], split: str | None, n_boot: int, seed: int,
@@ -876,7 +881,7 @@ def _pairwise_agreement(rep: Report, tables: dict[str, pd.DataFrame], split: str
             per = [{"dataset": dataset, "source": src, "n_judgments": len(g), **_alpha_row(g, n_boot, rng_for(seed, "alpha", dataset, src))}
                    for src, g in by_source]
             rep.text(f"{dataset}: Krippendorff's alpha per batch (source file), on the same coding:")
-            rep.table(pd.DataFrame(per), intervals="alpha_low–alpha_high: " + BOOT.format(n=n_boot))
+            rep.table(pd.DataFrame(per), intervals="alpha_low–alpha_high and confidence_low–confidence_high: " + BOOT.format(n=n_boot))
     if not rows:
         rep.text("No pairwise judgments on this split: agreement and position bias are not measured.")
         return
@@ -886,9 +891,10 @@ def _pairwise_agreement(rep: Report, tables: dict[str, pd.DataFrame], split: str
              "k(k−1)/2), and per comparison (agreement_by_comparison: each comparison's share of agreeing pairs, "
              "averaged), with the comparisons judged twice or more and their posts. Krippendorff's alpha (nominal) codes "
              "each judgment as whether the comparison's first-recorded summary won (the order its first task stored, "
-             "before any left/right swap), a coding no renaming of policies changes; it is given from "
+             "before any left/right swap), a coding no renaming of policies changes; alpha_confidence (ordinal) codes the "
+             "9-point confidence turned the same way (1: definitely the first-recorded summary). Both are given from "
              f"{MIN_ALPHA_POSTS} posts or more.")
-    rep.table(table, intervals="pair_low–pair_high, comparison_low–comparison_high and alpha_low–alpha_high: "
+    rep.table(table, intervals="pair_low–pair_high, comparison_low–comparison_high, alpha_low–alpha_high and confidence_low–confidence_high: "
               + BOOT.format(n=n_boot) + ", one set of resamples per dataset for the two agreements")
     for r in table.itertuples():
         if r.n_pairs == 0:
