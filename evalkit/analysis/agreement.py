@@ -10,7 +10,7 @@ from scipy.stats import norm
 
 from evalkit.vocab import CONFIDENCE_MIDPOINT
 
-SMALL_N = 20  # judgments: fewer, and a policy's estimate is listed apart as "too few judgments"
+SMALL_N = 20  # judgments: fewer, and a policy gets no rate, model term or strength of its own ("too few judgments")
 MIN_SHARED = 5  # shared comparisons: fewer, and a labeler's agreement with the others is not reported
 
 
@@ -151,12 +151,11 @@ def bradley_terry(tables: dict[str, pd.DataFrame], n_boot: int = 200, rng: np.ra
     others = [p for p in keep if p != anchor]
     index = {p: i for i, p in enumerate(others)}
 
-    def fit(d: pd.DataFrame) -> np.ndarray:
-        X = _pair_design(d["a"], d["b"], index)
-        res = sm.GLM(d["a_won"].to_numpy(), X, family=sm.families.Binomial()).fit()
-        return np.asarray(res.params)
+    def fit(d: pd.DataFrame, columns: dict[str, int]) -> np.ndarray:
+        X = _pair_design(d["a"], d["b"], columns)
+        return np.asarray(sm.GLM(d["a_won"].to_numpy(), X, family=sm.families.Binomial()).fit().params)
 
-    point = fit(d) if others else np.zeros(0)
+    point = fit(d, index) if others else np.zeros(0)
     items = d["item_id"].unique()
     groups = {i: g for i, g in d.groupby("item_id")}
     boots = np.full((n_boot, len(others)), np.nan)
@@ -171,9 +170,9 @@ def bradley_terry(tables: dict[str, pd.DataFrame], n_boot: int = 200, rng: np.ra
         sub = {p: k for k, p in enumerate(p for p in others if p in ok)}
         if not sub:
             continue
-        res = sm.GLM(r["a_won"].to_numpy(), _pair_design(r["a"], r["b"], sub), family=sm.families.Binomial()).fit()
+        est = fit(r, sub)
         for p, k in sub.items():
-            boots[b, index[p]] = res.params[k]
+            boots[b, index[p]] = est[k]
     out = [{"policy_id": anchor, "strength": 0.0, "ci_low": 0.0, "ci_high": 0.0, "wins": int(wins_all.get(anchor, 0)),
             "n": int(n_all.get(anchor, 0)), "boot_estimable": 1.0, "estimable": "reference (0 by definition)"}]
     for p, k in index.items():
@@ -315,8 +314,8 @@ def oriented_by_record(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     tasks = tables["tasks"]
     swapped = tasks.set_index("task_id")["is_swapped"].astype(bool) if "is_swapped" in tasks else pd.Series(False, index=tasks["task_id"])
     recorded_first = df["gen_id_right"].where(df["task_id"].map(swapped).fillna(False).astype(bool), df["gen_id_left"])
-    order = df["task_id"].map({t: k for k, t in enumerate(tasks["task_id"])})
-    first_of_pair = recorded_first.groupby(df["pair"]).transform(lambda s: s.loc[order.loc[s.index].idxmin()])
+    order = df["task_id"].map({t: k for k, t in enumerate(tasks["task_id"])}).sort_values(kind="stable").index
+    first_of_pair = df["pair"].map(recorded_first.loc[order].groupby(df["pair"].loc[order]).first())
     first_shown_left = df["gen_id_left"] == first_of_pair
     conf = df["confidence"].astype(float) if "confidence" in df else pd.Series(np.nan, index=df.index)
     return df.assign(first_won=(df["preferred_gen_id"] == first_of_pair).astype(int),

@@ -18,6 +18,7 @@ import pandas as pd
 from scipy.stats import norm
 
 from evalkit import artifacts
+from evalkit.analysis.agreement import SMALL_N
 from evalkit.analysis.labels import select_labels
 from evalkit.data.bundled import gpt2_bpe
 from evalkit.errors import EvalkitError
@@ -26,7 +27,6 @@ SIZE_FORMULA = "outcome ~ C(policy_kind) * log_n_params"
 SIZE_FORMULA_ONE_KIND = "outcome ~ log_n_params"
 LENGTH_TERM = "log_len_ratio"
 LENGTH_UNIT = "GPT-2 BPE tokens"  # every summary's length: the released policies' own tokens, one unit for all
-MIN_JUDGMENTS = 20  # comparisons a policy needs before a model gives it its own term (fewer: not estimable)
 
 
 @functools.lru_cache(maxsize=1)
@@ -204,7 +204,7 @@ def check_sizes_per_kind(d: pd.DataFrame) -> None:
 
 
 def separated_kinds(df: pd.DataFrame) -> dict[str, str]:
-    """Kinds whose preference-vs-size fit is not estimated, with the reason: a size with fewer than MIN_JUDGMENTS
+    """Kinds whose preference-vs-size fit is not estimated, with the reason: a size with fewer than SMALL_N
     comparisons, or no finite estimate. Each kind has its own intercept and
     slope in log size, so a kind is (quasi-)separated when one size threshold splits its outcomes: every win at or
     above it and every loss at or below it (or the reverse), e.g. 0 wins at the smaller of two sizes. The fitted
@@ -215,9 +215,9 @@ def separated_kinds(df: pd.DataFrame) -> dict[str, str]:
         if g["n_params"].nunique() < 2:
             continue
         per_size = g.groupby("n_params")["outcome"].size()
-        tiny = per_size[per_size < MIN_JUDGMENTS]
+        tiny = per_size[per_size < SMALL_N]
         if len(tiny):  # a slope through a handful of judgments: not estimated
-            out[kind] = " and ".join(f"has only {int(n)} comparisons at {params:,.0f} parameters (fewer than {MIN_JUDGMENTS})"
+            out[kind] = " and ".join(f"has only {int(n)} comparisons at {params:,.0f} parameters (fewer than {SMALL_N})"
                                      for params, n in tiny.items())
             continue
         wins, losses = g.loc[g["outcome"] == 1, "n_params"], g.loc[g["outcome"] == 0, "n_params"]
@@ -266,7 +266,7 @@ def length_controlled(df: pd.DataFrame, cluster: str | tuple[str, str] = "item_i
     non-empty; intervals are Wald on the logit with standard errors clustered by ``cluster``. Returns (the per-policy
     table, the fitted statsmodels result, or None when nothing could be fitted).
 
-    Checked before fitting, per policy: ``estimable`` says "yes" or why not — fewer than MIN_JUDGMENTS non-empty
+    Checked before fitting, per policy: ``estimable`` says "yes" or why not — fewer than SMALL_N non-empty
     comparisons, or separated (won all or none of them); such a policy gets no controlled estimate and is left out of
     the fit (its coefficient would be noise, or run to infinity). Also said per policy: ``n_empty`` (comparisons with
     an empty summary: in the raw rate, outside the length model, whose log ratio is undefined for them);
@@ -279,8 +279,8 @@ def length_controlled(df: pd.DataFrame, cluster: str | tuple[str, str] = "item_i
     raw = full.groupby("policy_id")["outcome"].agg(["mean", "size"])
     why = {}
     for policy, g in d.groupby("policy_id"):
-        if len(g) < MIN_JUDGMENTS:
-            why[policy] = f"too few: {len(g)} comparisons < {MIN_JUDGMENTS}"
+        if len(g) < SMALL_N:
+            why[policy] = f"too few: {len(g)} comparisons < {SMALL_N}"
         elif g["outcome"].nunique() < 2:
             why[policy] = f"separated: won {int(g['outcome'].sum())} of {len(g)}"
     fit_on = d[~d["policy_id"].isin(why)]

@@ -29,7 +29,6 @@ from evalkit.analysis.likert import krippendorff_alpha, krippendorff_alpha_ci, l
 from evalkit.analysis.preference import (  # noqa: E402
     EXTRAPOLATION_LOG_RATIO,
     LENGTH_UNIT,
-    MIN_JUDGMENTS,
     comparisons,
     fit_table,
     length_controlled,
@@ -227,7 +226,7 @@ def _size_curves(ds: pd.DataFrame, separated: dict[str, str]) -> tuple[pd.DataFr
 def _separated_text(separated: dict[str, str]) -> str:
     return ("No fitted curve for " + "; ".join(f"{KIND_LABELS.get(k, k)}: it {why}" for k, why in separated.items())
             + f". A kind gets no curve when one size splits its wins from its losses (none won below it, none lost above "
-            f"it, or the reverse: its logistic fit has no finite slope) or when a size has fewer than {MIN_JUDGMENTS} "
+            f"it, or the reverse: its logistic fit has no finite slope) or when a size has fewer than {SMALL_N} "
             "comparisons; its dots are the observed rates.")
 
 
@@ -237,7 +236,6 @@ def _headline(rep: "Report", d: pd.DataFrame, rates: pd.DataFrame, dataset: str,
     rep.heading(f"Headline: {dataset} summaries preferred to {baseline}, by model size")
     groups = fit_groups(d)
     kinds, _, separated = _size_kinds(groups)
-    rates = rates.copy()
     title_source = source.removesuffix(", not people")
     caption = (f"{dataset}: fraction preferred to {baseline} vs model size (log parameters); colour: kind, marker: model "
                f"family; dots: observed rate with its 95% item-clustered bootstrap interval, n beside each; curves (solid "
@@ -423,11 +421,8 @@ def _paper_beside(rep: "Report", study: _Study) -> None:
         if row:
             rows.append(row)
     for dataset, paper in (("tldr", "73 ± 2% (weighting not stated)"), ("cnndm", "66.9% (weighting not stated)")):
-        sub = restrict(study.tables, dataset, None)
-        if pairwise_view(sub).empty:
-            continue
-        a = agreement_with_ci(sub, n_boot=study.spec.n_boot, rng=rng_for(study.spec.seed, "agreement", dataset))  # the agreement table's
-        if a["n_pairs"]:
+        a = study.agreement(dataset)  # the agreement table's
+        if a and a["n_pairs"]:
             rows.append({"finding": f"labeler–labeler agreement ({dataset})", "ours":
                          f"{a['agreement']:.1%} [{a['ci_low']:.1%}, {a['ci_high']:.1%}] per pair ({a['n_pairs']} pairs); "
                          f"{a['agreement_per_comparison']:.1%} [{a['comparison_ci_low']:.1%}, {a['comparison_ci_high']:.1%}] per "
@@ -522,6 +517,7 @@ class _Study:
         self.judgments = self.tables["judgments"]
         self._comparisons: dict[str, pd.DataFrame] = {}
         self._rates: dict[tuple[str, str], pd.DataFrame] = {}
+        self._agreement: dict[str, dict | None] = {}
 
     def comparisons(self, baseline: str) -> pd.DataFrame:
         if baseline not in self._comparisons:
@@ -536,6 +532,15 @@ class _Study:
             d = self.comparisons(baseline)
             self._rates[key] = policy_rates(d[d["dataset"] == dataset], self.spec.n_boot, rng_for(self.spec.seed, "rates", baseline, dataset))
         return self._rates[key]
+
+    def agreement(self, dataset: str) -> dict | None:
+        """Labeler–labeler agreement on ``dataset`` (agreement_with_ci), computed once per report; None without
+        pairwise judgments there."""
+        if dataset not in self._agreement:
+            sub = restrict(self.tables, dataset)
+            self._agreement[dataset] = None if pairwise_view(sub).empty else agreement_with_ci(
+                sub, n_boot=self.spec.n_boot, rng=rng_for(self.spec.seed, "agreement", dataset))
+        return self._agreement[dataset]
 
     def scope(self) -> str:
         """The report's one split rule and its counts, said once at the top."""
@@ -779,7 +784,7 @@ def _length_part(rep: Report, d: pd.DataFrame, dataset: str, baseline: str) -> N
              "same prediction from the policy's own slope (a check of the shared slope). The raw rate counts every comparison"
              + (f"; {empty} comparison(s) with an empty summary count in it but not in the length model "
                 "(their length ratio is undefined)" if empty else "") + "."
-             + (f" Not estimable (fewer than {MIN_JUDGMENTS} comparisons, or won all or none; left out of the fit): "
+             + (f" Not estimable (fewer than {SMALL_N} comparisons, or won all or none; left out of the fit): "
                 + "; ".join(f"{r.policy_id} ({r.estimable})" for r in out.itertuples()) + "." if len(out) else "")
              + (f" Extrapolated to equal length from a mean |log length ratio| above {EXTRAPOLATION_LOG_RATIO} "
                 f"(read with care): {', '.join(extra['policy_id'])}." if len(extra) else ""))
@@ -794,7 +799,7 @@ def _section_agreement(rep: Report, study: _Study) -> None:
         rep.text("No pairwise judgments: pairwise agreement and position bias are not measured.")
         return
     found = study.datasets_first(study.tables["items"]["dataset"].unique())
-    _pairwise_agreement(rep, study.tables, study.spec.split, study.spec.n_boot, study.spec.seed, found)
+    _pairwise_agreement(rep, study, found)
 
 
 def _section_reward_models(rep: Report, study: _Study) -> None:
@@ -857,15 +862,15 @@ def _alpha_row(pv: pd.DataFrame, n_boot: int, rng: np.random.Generator) -> dict:
             "confidence_low": c["ci_low"], "confidence_high": c["ci_high"], "comparisons": a["n_units"], "posts": a["n_clusters"]}
 
 
-def _pairwise_agreement(rep: Report, tables: dict[str, pd.DataFrame], split: str | None, n_boot: int, seed: int,
-                        datasets: list[str]) -> None:
+def _pairwise_agreement(rep: Report, study: _Study, datasets: list[str]) -> None:
     """Agreement, alpha and position bias per dataset on the report's split, each with its interval and counts."""
+    tables, n_boot, seed = study.tables, study.spec.n_boot, study.spec.seed
     rows, positions = [], []
     for dataset in datasets:
-        sub = restrict(tables, dataset, split)
-        if pairwise_view(sub).empty:
+        agree = study.agreement(dataset)
+        if agree is None:
             continue
-        agree = agreement_with_ci(sub, n_boot=n_boot, rng=rng_for(seed, "agreement", dataset))
+        sub = restrict(tables, dataset)
         pos = position_effect(sub)
         pv = oriented_by_record(sub)
         alpha = _alpha_row(pv, n_boot, rng_for(seed, "alpha", dataset))

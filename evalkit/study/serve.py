@@ -244,6 +244,7 @@ CSP = ("default-src 'none'; form-action 'self'; base-uri 'none'; frame-ancestors
        f"{_inline_hash(LIKERT_FORM.format(left='', csrf='', shown_at='', scales=''), 'script')} {_inline_hash(MONITOR_SCRIPT, 'script')}")
 FAILED_TOKEN_LIMIT = 30
 MAX_FORM_BYTES = 1 << 16  # an answer form (a 4,000-character note at most) is far smaller
+MAX_DURATION_S = 24 * 3600.0
 
 
 def content_length(environ) -> int:
@@ -252,7 +253,6 @@ def content_length(environ) -> int:
         return max(0, int(environ.get("CONTENT_LENGTH") or 0))
     except ValueError:
         return 0
-MAX_DURATION_S = 24 * 3600.0
 
 
 def same(a: str, b: str) -> bool:
