@@ -1,6 +1,11 @@
+import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,19 @@ from evalkit.train.sft import SFTConfig, sft  # noqa: E402
 from evalkit.train.tokenizer import TokenizerConfig, train_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--stress", action="store_true", help="run only the tests marked stress (repeated torchrun runs)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Stress tests (the torchrun trainers run again and again) are their own run: `pytest --stress`."""
+    stress = config.getoption("--stress")
+    keep = [it for it in items if (it.get_closest_marker("stress") is not None) == stress]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[it for it in items if it not in keep])
+        items[:] = keep
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +70,6 @@ def run_cli(*args, cwd=None, check=False, in_process=True):
         proc = subprocess.run([sys.executable, "-m", "evalkit", *map(str, args)], capture_output=True, text=True,
                               cwd=cwd or ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=600)
     else:
-        import contextlib
         import io
         import warnings
 
@@ -76,6 +93,55 @@ def run_cli(*args, cwd=None, check=False, in_process=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"evalkit {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+TORCHRUN_TIMEOUT = 300  # s; a tiny two-rank run takes 20-60 s here
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (read from /proc), children before grandchildren."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def run_torchrun(*args, timeout: float = TORCHRUN_TIMEOUT, module: str | None = "evalkit", env: dict | None = None):
+    """``torchrun --nproc_per_node=2 -m <module> ARGS`` (a script as the first of ARGS when ``module`` is None) on a free port, in a session of its own, output to files
+    (a pipe would keep ``communicate`` waiting on a hung rank that inherited it). Returns the CompletedProcess. If
+    the run has not ended after ``timeout`` seconds, every process in it gets SIGABRT, so faulthandler prints each
+    thread's Python stack, then SIGKILL, and the test fails with the run's last lines: a hung rank is a failure in
+    bounded time, never a hung suite."""
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *(["-m", module] if module else []), *map(str, args)]
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=ROOT, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            ranks = _descendants(proc.pid)  # torchrun starts each rank in a session of its own
+            for sig, pids, pause in ((signal.SIGABRT, ranks, 3), (signal.SIGKILL, [proc.pid, *ranks], 0)):
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
+                time.sleep(pause)
+            proc.wait()
+            out.seek(0)
+            err.seek(0)
+            last_out, last_err = ("\n".join(f.read().splitlines()[-n:]) for f, n in ((out, 30), (err, 120)))
+            pytest.fail(f"torchrun {' '.join(map(str, args))} did not end in {timeout:.0f} s (a hung rank); its last lines, "
+                        f"with each rank's stacks after SIGABRT:\n--- stdout\n{last_out}\n--- stderr\n{last_err}", pytrace=False)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, code, out.read(), err.read())
 
 
 @pytest.fixture(autouse=True, scope="session")

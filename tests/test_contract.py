@@ -1,14 +1,11 @@
 """One contract across stages, reward-model data that never touches evaluation posts, trainers that freeze what they
 say they freeze, PPO like the other trainers (torchrun, dropout off, decay groups, episode order)."""
 
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import Q
+from conftest import Q, run_torchrun
 
 from evalkit import decoding
 from evalkit.checkpoints import read_metadata
@@ -208,15 +205,10 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
 
 
 def test_ppo_under_torchrun_keeps_replicas_identical(tmp_path, sft_dir, concise_rm_dir):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = tmp_path / "ppo-ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "evalkit",
-           "train", "ppo", "--policy", str(sft_dir), "--reward-model", str(concise_rm_dir), "--out", str(out),
-           "--set", "iterations=2", "--set", "rollouts=4", "--set", "minibatch_size=2", "--set", "max_items=64",
-           "--set", "threads=1", "--set", "eval_posts=0", "--set", "lr=1e-4"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = run_torchrun("train", "ppo", "--policy", sft_dir, "--reward-model", concise_rm_dir, "--out", out,
+                        "--set", "iterations=2", "--set", "rollouts=4", "--set", "minibatch_size=2", "--set", "max_items=64",
+                        "--set", "threads=1", "--set", "eval_posts=0", "--set", "lr=1e-4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = read_metadata(out)
     assert meta["world_size"] == 2 and meta["episodes"] == 16

@@ -11,7 +11,7 @@ import time
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_torchrun
 
 from evalkit import artifacts
 from evalkit.data import load_items
@@ -152,17 +152,9 @@ def test_best_of_n_policy_keeps_the_reward_models_favourite(tmp_path, items, sft
 def test_generate_under_torchrun_equals_single_process(tmp_path, sft_dir):
     """Two gloo ranks each decode half of the length-sorted items (sampled, so seeds matter) and rank 0 merges one
     table, equal to a single-process run's."""
-    import socket
-    import subprocess
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     args = ["generate", "--policy", f"sft={sft_dir}", "--n-items", "10", "--temperature", "0.7", "--samples", "2",
             "--batch-size", "3", "--baseline", "ref"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "evalkit",
-           *args, "--out", str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_torchrun(*args, "--out", tmp_path / "ddp", env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_cli(*args, "--out", tmp_path / "one", check=True)
     ddp, one = (pd.read_parquet(tmp_path / d / "generations.parquet") for d in ("ddp", "one"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, run_torchrun
 
 from evalkit import decoding
 from evalkit.checkpoints import read_metadata
@@ -254,18 +254,9 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, pretrained):
 
 
 def test_sft_under_torchrun_keeps_replicas_identical(tmp_path, pretrained):
-    import subprocess
-
     out = tmp_path / "ddp"
-    import socket
-
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "evalkit",
-           "train", "sft", "--init", str(pretrained), "--out", str(out), "--set", "steps=4", "--set", "batch_size=4",
-           "--set", "max_items=64", "--set", "threads=1", "--set", "eval_posts=0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = run_torchrun("train", "sft", "--init", pretrained, "--out", out, "--set", "steps=4", "--set", "batch_size=4",
+                        "--set", "max_items=64", "--set", "threads=1", "--set", "eval_posts=0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = read_metadata(out)
     assert meta["world_size"] == 2

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from evalkit import decoding, distributed, precision as prec
 from evalkit.checkpoints import read_metadata
@@ -273,8 +272,7 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
     optim.freeze_lower_layers(value_model.backbone, cfg.trainable_layers, extra=(value_model.head,))
     # with only the top blocks training, the lower blocks are one frozen trunk shared by all four models: run it once
     trunk = logprobs.SharedTrunk.build([policy, reference, value_model.backbone, reward_model.backbone], cfg.trainable_layers)
-    m = _Models(policy, reference, reward_model, value_model, DDP(policy) if d.enabled else policy,
-                DDP(value_model) if d.enabled else value_model, trunk)
+    m = _Models(policy, reference, reward_model, value_model, distributed.replicate(policy, d), distributed.replicate(value_model, d), trunk)
     pol_opt = torch.optim.AdamW(optim.param_groups(policy, cfg.weight_decay), lr=cfg.lr, eps=1e-5)
     val_opt = torch.optim.AdamW(optim.param_groups(value_model, cfg.weight_decay), lr=cfg.value_lr, eps=1e-5)
     beta, start = cfg.kl_coef, 0
@@ -302,6 +300,7 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
                                                  "value_optimizer": val_opt.state_dict()}, {"policy": policy, "value": value_model})
 
     # 8. the checkpoint, and what the policy does on held-out posts: RM score gain over SFT at its KL
+    del m  # its DDP wrappers may not outlive the process group (distributed.shutdown_distributed)
     digests = checkpointing.check_replicas_in_sync(policy, d)
     if d.main:
         policy.save_pretrained(out_dir)

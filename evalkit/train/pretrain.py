@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from evalkit import distributed, precision as prec
 from evalkit.contract import Contract
@@ -87,7 +86,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True) -> P
     model = build_model(cfg.depth, tok, seed=derive_seed("init", cfg.seed, cfg.depth), n_positions=cfg.seq_len)
     checkpointing.load_weights(state, {"model": model})
     model.to(d.device).train()
-    ddp = DDP(model) if d.enabled else model
+    ddp = distributed.replicate(model, d)
     opt = torch.optim.AdamW(optim.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     step = 0
     if state:
@@ -123,6 +122,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = True) -> P
                 checkpointing.save_state(out_dir, cfg, {"step": step, "optimizer": opt.state_dict()}, {"model": model})
 
     # 4. held-out loss and the finished checkpoint
+    del ddp  # no DDP wrapper may outlive the process group (distributed.shutdown_distributed)
     model.eval()
     digests = checkpointing.check_replicas_in_sync(model, d)
     if d.main:

@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from evalkit import artifacts, decoding, distributed, precision as prec
 from evalkit.checkpoints import read_metadata
@@ -246,7 +245,7 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
     checkpointing.load_weights(state, {"model": model})
     model.to(d.device).train()
     frozen = optim.freeze_lower_layers(model.backbone, cfg.trainable_layers, extra=(model.head,))
-    ddp = DDP(model) if d.enabled else model
+    ddp = distributed.replicate(model, d)
     opt = torch.optim.AdamW(optim.param_groups(model, cfg.weight_decay), lr=cfg.lr)
     per_epoch = max(1, len(train_pairs) // (cfg.batch_size * d.world))
     total = per_epoch * cfg.epochs
@@ -279,6 +278,7 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path, resume: bool = Tr
                 checkpointing.save_state(out_dir, cfg, {"step": step + 1, "optimizer": opt.state_dict()}, {"model": model})
 
     # 4. normalise: references score 0 on average (over the training posts that have one)
+    del ddp  # no DDP wrapper may outlive the process group (distributed.shutdown_distributed)
     model.eval()
     digests = checkpointing.check_replicas_in_sync(model, d)
     if not d.main:

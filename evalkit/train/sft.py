@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from evalkit import decoding, distributed, precision as prec
 from evalkit.checkpoints import read_metadata
@@ -117,7 +116,7 @@ def sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = True) -> Path:
     model = model.to(d.device).train()
     frozen = optim.freeze_lower_layers(model, cfg.trainable_layers)
     loss_fn = SummaryLoss(model)
-    ddp = DDP(loss_fn) if d.enabled else loss_fn
+    ddp = distributed.replicate(loss_fn, d)
     opt = torch.optim.AdamW(optim.param_groups(model, cfg.weight_decay), lr=cfg.lr)
     step = 0
     if state:
@@ -150,6 +149,7 @@ def sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = True) -> Path:
                 checkpointing.save_state(out_dir, cfg, {"step": step, "optimizer": opt.state_dict()}, {"model": model})
 
     # 4. held-out summary loss, held-out quality (greedy summaries of valid1 posts) and the finished checkpoint
+    del ddp  # no DDP wrapper may outlive the process group (distributed.shutdown_distributed)
     model.eval()
     digests = checkpointing.check_replicas_in_sync(model, d)
     if d.main:
