@@ -177,19 +177,20 @@ class FeaturesJudge(Judge):
 class EncoderJudge(FeaturesJudge):
     """The feature model plus one meaning feature: ``similarity``, the cosine between the post's and the summary's
     sentence embeddings (all-MiniLM-L6-v2 by default: mean-pooled, normalised, each text cut to the encoder's
-    ``max_seq_length``), fitted the same way on the same rows. Each text is embedded once per judge."""
+    ``max_seq_length``), fitted the same way on the same rows. Each text is embedded once per machine (the
+    encoder's store)."""
 
     names = (*FEATURES, "similarity")
 
     def __init__(self, folder: str | Path | None = None, batch_size: int = 32):
         from evalkit.models import SentenceEncoder  # torch and the encoder: loaded when this judge is asked for
 
-        self.encoder, self._cache = SentenceEncoder(folder, _device(), batch_size), {}
+        self.encoder = SentenceEncoder(folder, _device(), batch_size)
         super().__init__(judge_id=f"encoder:{folder}" if folder else "encoder")
 
     def embed(self, texts) -> np.ndarray:
-        self._cache.update(self.encoder.encode([t for t in texts if t not in self._cache]))
-        return np.stack([self._cache[t] for t in texts]) if len(texts) else np.zeros((0, 1))
+        vectors = self.encoder.encode(list(texts))
+        return np.stack([vectors[t] for t in texts]) if len(texts) else np.zeros((0, 1))
 
     def diffs(self, pairs: pd.DataFrame) -> pd.DataFrame:
         out = _feature_diffs(pairs)

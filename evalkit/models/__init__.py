@@ -9,6 +9,7 @@ The one size dial is ``depth`` (number of layers): ``d_model = 32 * depth``, ``n
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -27,10 +28,11 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from evalkit import precision
-from evalkit.artifacts import built_whole, sha256_file
+from evalkit.artifacts import atomic_write, built_whole, sha256_file
 from evalkit.checkpoints import checkpoint_folder, model_context, read_metadata, write_metadata
 from evalkit.contract import Contract
 from evalkit.errors import EvalkitError
+from evalkit.seeds import stable_hash
 from evalkit.vocab import CONTEXT, REAL_BASES, SENTENCE_ENCODER
 
 log = logging.getLogger(__name__)
@@ -113,10 +115,16 @@ def load_causal_lm(folder: str | Path, dtype=torch.float32):
     return model
 
 
+def cache_root() -> Path:
+    """evalkit's per-machine cache (``$EVALKIT_CACHE``, default ``~/.cache/evalkit``): what is derived from installed
+    packages alone and costs minutes to derive again. Deleting it loses nothing but time."""
+    return Path(os.environ.get("EVALKIT_CACHE") or Path.home() / ".cache" / "evalkit")
+
+
 def import_cache() -> Path:
-    """Where dequantised GGUF imports are kept per machine (``$EVALKIT_CACHE/imports``, default
-    ``~/.cache/evalkit/imports``): dequantising Gemma-3-270M takes ~1.5 min here, and every run folder needs a copy."""
-    return Path(os.environ.get("EVALKIT_CACHE") or Path.home() / ".cache" / "evalkit") / "imports"
+    """Where dequantised GGUF imports are kept (``<cache_root>/imports``): dequantising Gemma-3-270M takes ~1.5 min
+    here, and every run folder needs a copy."""
+    return cache_root() / "imports"
 
 
 def import_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
@@ -196,7 +204,11 @@ def sentence_encoder() -> Path:
 
 class SentenceEncoder:
     """A sentence-transformers folder read with transformers (the packaged all-MiniLM-L6-v2 by default): mean-pooled,
-    normalised embeddings, each text cut to the encoder's ``max_seq_length``; bf16 where the device has the units."""
+    normalised embeddings, each text cut to the encoder's ``max_seq_length``; bf16 where the device has the units.
+
+    Every embedding is computed once per machine: kept in :class:`EmbeddingStore` under the encoder's weights, its
+    precision and its text limit (the released comparisons' texts, which every judge fit and evaluation reads, cost
+    over a minute to embed on a CPU without bf16 units)."""
 
     def __init__(self, folder: str | Path | None = None, device: torch.device | None = None, batch_size: int = 32):
         folder = Path(folder) if folder else sentence_encoder()
@@ -204,18 +216,69 @@ class SentenceEncoder:
         self.tok, self.model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval().to(self.device)
         bert_config = folder / "sentence_bert_config.json"
         self.max_tokens = int(json.loads(bert_config.read_text()).get("max_seq_length", 256)) if bert_config.is_file() else 256
+        self.precision = precision.resolve("auto", self.device)
+        weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+        key = stable_hash(*(sha256_file(f) for f in weights), self.precision, self.device.type, self.max_tokens)
+        self.store = EmbeddingStore(cache_root() / "embeddings" / f"{folder.name}-{key}")
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """Each distinct text's embedding (texts sorted by length first: batches of like lengths pad little)."""
-        todo, out = sorted(dict.fromkeys(texts), key=len), {}
-        with torch.no_grad(), precision.weights_as(precision.resolve("auto", self.device), self.model):
+        """Each distinct text's embedding: from the store, or computed (texts sorted by length first, so batches of
+        like lengths pad little) and added to it."""
+        known = self.store.get(texts)
+        todo, out = sorted((t for t in dict.fromkeys(texts) if t not in known), key=len), {}
+        with torch.no_grad(), precision.weights_as(self.precision, self.model):
             for i in range(0, len(todo), self.batch_size):
                 chunk = todo[i:i + self.batch_size]
                 batch = self.tok(chunk, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt").to(self.device)
                 hidden = self.model(**batch).last_hidden_state.float()
                 mask = batch["attention_mask"].unsqueeze(-1).float()
                 out.update(zip(chunk, torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).cpu().numpy()))
-        return out
+        self.store.add(out)
+        return {**known, **out}
+
+
+class EmbeddingStore:
+    """Text embeddings of one encoder setting on disk: a folder of shards (``<hash>.npz``: SHA-1 keys of the texts and
+    their float32 vectors), each written whole (``artifacts.atomic_write``) and never changed, so processes can add
+    to it at once; read once per process. A shard that cannot be read is skipped (its texts are embedded again)."""
+
+    _loaded: dict[Path, dict[str, np.ndarray]] = {}  # folder -> key -> vector, shared by this process's encoders
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    @staticmethod
+    def key(text: str) -> str:
+        return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+    def _vectors(self) -> dict[str, np.ndarray]:
+        if self.folder not in self._loaded:
+            vectors: dict[str, np.ndarray] = {}
+            for shard in sorted(self.folder.glob("*.npz")):
+                try:
+                    with np.load(shard) as data:
+                        vectors.update(zip(data["keys"].tolist(), data["vectors"]))
+                except Exception as exc:  # noqa: BLE001 - any unreadable shard means the same: embed its texts again
+                    log.warning("%s: unreadable embedding shard left out (%s)", shard, type(exc).__name__)
+            self._loaded[self.folder] = vectors
+        return self._loaded[self.folder]
+
+    def get(self, texts) -> dict[str, np.ndarray]:
+        vectors = self._vectors()
+        return {t: vectors[k] for t in dict.fromkeys(texts) if (k := self.key(t)) in vectors}
+
+    def add(self, embedded: dict[str, np.ndarray]) -> None:
+        if not embedded:
+            return
+        keys = [self.key(t) for t in embedded]
+        array = np.stack(list(embedded.values())).astype(np.float32)
+
+        def write(tmp):
+            with open(tmp, "wb") as fh:
+                np.savez(fh, keys=np.array(keys), vectors=array)
+
+        atomic_write(self.folder / f"{stable_hash(*keys)}.npz", write)
+        self._vectors().update(zip(keys, array))
 
 
 def _packaged_file(package: str, rel: str) -> Path | None:
