@@ -19,6 +19,7 @@ forward pass (the ratio at the first epoch is exactly 1).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -256,10 +257,10 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
     d, state = checkpointing.start_run(out_dir, cfg, resume)
     precision = prec.resolve(cfg.precision, d.device)
     items = train_items(cfg.max_items).to_dict("records")
-    queries = [decoding.encode_query(tok, it, contract.max_query_tokens) for it in items]
-    if not queries:
+    if not items:
         raise EvalkitError("no TL;DR train posts to run PPO on")
-    order = EpisodeOrder(len(queries), cfg.seed)
+    order = EpisodeOrder(len(items), cfg.seed)
+    query = functools.cache(lambda i: decoding.encode_query(tok, items[i], contract.max_query_tokens))  # the posts its episodes reach
 
     # models: all in eval mode (no dropout in any RL forward pass); only the policy and the value model train
     policy = load_causal_lm(cfg.policy)
@@ -286,7 +287,7 @@ def ppo(cfg: PPOConfig, out_dir: str | Path, resume: bool = True) -> Path:
     for it in range(start, cfg.iterations):
         first = (it * d.world + d.rank) * cfg.rollouts  # episode seeds come from the global episode index
         episodes = range(first, first + cfg.rollouts)
-        batch = _rollout(cfg, m, tok, contract, [queries[order[e]] for e in episodes], episodes, beta, precision, d)  # steps 1-5
+        batch = _rollout(cfg, m, tok, contract, [query(order[e]) for e in episodes], episodes, beta, precision, d)  # steps 1-5
         stats = _update(cfg, m, batch, pol_opt, val_opt, it, precision, d)  # step 6
         row = _metrics_row(cfg, batch, stats, it, beta, time.perf_counter() - t0, trunk is not None, d)  # step 7
         if cfg.adaptive_kl:

@@ -7,6 +7,7 @@ this config; ``trainable_layers`` trains only the top blocks (a real 135M model 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -46,14 +47,15 @@ class SFTConfig:
     precision: str = "auto"  # auto: bfloat16 autocast where the device has bf16 matrix units (evalkit.precision)
 
 
-def sft_examples(tok, items: pd.DataFrame, max_query_tokens: int, max_summary_tokens: int) -> list[tuple[list[int], list[int]]]:
+def sft_example(tok, item: dict, max_query_tokens: int, max_summary_tokens: int) -> tuple[list[int], list[int]]:
     """(input ids, labels) with labels = IGNORE on the query so only summary tokens carry loss."""
-    out = []
-    for item in items.to_dict("records"):
-        query = decoding.encode_query(tok, item, max_query_tokens)
-        summary = decoding.encode_summary(tok, item["reference"], max_summary_tokens)
-        out.append((query + summary, [IGNORE] * len(query) + summary))
-    return out
+    query = decoding.encode_query(tok, item, max_query_tokens)
+    summary = decoding.encode_summary(tok, item["reference"], max_summary_tokens)
+    return query + summary, [IGNORE] * len(query) + summary
+
+
+def sft_examples(tok, items: pd.DataFrame, max_query_tokens: int, max_summary_tokens: int) -> list[tuple[list[int], list[int]]]:
+    return [sft_example(tok, item, max_query_tokens, max_summary_tokens) for item in items.to_dict("records")]
 
 
 class SummaryLoss(torch.nn.Module):
@@ -106,8 +108,10 @@ def sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = True) -> Path:
     d, state = checkpointing.start_run(out_dir, cfg, resume)
     precision = prec.resolve(cfg.precision, d.device)
 
-    # 1. examples: TL;DR train posts with their references; a held-out slice of valid1 for the loss
-    examples = sft_examples(tok, train_items(cfg.max_items), contract.max_query_tokens, contract.max_summary_tokens)
+    # 1. examples: TL;DR train posts with their references (each encoded when a batch first reaches it); a held-out
+    #    slice of valid1 for the loss
+    records = train_items(cfg.max_items).to_dict("records")
+    example = functools.cache(lambda i: sft_example(tok, records[i], contract.max_query_tokens, contract.max_summary_tokens))
     held_out = sft_examples(tok, load_items("tldr", "valid1").head(32), contract.max_query_tokens, contract.max_summary_tokens)
 
     # 2. model: the pretrained checkpoint (with the saved weights when resuming); the top blocks train
@@ -125,11 +129,11 @@ def sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = True) -> Path:
         checkpointing.truncate_metrics(out_dir, step)
 
     # 3. loop
-    per_epoch = max(1, len(examples) // (cfg.batch_size * d.world))
+    per_epoch = max(1, len(records) // (cfg.batch_size * d.world))
     t0 = time.perf_counter()
     while step < cfg.steps:
         epoch, index = divmod(step, per_epoch)
-        batch = [examples[i] for i in optim.batch_order(len(examples), cfg.batch_size, cfg.seed, epoch, d)[index]]
+        batch = [example(i) for i in optim.batch_order(len(records), cfg.batch_size, cfg.seed, epoch, d)[index]]
         ids, mask, labels = (t.to(d.device) for t in collate(batch, tok.pad_token_id))
         lr = optim.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps)
         for group in opt.param_groups:
