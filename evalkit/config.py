@@ -48,7 +48,7 @@ class TrainConfig:
     preset: str = ""  # a ladder preset: tiny, default, smollm2-cpu, smollm2
     bases: tuple[str, ...] = ()  # default: the preset's
     depths: tuple[int, ...] = ()  # default: the preset's
-    kinds: tuple[str, ...] = TRAINED_KINDS  # which of the ladder's policies enter the study
+    kinds: tuple[str, ...] = TRAINED_KINDS  # which of the ladder's policies enter the study; none (e.g. `--set train.1.kinds=`): the entry is left out
     set: tuple[str, ...] = ()  # ladder field overrides, e.g. ["sft_steps=20", "eval_posts=50"]
     out_dir: str = ""  # default: <study out_dir>/ladder-<hash of its bases and depths>
 

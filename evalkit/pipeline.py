@@ -121,7 +121,7 @@ def study_ladders(cfg: StudyConfig) -> tuple[tuple, ...]:
         return ",".join(s for s in LADDER_STAGES if s in kinds or (s in ("sft", "rm") and kinds & {"ppo", "best_of_n"}))
 
     out = []
-    for t in cfg.train:
+    for t in (t for t in cfg.train if t.kinds):  # an entry with no kinds is switched off
         ladder = ladder_config(t.preset, t.depths or None, t.bases or None, (*t.set, f"stages={stages(set(t.kinds))}"))
         out.append((t, ladder, Path(t.out_dir) if t.out_dir else cfg.layout.ladder_dir(lineage_digest(ladder))))
     return tuple(out)
