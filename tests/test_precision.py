@@ -88,7 +88,7 @@ def smollm2(tmp_path_factory):
     return load_causal_lm(folder), load_tokenizer(folder)
 
 
-def _sft_batch(tok, n=4):
+def _sft_batch(tok, n=2):
     from evalkit.contract import Contract
     from evalkit.train.sft import collate, sft_examples, train_items
 
