@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/evalkit run studies/default
 
 test: system $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 # the second real base alone (already part of the set-up above; kept for venvs made before it was)
 gemma: $(STAMP)
