@@ -49,3 +49,27 @@ def test_torchrun_sft_always_exits(attempt, tmp_path, pretrained):
 @pytest.mark.parametrize("attempt", range(10))
 def test_torchrun_ppo_always_exits(attempt, tmp_path, sft_dir, concise_rm_dir):
     test_contract.test_ppo_under_torchrun_keeps_replicas_identical(tmp_path, sft_dir, concise_rm_dir)
+
+
+def test_the_group_is_not_left_while_a_ddp_wrapper_lives():
+    """shutdown_distributed refuses to destroy the group under a live DDP wrapper (its reducer would free the group
+    later, with the GIL held: the exit deadlock); once the wrapper is released it leaves cleanly."""
+    import torch
+    import torch.distributed as dist
+
+    from evalkit.distributed import Dist, replicate, shutdown_distributed
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        d = Dist(rank=0, world=2)  # enabled: the code paths of a multi-rank run, on a one-rank group
+        wrapper = replicate(torch.nn.Linear(4, 4), d)
+        wrapper(torch.randn(2, 4)).sum().backward()
+        with pytest.raises(RuntimeError, match="1 DDP wrapper"):
+            shutdown_distributed(d)
+        assert dist.is_initialized()
+        del wrapper
+        shutdown_distributed(d)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
