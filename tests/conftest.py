@@ -111,16 +111,21 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def run_torchrun(*args, timeout: float = TORCHRUN_TIMEOUT, module: str | None = "evalkit", env: dict | None = None):
-    """``torchrun --nproc_per_node=2 -m <module> ARGS`` (a script as the first of ARGS when ``module`` is None) on a free port, in a session of its own, output to files
-    (a pipe would keep ``communicate`` waiting on a hung rank that inherited it). Returns the CompletedProcess. If
-    the run has not ended after ``timeout`` seconds, every process in it gets SIGABRT, so faulthandler prints each
-    thread's Python stack, then SIGKILL, and the test fails with the run's last lines: a hung rank is a failure in
-    bounded time, never a hung suite."""
-    with socket.socket() as sock:  # a free port for the rendezvous
+def free_port() -> int:
+    """A loopback port no one listens on now (for a server or torchrun's rendezvous)."""
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *(["-m", module] if module else []), *map(str, args)]
+        return sock.getsockname()[1]
+
+
+def run_torchrun(*args, timeout: float = TORCHRUN_TIMEOUT, module: str | None = "evalkit", env: dict | None = None):
+    """``torchrun --nproc_per_node=2 -m <module> ARGS`` (a script as the first of ARGS when ``module`` is None) on a
+    free port, in a session of its own, output to files (a pipe would keep ``communicate`` waiting on a hung rank that
+    inherited it). Returns the CompletedProcess. If the run has not ended after ``timeout`` seconds, every rank gets
+    SIGABRT, so faulthandler prints each thread's Python stack, then torchrun and the ranks get SIGKILL, and the test
+    fails with the run's last lines: a hung rank is a failure in bounded time, never a hung suite."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           *(["-m", module] if module else []), *map(str, args)]
     env = {**os.environ, "PYTHONFAULTHANDLER": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=ROOT, env=env, start_new_session=True)

@@ -424,7 +424,8 @@ def served(tmp_path_factory):
     """One pairwise and one Likert study, each served by `evalkit study serve` on a loopback port."""
     import sqlite3
 
-    from test_study_serve import Server, free_port
+    from conftest import free_port
+    from test_study_serve import Server
 
     from evalkit.study.serve import init_db
 

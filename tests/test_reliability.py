@@ -196,7 +196,8 @@ def test_a_restart_does_not_rewrite_the_tasks(app_study, monkeypatch):
 
 
 def test_labelers_are_served_while_300_idle_connections_are_open(tmp_path):
-    from test_study_serve import Server, free_port, make_study, request
+    from conftest import free_port
+    from test_study_serve import Server, make_study, request
 
     settings = ["data.n_items=20", "design.items_per_policy=8", "labelers.count=3"]
     cfg, db = make_study(tmp_path, *settings)
@@ -226,7 +227,8 @@ def test_labelers_are_served_past_950_slow_connections(tmp_path):
     import resource
     import threading
 
-    from test_study_serve import Server, free_port, make_study
+    from conftest import free_port
+    from test_study_serve import Server, make_study
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if min(soft, hard) < 2200:
@@ -268,7 +270,8 @@ def test_labelers_are_served_past_950_slow_connections(tmp_path):
 def test_a_hostile_client_neither_fills_the_disk_nor_locks_labelers_out(tmp_path):
     """A 400 MB POST is refused from its headers (nothing spooled), and a client flooding wrong links from the same
     address as a labeler leaves the labeler served."""
-    from test_study_serve import Server, free_port, make_study, request
+    from conftest import free_port
+    from test_study_serve import Server, make_study, request
 
     settings = ["data.n_items=20", "design.items_per_policy=8", "labelers.count=3"]
     cfg, db = make_study(tmp_path, *settings)
@@ -296,7 +299,7 @@ def test_a_hostile_client_neither_fills_the_disk_nor_locks_labelers_out(tmp_path
 
 
 def test_serve_refuses_busy_ports_bad_hosts_and_corrupt_databases(tmp_path):
-    from test_study_serve import free_port
+    from conftest import free_port
 
     baseline_study(tmp_path, "data.n_items=12", "design.items_per_policy=6", "labelers.count=3")
     args = ["study", "serve", "studies/default", "--set", f"study.out_dir={tmp_path}", "--set", "data.n_items=12",

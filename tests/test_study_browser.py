@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_study_serve import Server, free_port, make_study
+from conftest import free_port
+from test_study_serve import Server, make_study
 
 from evalkit.study.serve import collect_judgments, links
 

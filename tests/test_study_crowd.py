@@ -10,8 +10,8 @@ from urllib.parse import urlencode
 
 import pandas as pd
 import pytest
-from conftest import ROOT, baseline_study
-from test_study_serve import Server, free_port, request
+from conftest import ROOT, baseline_study, free_port
+from test_study_serve import Server, request
 
 from evalkit.study.serve import collect_judgments, init_db, links
 

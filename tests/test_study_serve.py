@@ -13,15 +13,9 @@ from pathlib import Path
 from urllib.parse import urlencode, urlparse
 
 import pytest
-from conftest import ROOT, baseline_study
+from conftest import ROOT, baseline_study, free_port
 
 from evalkit.study.serve import collect_judgments, init_db, links
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_study(out, *settings):
